@@ -1,0 +1,292 @@
+"""Typed, validated configuration: one frozen dataclass per ``params.yaml`` section.
+
+Validation happens once, at the edge (``PipelineConfig.from_dict``); every error names the key, the
+value and what was expected, so a bad ``params.yaml`` fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (tuples for sequences)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item_type = args[0] if args else Any
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return section_from_dict(tp, value, key)
+    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def section_from_dict(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types by name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'top level'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{_join(prefix, unknown[0])}: unknown key (known keys: {', '.join(sorted(names))})"
+        )
+    kwargs = {name: _coerce(value, hints[name], _join(prefix, name)) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(_join(prefix, str(err))) from None
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def as_dict(config: Any) -> dict:
+    """Plain-dict view of a config dataclass (tuples become lists), for JSON and MLflow."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(config))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images to prepare and how to split them."""
+
+    dataset: Literal["fashion-mnist", "cifar10", "imagefolder"] = "fashion-mnist"
+    source: str = ""  # folder/archive for imagefolder and a local CIFAR-10 copy; "" = default place
+    image_size: int = 32  # every image is resized (or padded, for 28x28 IDX) to this square size
+    channels: int = 1  # 1 = grayscale, 3 = RGB; images are converted to this mode
+    val_fraction: float = 0.1  # share of train carved out (class-stratified) for model selection
+    test_fraction: float = 0.2  # imagefolder without train/ and test/ subfolders: share held out
+    split_seed: int = 0
+    on_corrupt: Literal["fail", "skip"] = "fail"  # unreadable images: stop, or skip and report
+    max_train: int = 0  # 0 = all; else a class-balanced subset (quick runs, tests)
+    max_test: int = 0  # 0 = all
+
+    def __post_init__(self) -> None:
+        _require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
+        _require(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+        _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _require(0.0 < self.test_fraction < 1.0, "test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        _require(self.max_train >= 0, "max_train", f"must be >= 0, got {self.max_train}")
+        _require(self.max_test >= 0, "max_test", f"must be >= 0, got {self.max_test}")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """A named network from ``ddae_core.nn.NETWORKS``; input shape comes from the data section."""
+
+    name: str = "ddpm-small"
+    dropout: float | None = None  # None = the named configuration's own dropout
+
+    def __post_init__(self) -> None:
+        if self.dropout is not None:
+            _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Diffusion framework and its constants (paper defaults)."""
+
+    framework: Literal["ddpm", "edm"] = "ddpm"
+    timesteps: int = 1000  # DDPM T
+    beta_start: float = 1e-4  # DDPM linear schedule
+    beta_end: float = 0.02
+    sigma_data: float = 0.5  # EDM
+    p_mean: float = -1.2  # EDM: ln(sigma) ~ N(p_mean, p_std^2) in training
+    p_std: float = 1.2
+
+    def __post_init__(self) -> None:
+        _require(self.timesteps >= 2, "timesteps", f"must be >= 2, got {self.timesteps}")
+        _require(0 < self.beta_start < self.beta_end < 1, "beta_end", "need 0 < beta_start < beta_end < 1")
+        _require(self.sigma_data > 0, "sigma_data", f"must be > 0, got {self.sigma_data}")
+        _require(self.p_std > 0, "p_std", f"must be > 0, got {self.p_std}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Pretraining loop settings (the paper: Adam 1e-4, clip 1.0, EMA 0.9999 DDPM / 0.9993 EDM)."""
+
+    steps: int = 1000  # optimizer steps in total
+    batch_size: int = 128  # global batch (split over processes)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    grad_clip: float = 1.0  # max grad norm; 0 disables
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay ramps as min(decay, (1+s)/(10+s)) so short runs are not all init
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    hflip: bool = True  # random horizontal flip, as in the paper
+    checkpoint_every: int = 200  # steps between resumable checkpoints
+    keep_last: int = 2  # checkpoints kept on disk
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0  # unused by the in-memory loader; kept for the DataLoader path
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
+            value = getattr(self, key)
+            _require(value >= 1, key, f"must be >= 1, got {value}")
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """The sample grid drawn after pretraining."""
+
+    count: int = 64  # images in the grid (0 disables)
+    steps: int = 50  # DDIM steps (DDPM) or Heun steps (EDM)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.count >= 0, "count", f"must be >= 0, got {self.count}")
+        _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The pretrain stage: network, framework, loop and sample grid."""
+
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    samples: SampleConfig = field(default_factory=SampleConfig)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Which (tap, noise level, pooling) features to cache, and how."""
+
+    taps: tuple[str, ...] = ("mid.res1",)  # block names (UNet.tap_names()) or paper aliases (out_6)
+    levels: tuple[float, ...] = (11.0,)  # DDPM: t in 1..T; EDM: sigma (see sigma_indices)
+    sigma_indices: tuple[int, ...] = ()  # EDM only: the paper's step indices, converted to sigma
+    pools: tuple[int, ...] = (1,)  # 1 = global average pooling (paper); k = k x k average pooling
+    augment_copies: int = 0  # extra flipped/cropped copies of the train split
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(len(self.taps) > 0, "taps", "list at least one tap")
+        _require(len(self.levels) + len(self.sigma_indices) > 0, "levels", "list at least one level")
+        for i, level in enumerate(self.levels):
+            _require(level > 0, f"levels[{i}]", f"must be > 0, got {level}")
+        for i, pool in enumerate(self.pools):
+            _require(pool >= 1, f"pools[{i}]", f"must be >= 1, got {pool}")
+        _require(len(self.pools) > 0, "pools", "list at least one pooling size")
+        _require(self.augment_copies >= 0, "augment_copies", f"must be >= 0, got {self.augment_copies}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Linear probe grid: candidates are single (tap, level, pool) and the listed concatenations."""
+
+    l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)  # L2 strengths tried; chosen on validation
+    max_iter: int = 200  # L-BFGS iterations per fit
+    concat: tuple[tuple[str, ...], ...] = ()  # tap groups whose features are concatenated
+    raw_pixels: bool = True  # also probe raw pixels through the same code (the floor)
+
+    def __post_init__(self) -> None:
+        _require(len(self.l2_grid) > 0, "l2_grid", "list at least one value")
+        for i, l2 in enumerate(self.l2_grid):
+            _require(l2 >= 0, f"l2_grid[{i}]", f"must be >= 0, got {l2}")
+        _require(self.max_iter >= 1, "max_iter", f"must be >= 1, got {self.max_iter}")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """Model registry: name and the champion gate."""
+
+    model_name: str = "ddae-classifier"
+    min_improvement: float = 0.0  # challenger must beat champion's test accuracy by more than this
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model_name), "model_name", "must not be empty")
+        _require(self.min_improvement >= 0, "min_improvement", f"must be >= 0, got {self.min_improvement}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """All of ``params.yaml``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "params.yaml") -> "PipelineConfig":
+        """Validate a parsed params mapping; errors read ``params.yaml: pretrain.train.lr: ...``."""
+        try:
+            return section_from_dict(cls, data, "")
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
