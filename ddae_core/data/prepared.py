@@ -1,0 +1,322 @@
+"""The prepared on-disk format: preprocessed ``uint8`` splits written once, memory-mapped afterwards.
+
+Layout of ``out_dir`` (format 1)::
+
+    manifest.json                      dataset, source, preprocess spec, class names, split sizes,
+                                       shape [H, W, C], checksum, skipped files, the DataConfig
+    {train,val,test}/images.u8         raw uint8 (N, H, W, C), C-order
+    {train,val,test}/labels.npy        int64 (N,), index into class_names
+    {train,val,test}/sample_ids.npy    int64 (N,), the source's sample ids (see ``sources``)
+
+``checksum`` is sha256 over, for each split in ``SPLITS`` order: the split name, sha256 of its
+``images.u8`` bytes, then its labels and ids as little-endian int64 bytes (``compute_checksum``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ddae_core.config import DataConfig, as_dict
+from ddae_core.data.images import PreprocessSpec, preprocess_image
+from ddae_core.data.sources import CorruptImagesError, RawSplit, Source, open_source
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+_CHUNK = 512  # images buffered before each write; bounds memory for any dataset size
+_MANIFEST_KEYS = ("format", "dataset", "source", "preprocess", "class_names", "splits", "shape", "checksum")
+
+# Separate random streams per decision, so changing one fraction does not reshuffle the others.
+_STREAM_TEST, _STREAM_MAX_TRAIN, _STREAM_MAX_TEST, _STREAM_VAL = 1, 2, 3, 4
+
+
+class PreparedDataError(ValueError):
+    """A prepared dataset folder is missing pieces or does not match its manifest."""
+
+
+def preprocess_spec_for(config: DataConfig, fit: str | None = None) -> PreprocessSpec:
+    """The spec a dataset is prepared with: IDX images are padded, everything else centre-cropped."""
+    if fit is None:
+        fit = "pad" if config.dataset == "fashion-mnist" else "resize"
+    return PreprocessSpec(channels=config.channels, image_size=config.image_size, fit=fit)  # type: ignore[arg-type]
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream])
+
+
+def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held) with ``round(count * fraction)`` of each class held out.
+
+    A class with at least 2 images keeps at least one on each side; a single image stays in ``kept``.
+    Both index arrays are sorted, so the split preserves source order.
+    """
+    held = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        n = len(members)
+        k = min(max(int(round(n * fraction)), 1), n - 1) if n >= 2 else 0
+        held.append(rng.permutation(members)[:k])
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    mask = np.ones(len(labels), bool)
+    mask[held_idx] = False
+    return np.flatnonzero(mask), held_idx
+
+
+def balanced_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of ``min(n, len(labels))`` items, as equal per class as the class sizes allow."""
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.zeros(len(classes), np.int64)
+    remaining = min(n, len(labels))
+    while remaining > 0:
+        active = np.flatnonzero(quota < counts)
+        share = remaining // len(active)
+        if share == 0:  # fewer left than classes: one more each for a seeded choice of classes
+            quota[rng.permutation(active)[:remaining]] += 1
+            break
+        give = np.minimum(counts[active] - quota[active], share)
+        quota[active] += give
+        remaining -= int(give.sum())
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+def plan_splits(source: Source, config: DataConfig) -> dict[str, RawSplit]:
+    """Carve test (if the source has none), apply max_train / max_test, then carve val from train."""
+    pool, test = source.train, source.test
+    if test is None:
+        keep, held = stratified_split(pool.labels, config.test_fraction, _rng(config.split_seed, _STREAM_TEST))
+        pool, test = pool.subset(keep), pool.subset(held)
+    if config.max_train:
+        pool = pool.subset(balanced_subset(pool.labels, config.max_train, _rng(config.split_seed, _STREAM_MAX_TRAIN)))
+    if config.max_test:
+        test = test.subset(balanced_subset(test.labels, config.max_test, _rng(config.split_seed, _STREAM_MAX_TEST)))
+    keep, held = stratified_split(pool.labels, config.val_fraction, _rng(config.split_seed, _STREAM_VAL))
+    return {"train": pool.subset(keep), "val": pool.subset(held), "test": test}
+
+
+def _hash_split(digest: Any, name: str, images_sha: bytes, labels: np.ndarray, ids: np.ndarray) -> None:
+    digest.update(name.encode())
+    digest.update(images_sha)
+    digest.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+    digest.update(np.ascontiguousarray(ids, dtype="<i8").tobytes())
+
+
+def _write_split(
+    split: RawSplit, spec: PreprocessSpec, dest: Path, name: str, progress: bool
+) -> tuple[bytes, np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """Decode, preprocess and append images chunk by chunk; returns (images sha256, labels, ids, bad files)."""
+    dest.mkdir(parents=True)
+    images_sha = hashlib.sha256()
+    kept: list[int] = []
+    bad: list[dict[str, str]] = []
+    buffer: list[np.ndarray] = []
+
+    def flush(f: Any) -> None:
+        if buffer:
+            block = np.stack(buffer).tobytes()  # (n, H, W, C) uint8, C-order
+            f.write(block)
+            images_sha.update(block)
+            buffer.clear()
+
+    with open(dest / "images.u8", "wb") as f:
+        for i in tqdm(range(len(split)), desc=f"prepare {name}", unit="img", disable=not progress):
+            try:
+                image = preprocess_image(split.load(i), spec)
+            except Exception as err:  # noqa: BLE001 - any decoder failure is this file's problem, reported
+                bad.append({"path": split.describe(i), "error": f"{type(err).__name__}: {err}"})
+                continue
+            buffer.append(image)
+            kept.append(i)
+            if len(buffer) >= _CHUNK:
+                flush(f)
+        flush(f)
+    labels = np.asarray(split.labels[kept], dtype=np.int64)
+    ids = np.asarray(split.ids[kept], dtype=np.int64)
+    np.save(dest / "labels.npy", labels)
+    np.save(dest / "sample_ids.npy", ids)
+    return images_sha.digest(), labels, ids, bad
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Only an empty folder or an earlier prepared dataset may be replaced (never arbitrary user data)."""
+    if out_dir.is_file() or out_dir.is_symlink():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; refusing to replace it")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"{out_dir} is not empty and holds no {MANIFEST}; refusing to replace it")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move ``tmp`` to ``out_dir``, replacing an old one only once the new one is complete."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+    os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def prepare_dataset(config: DataConfig, out_dir: str | os.PathLike[str], progress: bool = True) -> dict[str, Any]:
+    """Read ``config``'s dataset, preprocess every image and write the prepared format to ``out_dir``.
+
+    Built in ``<out_dir>.tmp-<pid>`` and renamed at the end: after any failure ``out_dir`` is as it was
+    (absent, or the previous good dataset) and the temp folder is gone. Returns the manifest.
+    """
+    out_dir = Path(out_dir).absolute()
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with open_source(config, scratch_dir=tmp) as source:
+            spec = preprocess_spec_for(config, source.fit)
+            splits = plan_splits(source, config)
+            digest = hashlib.sha256()
+            counts: dict[str, int] = {}
+            bad: list[dict[str, str]] = []
+            for name in SPLITS:
+                images_sha, labels, ids, split_bad = _write_split(splits[name], spec, tmp / name, name, progress)
+                _hash_split(digest, name, images_sha, labels, ids)
+                counts[name] = len(labels)
+                bad += split_bad
+            if bad and config.on_corrupt == "fail":
+                raise CorruptImagesError(bad)
+            for entry in bad:
+                log.warning("skipped unreadable image %s (%s)", entry["path"], entry["error"])
+            manifest = {
+                "format": FORMAT_VERSION,
+                "dataset": source.dataset,
+                "source": source.location,
+                "preprocess": spec.to_dict(),
+                "class_names": list(source.class_names),
+                "splits": counts,
+                "shape": list(spec.shape),
+                "checksum": digest.hexdigest(),
+                "skipped": bad,
+                "config": as_dict(config),
+            }
+        for leftover in tmp.iterdir():  # e.g. an archive's extraction folder
+            if leftover.name not in SPLITS:
+                shutil.rmtree(leftover, ignore_errors=True)
+        _write_json(tmp / MANIFEST, manifest)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("prepared %s at %s: %s", manifest["dataset"], out_dir, counts)
+    return manifest
+
+
+def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and check ``root/manifest.json``; errors name the file and what is wrong."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {root} is not a prepared dataset (run the prepare stage)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PreparedDataError(f"{path} is not valid JSON ({err}); prepare the dataset again") from err
+    if not isinstance(manifest, dict):
+        raise PreparedDataError(f"{path}: expected a JSON object")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise PreparedDataError(f"{path}: missing keys {missing}; prepare the dataset again")
+    if manifest["format"] != FORMAT_VERSION:
+        raise PreparedDataError(f"{path}: format {manifest['format']!r}, this code reads format {FORMAT_VERSION}")
+    return manifest
+
+
+class PreparedSplit:
+    """One prepared split: images memory-mapped read-only, labels and ids in memory."""
+
+    def __init__(self, root: str | os.PathLike[str], split: str, manifest: dict[str, Any] | None = None):
+        self.root = Path(root)
+        self.split = split
+        manifest = manifest if manifest is not None else read_manifest(self.root)
+        if split not in manifest["splits"]:
+            raise PreparedDataError(f"{self.root / MANIFEST}: no split {split!r} (have {list(manifest['splits'])})")
+        n = int(manifest["splits"][split])
+        shape = (n, *(int(s) for s in manifest["shape"]))  # (N, H, W, C)
+        folder = self.root / split
+        path = folder / "images.u8"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError as err:
+            raise PreparedDataError(f"{path} is missing") from err
+        if size != int(np.prod(shape)):
+            raise PreparedDataError(f"{path}: {size} bytes, manifest says {shape} = {int(np.prod(shape))} bytes")
+        if n:
+            self.images: np.ndarray = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+        else:  # mmap cannot map an empty file
+            self.images = np.zeros(shape, np.uint8)
+            self.images.flags.writeable = False
+        self.labels = self._load_vector(folder / "labels.npy", n)
+        self.sample_ids = self._load_vector(folder / "sample_ids.npy", n)
+        self.class_names: tuple[str, ...] = tuple(manifest["class_names"])
+        self.preprocess = PreprocessSpec.from_dict(manifest["preprocess"])
+
+    @staticmethod
+    def _load_vector(path: Path, n: int) -> np.ndarray:
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise PreparedDataError(f"{path}: cannot read ({err})") from err
+        if values.shape != (n,) or values.dtype != np.int64:
+            raise PreparedDataError(f"{path}: {values.dtype} {values.shape}, expected int64 ({n},)")
+        return values
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return f"PreparedSplit({str(self.root)!r}, {self.split!r}, n={len(self)}, shape={self.images.shape[1:]})"
+
+
+def load_prepared(root: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, PreparedSplit]]:
+    """The manifest and every split of a prepared dataset."""
+    manifest = read_manifest(root)
+    return manifest, {name: PreparedSplit(root, name, manifest) for name in manifest["splits"]}
+
+
+def compute_checksum(root: str | os.PathLike[str], splits: Sequence[str] = SPLITS) -> str:
+    """Recompute the manifest checksum from the files on disk (see the module docstring)."""
+    manifest, loaded = load_prepared(root)
+    digest = hashlib.sha256()
+    for name in splits:
+        part = loaded[name]
+        images_sha = hashlib.sha256()
+        with open(Path(root) / name / "images.u8", "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                images_sha.update(block)
+        _hash_split(digest, name, images_sha.digest(), part.labels, part.sample_ids)
+    return digest.hexdigest()
+
+
+def verify_prepared(root: str | os.PathLike[str]) -> None:
+    """Raise ``PreparedDataError`` if the files no longer match the manifest checksum."""
+    expected = read_manifest(root)["checksum"]
+    actual = compute_checksum(root)
+    if actual != expected:
+        raise PreparedDataError(f"{Path(root) / MANIFEST}: checksum {expected}, files give {actual}")
