@@ -16,9 +16,15 @@ from torch import Tensor, nn
 Resample = Literal["none", "down", "up"]
 
 
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or the largest power of two dividing ``channels`` (small nets)."""
-    return nn.GroupNorm(math.gcd(max_groups, channels), channels)
+def group_norm(channels: int, max_groups: int = 32, min_group_channels: int = 4) -> nn.GroupNorm:
+    """GroupNorm with 32 groups, or fewer for narrow layers (small nets).
+
+    Groups keep at least ``min_group_channels`` channels: with one channel per group the norm would
+    erase the per-channel noise-embedding shift added just before it, and the net would ignore the label.
+    """
+    limit = max(1, min(max_groups, channels // min_group_channels))
+    groups = max(g for g in range(1, limit + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
 
 
 def sinusoidal_embedding(label: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
