@@ -1,0 +1,335 @@
+"""Checkpoints without pickled code: safetensors weights + JSON config, written atomically.
+
+Two kinds. A *network* (``network.safetensors`` + ``network.json``) is everything needed to rebuild
+a denoiser for sampling or features. A *training state* (``step-00000100/``) adds the EMA, optimizer
+and lr-scheduler state so a run resumes exactly. Both are written into a temporary directory, fsynced
+and renamed, so a directory with the final name is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ddae_core.config import ConfigError, DiffusionConfig, as_dict, section_from_dict
+
+log = logging.getLogger(__name__)
+
+NETWORK_WEIGHTS = "network.safetensors"
+NETWORK_CONFIG = "network.json"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or does not match the network it is loaded into."""
+
+
+# ----------------------------------------------------------------------------- atomic directories
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or directory entry to disk (directories: best effort, not on every OS)."""
+    flags = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_dir_for(final: Path) -> Path:
+    """A fresh ``<final>.tmp-<pid>`` directory beside ``final`` (a leftover one is removed)."""
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """fsync every file in ``tmp`` and rename it onto ``final`` (replacing an existing one)."""
+    for child in tmp.iterdir():
+        _fsync_path(child)
+    _fsync_path(tmp)
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _tensors_for_file(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, unshared copies (safetensors refuses tensors that share storage)."""
+    return {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
+
+
+def _load_strict(module: nn.Module, path: Path, device: str | torch.device = "cpu") -> None:
+    """Load a safetensors file into ``module``; any key or shape mismatch names the file."""
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read weights ({err})") from err
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the network: {err}") from err
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def _diffusion_dict(value: Any) -> dict:
+    if isinstance(value, DiffusionConfig):
+        return as_dict(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"config['diffusion'] must be a DiffusionConfig or a dict, got {type(value).__name__}")
+
+
+def save_network(directory: str | Path, denoiser: nn.Module, config: Mapping[str, Any]) -> Path:
+    """Write ``network.safetensors`` (the denoiser's state_dict) and ``network.json`` atomically.
+
+    ``config`` must hold ``"diffusion"`` (a ``DiffusionConfig`` or its dict); its other keys are
+    stored as they are (JSON-serialisable). ``"unet"`` always comes from ``denoiser.unet.config``.
+    """
+    if "diffusion" not in config:
+        raise KeyError("save_network: config needs a 'diffusion' entry (DiffusionConfig or dict)")
+    final = Path(directory)
+    meta = {key: value for key, value in config.items() if key not in ("unet", "diffusion")}
+    meta["unet"] = denoiser.unet.config.to_dict()
+    meta["diffusion"] = _diffusion_dict(config["diffusion"])
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_dir_for(final)
+    try:
+        save_file(_tensors_for_file(denoiser.state_dict()), str(tmp / NETWORK_WEIGHTS))
+        _write_json(tmp / NETWORK_CONFIG, meta)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_network_config(directory: str | Path) -> dict:
+    """The parsed ``network.json`` of a saved network."""
+    path = Path(directory) / NETWORK_CONFIG
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read network config ({err})") from err
+
+
+def load_network(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a denoiser from ``network.json`` alone and load ``network.safetensors`` into it."""
+    # imported here so checkpoint I/O of training states does not need the network modules
+    from ddae_core.diffusion import build_denoiser
+    from ddae_core.nn.unet import UNet, UNetConfig
+
+    directory = Path(directory)
+    meta = read_network_config(directory)
+    json_path = directory / NETWORK_CONFIG
+    try:
+        unet_config = UNetConfig.from_dict(meta["unet"])
+        diffusion = section_from_dict(DiffusionConfig, meta["diffusion"], "diffusion")
+    except (KeyError, TypeError, ValueError, ConfigError) as err:
+        raise CheckpointError(f"{json_path}: invalid network config: {err}") from err
+    denoiser = build_denoiser(diffusion, UNet(unet_config))
+    _load_strict(denoiser, directory / NETWORK_WEIGHTS)
+    return denoiser.to(device).eval()
+
+
+def network_hash(directory: str | Path) -> str:
+    """sha256 (hex) of ``network.safetensors``: identifies the weights, e.g. in MLflow tags."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / NETWORK_WEIGHTS, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- training states
+
+
+def step_dir_name(step: int) -> str:
+    """``step-00000100``: zero-padded so names sort by step."""
+    return f"step-{step:08d}"
+
+
+def _complete_step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """Final-named step directories holding every file, ascending by step (no load attempted)."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for child in ckpt_root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if not match or not child.is_dir():
+            continue
+        if all((child / f).is_file() for f in (MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE)):
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def save_training_state(
+    ckpt_root: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    ema: Any,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    meta: Mapping[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write ``ckpt_root/step-XXXXXXXX/`` atomically, then keep only the newest ``keep_last``.
+
+    Files: ``model.safetensors``, ``ema.safetensors`` (``ema.state_dict()``), ``optimizer.pt``
+    (plain tensors and numbers: loads with ``weights_only=True``) and ``state.json`` (``step`` plus
+    ``meta``: config, data position, ...). Call on one process only.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = _temp_dir_for(final)
+    try:
+        save_file(_tensors_for_file(model.state_dict()), str(tmp / MODEL_FILE))
+        save_file(_tensors_for_file(ema.state_dict()), str(tmp / EMA_FILE))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
+            tmp / OPTIMIZER_FILE,
+        )
+        _write_json(tmp / STATE_FILE, {**meta, "step": step})
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _rotate(root, keep_last)
+    log.info("saved training state %s", final)
+    return final
+
+
+def _rotate(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints and stale temp directories."""
+    complete = _complete_step_dirs(root)
+    for _, path in complete[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    own = f".tmp-{os.getpid()}"
+    for child in root.iterdir():
+        if child.is_dir() and ".tmp-" in child.name and not child.name.endswith(own):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _read_state_json(path: Path) -> dict:
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path / STATE_FILE}: cannot read ({err})") from err
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path / STATE_FILE}: no integer 'step'")
+    return state
+
+
+def _verify(path: Path) -> None:
+    """Raise ``CheckpointError`` unless every file of the checkpoint reads back."""
+    _read_state_json(path)
+    for name in (MODEL_FILE, EMA_FILE):
+        try:
+            load_file(str(path / name))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path / name}: cannot read ({err})") from err
+    _load_optimizer_file(path)
+
+
+def _load_optimizer_file(path: Path) -> dict:
+    try:
+        state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types on a damaged file
+        raise CheckpointError(f"{path / OPTIMIZER_FILE}: cannot read ({err})") from err
+    if not isinstance(state, dict) or not {"optimizer", "lr_scheduler"} <= set(state):
+        raise CheckpointError(f"{path / OPTIMIZER_FILE}: expected optimizer and lr_scheduler states")
+    return state
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """Newest step directory whose files all load; temp, incomplete and corrupt ones are skipped."""
+    for step, path in reversed(_complete_step_dirs(Path(ckpt_root))):
+        try:
+            _verify(path)
+        except CheckpointError as err:
+            log.warning("skipping unreadable checkpoint %s: %s", path, err)
+            continue
+        if _read_state_json(path)["step"] != step:
+            log.warning("skipping checkpoint %s: state.json names another step", path)
+            continue
+        return path
+    return None
+
+
+def load_training_state(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    ema: Any,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+) -> dict:
+    """Load a ``step-XXXXXXXX`` directory into the given objects; return its ``state.json``."""
+    path = Path(path)
+    meta = _read_state_json(path)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    _load_strict(model, path / MODEL_FILE, device)
+    try:
+        ema.load_state_dict(load_file(str(path / EMA_FILE), device=str(device)))
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path / EMA_FILE}: does not fit the EMA: {err}") from err
+    states = _load_optimizer_file(path)
+    try:
+        optimizer.load_state_dict(states["optimizer"])
+        lr_scheduler.load_state_dict(states["lr_scheduler"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path / OPTIMIZER_FILE}: does not fit the optimizer: {err}") from err
+    return meta
+
+
+__all__ = [
+    "CheckpointError",
+    "latest_checkpoint",
+    "load_network",
+    "load_training_state",
+    "network_hash",
+    "read_network_config",
+    "save_network",
+    "save_training_state",
+    "step_dir_name",
+]

@@ -1,0 +1,386 @@
+"""Diffusion pretraining loop on Hugging Face Accelerate: EMA, rotation of checkpoints, exact resume.
+
+Everything random at optimizer step ``s`` (data order, flips, t/sigma, noise, dropout) is derived from
+``(config.seed, s, process_index, micro-batch)``, so a run resumed from the checkpoint of step ``s``
+continues exactly as the uninterrupted run would have: the checkpoint only needs to hold the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ddae_core.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from ddae_core.config import TrainConfig, as_dict
+from ddae_core.ema import EMA
+from ddae_core.schedules import ema_decay_at, warmup_lr_factor
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int, dict[str, float]], None]  # cb(step, {"loss", "lr", "images_per_s", "epoch"})
+LossFn = Callable[..., torch.Tensor]  # loss(net, x0, generator) -> (N,)
+
+_DATA_ORDER, _STEP_RNG = 0, 1  # stream tags, so data-order and per-step seeds never coincide
+_SEED_MASK = (1 << 64) - 1
+# config keys that may change between a checkpoint and its resumption without breaking exactness
+_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "log_every", "num_workers"}
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped training after a checkpoint of the last finished step was saved."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        super().__init__(f"training interrupted after step {step}; checkpoint: {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: the last step, the EMA network, logged metrics, wall time (s)."""
+
+    step: int
+    ema_denoiser: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def derive_seed(*parts: int) -> int:
+    """A 64-bit seed from integers via NumPy's SeedSequence (well mixed, order-sensitive)."""
+    entropy = [int(p) & _SEED_MASK for p in parts]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
+def epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
+    """The shuffled image order of one epoch: a permutation of ``range(num_images)``."""
+    rng = np.random.default_rng(derive_seed(seed, _DATA_ORDER, epoch))
+    return rng.permutation(num_images)
+
+
+def global_batch_indices(seed: int, step: int, batch_size: int, num_images: int) -> np.ndarray:
+    """Image indices of the global batch of ``step``: positions ``[step*B, (step+1)*B)`` of the
+    concatenated epoch orders (an epoch ends mid-batch -> the batch continues into the next one)."""
+    start = step * batch_size
+    out = np.empty(batch_size, dtype=np.int64)
+    filled = 0
+    while filled < batch_size:
+        epoch, offset = divmod(start + filled, num_images)
+        take = min(batch_size - filled, num_images - offset)
+        out[filled : filled + take] = epoch_order(seed, epoch, num_images)[offset : offset + take]
+        filled += take
+    return out
+
+
+def local_micro_batches(
+    indices: np.ndarray, grad_accum: int, num_processes: int, process_index: int
+) -> list[np.ndarray]:
+    """Split a global batch into ``grad_accum`` micro-batches; keep this process's slice of each.
+
+    The global micro-batch ``m`` is the same for any number of processes, so N processes at global
+    batch B see the same images per optimizer step as one process does. Slices are sorted (memmap).
+    """
+    per_micro = len(indices) // grad_accum
+    per_process = per_micro // num_processes
+    micro = []
+    for m in range(grad_accum):
+        chunk = indices[m * per_micro : (m + 1) * per_micro]
+        mine = chunk[process_index * per_process : (process_index + 1) * per_process]
+        micro.append(np.sort(mine))
+    return micro
+
+
+def _to_model_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1], via the one conversion in data."""
+    from ddae_core.data.images import to_model_input
+
+    return to_model_input(images)
+
+
+def _random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image of (N, C, H, W) left-right with probability 1/2 (draws on ``generator``)."""
+    flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
+    flip = flip.to(x.device).view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(-1), x)
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM while training; the loop finishes its step, saves and stops."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        log.warning("received signal %d: finishing this step, then saving a checkpoint", signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag: _StopFlag) -> Iterator[None]:
+    """Route SIGINT/SIGTERM to ``flag`` inside the block; restore the old handlers after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    previous = {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _LossView:
+    """What the loss sees as ``net``: calls go through the prepared module (DDP sync, autocast);
+    attributes such as ``add_noise`` come from the bare denoiser, which DDP would hide."""
+
+    def __init__(self, prepared: nn.Module, bare: nn.Module) -> None:
+        self._prepared = prepared
+        self._bare = bare
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._prepared(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bare, name)
+
+
+def _make_accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def _check_inputs(images: np.ndarray, config: TrainConfig, num_processes: int) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] < 1:
+        raise ValueError(f"images must be uint8 (N, H, W, C) with N >= 1, got {images.dtype} {images.shape}")
+    split = config.grad_accum * num_processes
+    if config.batch_size % split:
+        raise ValueError(
+            f"batch_size {config.batch_size} must divide into grad_accum ({config.grad_accum}) x "
+            f"processes ({num_processes}) equal micro-batches"
+        )
+
+
+def _warn_config_changes(saved: dict, config: TrainConfig) -> None:
+    """A resumed run stays exact only if the settings that shape steps did not change."""
+    current = as_dict(config)
+    changed = sorted(
+        key for key, value in saved.items() if key not in _RESUMABLE_CHANGES and current.get(key) != value
+    )
+    if changed:
+        log.warning("resuming with changed settings %s: the run will not equal an uninterrupted one", changed)
+
+
+def train(
+    denoiser: nn.Module,
+    loss_fn: LossFn,
+    images: np.ndarray,
+    config: TrainConfig,
+    *,
+    out_dir: str | Path,
+    accelerator: Any = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+) -> TrainResult:
+    """Pretrain ``denoiser`` (in place) on ``images`` (uint8 (N, H, W, C)); resume if possible.
+
+    Checkpoints go to ``out_dir/checkpoints/step-XXXXXXXX`` every ``config.checkpoint_every`` steps
+    and at the end; the newest complete one there is resumed from. Callbacks run on the main process
+    every ``config.log_every`` steps. SIGINT/SIGTERM: finish the step, checkpoint, raise
+    ``TrainingInterrupted``. Returns a deep copy of the denoiser holding the EMA weights.
+    """
+    started = time.perf_counter()
+    accelerator = accelerator if accelerator is not None else _make_accelerator(config)
+    if accelerator.gradient_accumulation_steps != config.grad_accum:
+        raise ValueError(
+            f"accelerator.gradient_accumulation_steps={accelerator.gradient_accumulation_steps} but "
+            f"config.grad_accum={config.grad_accum}: create the Accelerator with the same value"
+        )
+    _check_inputs(images, config, accelerator.num_processes)
+    ckpt_root = Path(out_dir) / "checkpoints"
+    num_images = images.shape[0]
+
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.lr)
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    bare = accelerator.unwrap_model(model)
+    # not prepared: Accelerate would step it once per process; we step it once per optimizer step
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+        lambda s: warmup_lr_factor(s, config.warmup_steps),
+    )
+    ema = EMA(bare)
+
+    start_step = 0
+    resume_from = latest_checkpoint(ckpt_root)
+    if resume_from is not None:
+        meta = load_training_state(resume_from, model=bare, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        start_step = int(meta["step"])
+        _warn_config_changes(meta.get("config", {}), config)
+        log.info("resuming from %s (step %d)", resume_from, start_step)
+
+    def save(step: int) -> Path | None:
+        path = None
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            meta = {
+                "config": as_dict(config),
+                "data": {
+                    "num_images": num_images,
+                    "images_seen": step * config.batch_size,
+                    "epoch": step * config.batch_size / num_images,
+                },
+                "num_processes": accelerator.num_processes,
+            }
+            path = save_training_state(
+                ckpt_root, step, model=bare, ema=ema, optimizer=optimizer,
+                lr_scheduler=lr_scheduler, meta=meta, keep_last=config.keep_last,
+            )  # fmt: skip
+        accelerator.wait_for_everyone()
+        return path
+
+    view = _LossView(model, bare)
+    history: list[dict[str, float]] = []
+    stop = _StopFlag()
+    bar = tqdm(
+        total=config.steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
+        desc="pretrain", unit="step", dynamic_ncols=True,
+    )  # fmt: skip
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_steps, window_start = 0, time.perf_counter()
+    last_saved = start_step if resume_from is not None else -1
+    step = start_step
+    model.train()
+    accelerator.step = 0  # align Accelerate's micro-batch counter with our optimizer steps
+    try:
+        with _stop_on_signals(stop):
+            while step < config.steps:
+                window_loss += _train_step(
+                    step, model, view, loss_fn, images, config, accelerator, optimizer, lr_scheduler
+                )
+                ema.update(bare, ema_decay_at(step, config.ema_decay, config.ema_warmup))
+                step += 1
+                window_steps += 1
+                bar.update(1)
+
+                if step % config.log_every == 0 or step == config.steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    mean_loss = accelerator.reduce(window_loss / window_steps, reduction="mean").item()
+                    metrics = {
+                        "loss": mean_loss,
+                        "lr": config.lr * warmup_lr_factor(step - 1, config.warmup_steps),  # last step's
+                        "images_per_s": window_steps * config.batch_size / elapsed,
+                        "epoch": step * config.batch_size / num_images,
+                    }
+                    history.append({"step": step, **metrics})
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}",
+                                    img_s=f"{metrics['images_per_s']:.0f}")  # fmt: skip
+                    if accelerator.is_main_process:
+                        for callback in callbacks:
+                            callback(step, metrics)
+                    window_loss.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+
+                if _any_process_stopping(stop, accelerator):
+                    path = save(step)
+                    raise TrainingInterrupted(step, path)
+                if step % config.checkpoint_every == 0 or step == config.steps:
+                    save(step)
+                    last_saved = step
+    finally:
+        bar.close()
+    if last_saved != step:  # resumed at or past config.steps: nothing trained, nothing to save
+        log.info("checkpoint at step %d already covers config.steps=%d", step, config.steps)
+
+    ema_denoiser = copy.deepcopy(bare)
+    ema.copy_to(ema_denoiser)
+    ema_denoiser.eval()
+    return TrainResult(step=step, ema_denoiser=ema_denoiser, history=history,
+                       wall_s=time.perf_counter() - started)  # fmt: skip
+
+
+def _any_process_stopping(stop: _StopFlag, accelerator: Any) -> bool:
+    """Whether any process got a stop signal (all processes must agree to save and stop together)."""
+    if accelerator.num_processes == 1:
+        return stop.signum is not None
+    flag = torch.tensor([1.0 if stop.signum is not None else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _train_step(
+    step: int,
+    model: nn.Module,
+    view: _LossView,
+    loss_fn: LossFn,
+    images: np.ndarray,
+    config: TrainConfig,
+    accelerator: Any,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> torch.Tensor:
+    """One optimizer step over ``grad_accum`` micro-batches; returns this process's mean loss ()."""
+    device = accelerator.device
+    indices = global_batch_indices(config.seed, step, config.batch_size, images.shape[0])
+    micro = local_micro_batches(indices, config.grad_accum, accelerator.num_processes, accelerator.process_index)
+    fork_devices = [device] if device.type == "cuda" else []
+    total = torch.zeros((), device=device)
+    for m, local in enumerate(micro):
+        seed = derive_seed(config.seed, _STEP_RNG, step, accelerator.process_index, m)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        x0 = _to_model_input(images[local]).to(device, non_blocking=True)  # (n, C, H, W) in [-1, 1]
+        if config.hflip:
+            x0 = _random_hflip(x0, generator)
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(derive_seed(seed, 1))  # dropout and any other global-RNG draw
+            with accelerator.accumulate(model):
+                loss = loss_fn(view, x0, generator).float().mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if m != len(micro) - 1:
+                        raise RuntimeError("Accelerate synced gradients before the last micro-batch")
+                    if config.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        total += loss.detach()
+    if not accelerator.sync_gradients:
+        raise RuntimeError("Accelerate did not sync gradients at the last micro-batch")
+    lr_scheduler.step()
+    return total / len(micro)
+
+
+__all__ = [
+    "TrainResult",
+    "TrainingInterrupted",
+    "derive_seed",
+    "epoch_order",
+    "global_batch_indices",
+    "local_micro_batches",
+    "train",
+]

@@ -1,0 +1,300 @@
+"""Pretraining loop, EMA, schedules and checkpoints: exact resume, overfitting, atomic files, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ddae_core.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_network,
+    load_training_state,
+    network_hash,
+    save_network,
+    save_training_state,
+)
+from ddae_core.config import DiffusionConfig, TrainConfig
+from ddae_core.diffusion import build_denoiser, build_loss
+from ddae_core.ema import EMA
+from ddae_core.nn.unet import build_unet
+from ddae_core.schedules import ema_decay_at, warmup_lr_factor
+from ddae_core.training import TrainingInterrupted, global_batch_indices, local_micro_batches, train
+
+REPO = Path(__file__).resolve().parents[1]
+DIFFUSION = DiffusionConfig()  # DDPM, T = 1000
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; reset them so each train() call starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def make_denoiser(seed: int = 0, dropout: float = 0.1) -> nn.Module:
+    """ddpm-tiny at 16x16x1 with dropout on, so the loop's dropout seeding is exercised too."""
+    torch.manual_seed(seed)
+    return build_denoiser(DIFFUSION, build_unet("ddpm-tiny", in_channels=1, resolution=16, dropout=dropout))
+
+
+def make_images(n: int = 64, seed: int = 0) -> np.ndarray:
+    """uint8 (n, 16, 16, 1): smooth random blobs, a little structure for the network to learn."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:16, 0:16]
+    centres = rng.uniform(3, 13, size=(n, 2, 1, 1))
+    width = rng.uniform(2, 5, size=(n, 1, 1))
+    blob = np.exp(-((yy - centres[:, 0]) ** 2 + (xx - centres[:, 1]) ** 2) / (2 * width**2))
+    return (blob * 255).round().astype(np.uint8)[..., None]
+
+
+def resume_config(steps: int) -> TrainConfig:
+    return TrainConfig(
+        steps=steps, batch_size=16, grad_accum=2, lr=2e-3, warmup_steps=5, ema_decay=0.99,
+        ema_warmup=True, hflip=True, checkpoint_every=5, keep_last=2, log_every=5, seed=3,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_warmup_lr_factor_ramps_linearly_then_stays_at_one():
+    assert [warmup_lr_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_lr_factor(0, 0) == 1.0
+
+
+def test_ema_decay_ramps_then_caps_at_decay():
+    assert [ema_decay_at(s, 0.9, True) for s in (0, 8, 1000)] == pytest.approx([0.1, 0.5, 0.9])
+    assert ema_decay_at(0, 0.9999, False) == 0.9999
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+class _WithBuffers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("scale", torch.tensor([0.1, 0.7]))  # constant float buffer
+        self.register_buffer("count", torch.tensor(0))  # integer buffer
+
+
+def test_ema_averages_params_and_buffers_in_fp32_and_round_trips():
+    model = _WithBuffers().to(torch.bfloat16)
+    ema = EMA(model)
+    start = {k: v.clone() for k, v in ema.shadow.items()}
+    assert all(v.dtype == torch.float32 for k, v in ema.shadow.items() if k != "count")
+    with torch.no_grad():
+        model.lin.weight.add_(1.0)
+        model.count.fill_(5)
+    ema.update(model, 0.75)
+    expected = 0.75 * start["lin.weight"] + 0.25 * model.lin.weight.float()
+    assert torch.allclose(ema.shadow["lin.weight"], expected)
+    assert torch.equal(ema.shadow["scale"], start["scale"])  # constant buffer stays bit-exact
+    assert ema.shadow["count"].item() == 5
+
+    target = _WithBuffers()
+    ema.copy_to(target)
+    assert torch.allclose(target.lin.weight, ema.shadow["lin.weight"])
+    other = EMA(_WithBuffers())
+    other.load_state_dict(ema.state_dict())
+    assert all(torch.equal(other.shadow[k], ema.shadow[k]) for k in ema.shadow)
+    with pytest.raises(KeyError):
+        other.load_state_dict({"lin.weight": ema.shadow["lin.weight"]})
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def test_each_epoch_visits_every_image_once_and_processes_split_the_same_batch():
+    n, batch = 10, 4  # batches straddle epoch ends
+    stream = np.concatenate([global_batch_indices(7, s, batch, n) for s in range(5)])  # 2 epochs
+    assert sorted(stream[:n]) == list(range(n)) and sorted(stream[n:]) == list(range(n))
+    assert not np.array_equal(stream[:n], stream[n:])  # reshuffled per epoch
+
+    indices = global_batch_indices(7, 3, 8, 50)
+    single = local_micro_batches(indices, 2, 1, 0)
+    shards = [local_micro_batches(indices, 2, 2, p) for p in range(2)]
+    for m in range(2):
+        assert sorted(np.concatenate([shards[0][m], shards[1][m]])) == sorted(single[m])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _tiny_state(seed: int):
+    model = nn.Linear(4, 3)
+    torch.manual_seed(seed)
+    nn.init.normal_(model.weight)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_lr_factor(s, 3))
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return model, EMA(model), optimizer, scheduler
+
+
+def test_training_state_round_trips_rotates_and_loads_weights_only(tmp_path):
+    model, ema, optimizer, scheduler = _tiny_state(0)
+    for step in (10, 20, 30):
+        save_training_state(tmp_path, step, model=model, ema=ema, optimizer=optimizer,
+                            lr_scheduler=scheduler, meta={"config": {"seed": 1}}, keep_last=2)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000020", "step-00000030"]
+    states = torch.load(tmp_path / "step-00000030" / "optimizer.pt", weights_only=True)
+    assert states["lr_scheduler"]["last_epoch"] == 1 and "state" in states["optimizer"]
+
+    fresh, fresh_ema, fresh_opt, fresh_sched = _tiny_state(1)
+    meta = load_training_state(tmp_path / "step-00000030", model=fresh, ema=fresh_ema,
+                               optimizer=fresh_opt, lr_scheduler=fresh_sched)  # fmt: skip
+    assert meta["step"] == 30 and meta["config"] == {"seed": 1}
+    assert torch.equal(fresh.weight, model.weight)
+    exp_avg = optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], exp_avg)
+
+
+def test_latest_checkpoint_skips_temp_incomplete_and_corrupt_dirs(tmp_path):
+    model, ema, optimizer, scheduler = _tiny_state(0)
+    kwargs = dict(model=model, ema=ema, optimizer=optimizer, lr_scheduler=scheduler, meta={}, keep_last=5)
+    save_training_state(tmp_path, 10, **kwargs)
+    save_training_state(tmp_path, 20, **kwargs)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000020"
+    (tmp_path / "step-00000040.tmp-99999").mkdir()  # a crash mid-write leaves a temp name
+    shutil.copytree(tmp_path / "step-00000020", tmp_path / "step-00000050")
+    (tmp_path / "step-00000050" / "ema.safetensors").unlink()  # incomplete
+    shutil.copytree(tmp_path / "step-00000020", tmp_path / "step-00000030")
+    (tmp_path / "step-00000030" / "state.json").write_text('{"step": 30}')
+    (tmp_path / "step-00000030" / "model.safetensors").write_bytes(b"\x00garbage")  # corrupt
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000020"
+    (tmp_path / "step-00000020" / "optimizer.pt").write_bytes(b"not a torch file")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000010"
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_network_round_trip_gives_identical_outputs(tmp_path):
+    denoiser = make_denoiser(seed=1, dropout=0.0)
+    with torch.no_grad():  # ddpm-tiny zero-inits its output conv: perturb so outputs are not all zero
+        for p in denoiser.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    out = save_network(tmp_path / "net", denoiser, {"diffusion": DIFFUSION, "network": "ddpm-tiny"})
+    assert not list(tmp_path.glob("*.tmp-*"))
+    meta = json.loads((out / "network.json").read_text())
+    assert meta["network"] == "ddpm-tiny" and meta["unet"]["resolution"] == 16
+
+    loaded = load_network(out)
+    x, t = torch.randn(4, 1, 16, 16), torch.tensor([1, 11, 500, 1000])
+    with torch.no_grad():
+        expected = denoiser.eval()(x, t)
+        assert expected.abs().sum() > 0
+        assert torch.equal(loaded(x, t), expected)
+    assert len(network_hash(out)) == 64
+
+    meta["unet"]["base_channels"] = 32  # config no longer matches the weights
+    (out / "network.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="network.safetensors"):
+        load_network(out)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+_RESUME_SCRIPT = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import test_training as T
+from ddae_core.diffusion import build_loss
+from ddae_core.training import train
+images = np.load({images!r}, mmap_mode="r")
+result = train(T.make_denoiser(), build_loss(T.DIFFUSION), images, T.resume_config({steps}),
+               out_dir={out!r}, progress=False)
+print(json.dumps([h["step"] for h in result.history]))
+"""
+
+
+def _run_in_fresh_process(script: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_WAIT_POLICY": "PASSIVE"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path):
+    images = make_images(64)
+    np.save(tmp_path / "images.npy", images)
+    loss = build_loss(DIFFUSION)
+    straight = train(make_denoiser(), loss, images, resume_config(20), out_dir=tmp_path / "a", progress=False)
+    assert straight.step == 20
+
+    train(make_denoiser(), loss, images, resume_config(10), out_dir=tmp_path / "b", progress=False)
+    torch.manual_seed(12345)  # the global RNG must not matter: the loop seeds everything itself
+    script = _RESUME_SCRIPT.format(tests=str(Path(__file__).parent), images=str(tmp_path / "images.npy"),
+                                   steps=20, out=str(tmp_path / "b"))  # fmt: skip
+    logged_steps = json.loads(_run_in_fresh_process(script).strip().splitlines()[-1])
+    assert logged_steps == [15, 20]  # it resumed at 10 rather than starting over
+
+    a, b = tmp_path / "a" / "checkpoints" / "step-00000020", tmp_path / "b" / "checkpoints" / "step-00000020"
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-00000015", "step-00000020"]
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.allclose(wa[key], wb[key], rtol=1e-5, atol=1e-6), f"{name}:{key}"
+    first = load_file(str(tmp_path / "a" / "checkpoints" / "step-00000015" / "model.safetensors"))
+    assert any(not torch.allclose(first[k], wa[k]) for k in first)  # the last steps did change weights
+    ema_net = {k: v for k, v in straight.ema_denoiser.state_dict().items()}
+    ema_file = load_file(str(a / "ema.safetensors"))
+    assert all(torch.allclose(ema_net[k], ema_file[k]) for k in ema_net)
+
+
+def test_tiny_unet_overfits_64_images(tmp_path):
+    config = TrainConfig(steps=150, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.99,
+                         hflip=False, checkpoint_every=1000, log_every=1, seed=0)  # fmt: skip
+    result = train(make_denoiser(dropout=0.0), build_loss(DIFFUSION), make_images(64), config,
+                   out_dir=tmp_path, progress=False)  # fmt: skip
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 150
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    assert last < 0.5 * first, (first, last)
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000150"  # saved at the end
+
+
+def test_sigterm_finishes_the_step_saves_and_raises(tmp_path):
+    calls = []
+
+    def send_sigterm(step: int, metrics: dict) -> None:
+        calls.append((step, metrics))
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    config = TrainConfig(steps=50, batch_size=8, lr=1e-3, checkpoint_every=100, log_every=1, seed=0)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(make_denoiser(), build_loss(DIFFUSION), make_images(16), config, out_dir=tmp_path,
+              callbacks=[send_sigterm], progress=False)  # fmt: skip
+    assert info.value.step == 3 and [s for s, _ in calls] == [1, 2, 3]
+    assert set(calls[0][1]) == {"loss", "lr", "images_per_s", "epoch"}
+    assert signal.getsignal(signal.SIGTERM) == before  # handler restored
+    path = latest_checkpoint(tmp_path / "checkpoints")
+    assert path is not None and path.name == "step-00000003"
+    fresh = make_denoiser(seed=9)
+    optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    meta = load_training_state(path, model=fresh, ema=EMA(fresh), optimizer=optimizer, lr_scheduler=scheduler)
+    assert meta["step"] == 3 and meta["config"]["steps"] == 50
