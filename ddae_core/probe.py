@@ -1,0 +1,272 @@
+"""Linear probe: standardised multinomial logistic regression, L2 strength chosen on validation.
+
+Full-batch L-BFGS on cached features is deterministic and converges in seconds, unlike the paper's
+15 epochs of Adam; the model is the same single linear layer on the pooled feature.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 16384  # rows per chunk when standardising or scoring, to bound temporary memory
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _as_float_tensor(x: ArrayLike) -> torch.Tensor:
+    """A float32 CPU tensor view (or copy) of a 2-D array; rejects other ranks."""
+    if isinstance(x, torch.Tensor):
+        tensor = x.detach().cpu()
+    else:
+        array = np.asarray(x)
+        tensor = torch.from_numpy(array if array.flags.writeable else array.astype(np.float32))
+    if tensor.ndim != 2:
+        raise ValueError(f"features must be (N, D), got shape {tuple(tensor.shape)}")
+    return tensor.float()
+
+
+def _as_labels(y: ArrayLike, num_classes: int, rows: int) -> torch.Tensor:
+    """Labels as an int64 tensor (N,) checked against ``num_classes`` and the row count."""
+    labels = y.detach().cpu().long() if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y, np.int64))
+    if labels.shape != (rows,):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match {rows} rows")
+    if rows and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+@dataclass
+class Standardizer:
+    """Per-feature mean and std fitted on train; near-constant features (std < eps) keep std 1."""
+
+    mean: np.ndarray  # (D,) float32
+    std: np.ndarray  # (D,) float32, > 0
+
+    @classmethod
+    def fit(cls, x: ArrayLike, eps: float = 1e-6) -> "Standardizer":
+        """Fit on ``x`` (N, D), accumulating in float64 chunk by chunk for accuracy and memory."""
+        data = _as_float_tensor(x)
+        rows = data.shape[0]
+        if rows == 0:
+            raise ValueError("cannot standardise zero rows")
+        total = torch.zeros(data.shape[1], dtype=torch.float64)
+        for start in range(0, rows, _CHUNK):
+            total += data[start : start + _CHUNK].double().sum(0)
+        mean = total / rows  # (D,)
+        squares = torch.zeros_like(mean)
+        for start in range(0, rows, _CHUNK):
+            squares += (data[start : start + _CHUNK].double() - mean).square().sum(0)
+        std = (squares / rows).sqrt()
+        std = torch.where(std < eps, torch.ones_like(std), std)
+        return cls(mean=mean.float().numpy(), std=std.float().numpy())
+
+    def transform(self, x: ArrayLike) -> torch.Tensor:
+        """``(x - mean) / std`` as a new float32 tensor (N, D)."""
+        data = _as_float_tensor(x)
+        mean, std = torch.from_numpy(self.mean), torch.from_numpy(self.std)
+        out = torch.empty(data.shape, dtype=torch.float32)
+        for start in range(0, data.shape[0], _CHUNK):
+            torch.div(data[start : start + _CHUNK] - mean, std, out=out[start : start + _CHUNK])
+        return out
+
+
+@dataclass
+class LinearProbe:
+    """Softmax classifier on standardised features: ``logits = ((x - mean) / std) @ weight.T + bias``."""
+
+    weight: np.ndarray  # (K, D) float32
+    bias: np.ndarray  # (K,) float32
+    mean: np.ndarray  # (D,) float32
+    std: np.ndarray  # (D,) float32
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weight.shape[0])
+
+    def _logits(self, x: ArrayLike) -> torch.Tensor:
+        data = _as_float_tensor(x)
+        if data.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"probe expects {self.weight.shape[1]} features, got {data.shape[1]}")
+        mean, std = torch.from_numpy(self.mean), torch.from_numpy(self.std)
+        weight, bias = torch.from_numpy(self.weight), torch.from_numpy(self.bias)
+        chunks = [((data[s : s + _CHUNK] - mean) / std) @ weight.T + bias for s in range(0, data.shape[0], _CHUNK)]
+        return torch.cat(chunks) if chunks else torch.empty((0, self.num_classes))
+
+    def logits(self, x: ArrayLike) -> np.ndarray:
+        """Class scores, float32 (N, K)."""
+        return self._logits(x).numpy()
+
+    def predict_proba(self, x: ArrayLike) -> np.ndarray:
+        """Class probabilities, float32 (N, K), rows sum to 1."""
+        return torch.softmax(self._logits(x), dim=1).numpy()
+
+    def predict(self, x: ArrayLike) -> np.ndarray:
+        """Predicted class, int64 (N,)."""
+        return self._logits(x).argmax(1).numpy()
+
+    def accuracy(self, x: ArrayLike, y: ArrayLike) -> float:
+        """Fraction of rows whose prediction equals ``y``."""
+        labels = _as_labels(y, self.num_classes, _as_float_tensor(x).shape[0])
+        return float((self._logits(x).argmax(1) == labels).double().mean()) if len(labels) else 0.0
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Plain float32 numpy arrays (safetensors/npz friendly, no pickle needed to load)."""
+        return {name: np.ascontiguousarray(getattr(self, name), dtype=np.float32) for name in _FIELDS}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "LinearProbe":
+        """Rebuild from ``state_dict()`` output (numpy arrays or tensors)."""
+        missing = [name for name in _FIELDS if name not in state]
+        if missing:
+            raise KeyError(f"probe state lacks {missing}")
+        arrays = {
+            name: np.array(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+            for name, v in ((n, state[n]) for n in _FIELDS)
+        }
+        return cls(**arrays)
+
+
+_FIELDS = ("weight", "bias", "mean", "std")
+
+
+def _fit_standardized(
+    xs: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_classes: int,
+    l2: float,
+    max_iter: int,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L-BFGS on mean CE + l2/2 ||W||^2 for standardised ``xs`` (N, D); returns (W (K, D), b (K,))."""
+    if init is None:
+        weight = torch.zeros((num_classes, xs.shape[1]), dtype=torch.float32)
+        bias = torch.zeros(num_classes, dtype=torch.float32)
+    else:
+        weight, bias = init[0].detach().clone(), init[1].detach().clone()
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(torch.addmm(bias, xs, weight.T), y) + 0.5 * l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def fit_logistic(
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    num_classes: int,
+    l2: float,
+    max_iter: int = 200,
+    init: LinearProbe | None = None,
+) -> LinearProbe:
+    """Fit a standardised softmax regression on ``x`` (N, D) float, ``y`` (N,) int in [0, K).
+
+    Loss = mean cross-entropy + ``l2`` / 2 * ||W||^2 (bias unpenalised), weights in standardised
+    units; full-batch L-BFGS with strong-Wolfe line search from zeros (or from ``init``, same D and K).
+    """
+    if l2 < 0:
+        raise ValueError(f"l2 must be >= 0, got {l2}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    data = _as_float_tensor(x)
+    labels = _as_labels(y, num_classes, data.shape[0])
+    scaler = Standardizer.fit(data)
+    start = None if init is None else (torch.from_numpy(init.weight), torch.from_numpy(init.bias))
+    weight, bias = _fit_standardized(
+        scaler.transform(data), labels, num_classes=num_classes, l2=l2, max_iter=max_iter, init=start
+    )
+    return LinearProbe(weight=weight.numpy(), bias=bias.numpy(), mean=scaler.mean, std=scaler.std)
+
+
+def _correct(xs: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> int:
+    """Number of rows of standardised ``xs`` classified correctly."""
+    hits = 0
+    for start in range(0, xs.shape[0], _CHUNK):
+        logits = torch.addmm(bias, xs[start : start + _CHUNK], weight.T)
+        hits += int((logits.argmax(1) == y[start : start + _CHUNK]).sum())
+    return hits
+
+
+def select_probe(
+    candidates: Mapping[Hashable, tuple[ArrayLike, ArrayLike]],
+    y_train: ArrayLike,
+    y_val: ArrayLike,
+    *,
+    num_classes: int,
+    l2_grid: Sequence[float],
+    max_iter: int = 200,
+    progress: bool = True,
+) -> tuple[Hashable, float, LinearProbe, list[dict[str, Any]]]:
+    """Fit every (candidate, L2) on train, pick the best VALIDATION accuracy; test is left to the caller.
+
+    ``candidates`` maps a key (e.g. (tap, level, pool)) to (X_train, X_val). L2 values run from the
+    largest down, each warm-started from the previous solution. Ties in validation accuracy go to the
+    candidate listed first, then to the larger L2. Returns (key, l2, probe, rows of
+    {key, l2, train_acc, val_acc}).
+    """
+    if not candidates:
+        raise ValueError("select_probe needs at least one candidate")
+    if not l2_grid:
+        raise ValueError("l2_grid is empty")
+    grid = sorted({float(l2) for l2 in l2_grid}, reverse=True)
+    table: list[dict[str, Any]] = []
+    best: tuple[int, Hashable, float, LinearProbe] | None = None  # (val hits, key, l2, probe)
+    with tqdm(total=len(candidates) * len(grid), disable=not progress, desc="probe", unit="fit") as bar:
+        for key, (x_train, x_val) in candidates.items():
+            train = _as_float_tensor(x_train)
+            labels_train = _as_labels(y_train, num_classes, train.shape[0])
+            scaler = Standardizer.fit(train)
+            xs_train = scaler.transform(train)
+            xs_val = scaler.transform(x_val)
+            if xs_val.shape[1] != xs_train.shape[1]:
+                raise ValueError(f"{key}: train has {xs_train.shape[1]} features, val {xs_val.shape[1]}")
+            labels_val = _as_labels(y_val, num_classes, xs_val.shape[0])
+            state: tuple[torch.Tensor, torch.Tensor] | None = None
+            for l2 in grid:
+                state = _fit_standardized(
+                    xs_train, labels_train, num_classes=num_classes, l2=l2, max_iter=max_iter, init=state
+                )
+                train_hits = _correct(xs_train, labels_train, *state)
+                val_hits = _correct(xs_val, labels_val, *state)
+                row = {
+                    "key": key,
+                    "l2": l2,
+                    "train_acc": train_hits / max(len(labels_train), 1),
+                    "val_acc": val_hits / max(len(labels_val), 1),
+                }
+                table.append(row)
+                logger.info("probe %s l2=%g train_acc=%.4f val_acc=%.4f", key, l2, row["train_acc"], row["val_acc"])
+                if best is None or val_hits > best[0]:
+                    probe = LinearProbe(
+                        weight=state[0].numpy().copy(), bias=state[1].numpy().copy(), mean=scaler.mean, std=scaler.std
+                    )
+                    best = (val_hits, key, l2, probe)
+                bar.update(1)
+    assert best is not None
+    return best[1], best[2], best[3], table

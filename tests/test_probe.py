@@ -1,0 +1,127 @@
+"""Linear probe: standardised softmax regression and validation-only L2 selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ddae_core.probe import LinearProbe, Standardizer, fit_logistic, select_probe
+
+
+def _blobs(n: int, dim: int, classes: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian blobs around random centres, float32 (n, dim) and int64 labels (n,)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * 4
+    y = rng.integers(0, classes, size=n)
+    x = centres[y] + spread * rng.normal(size=(n, dim))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def test_separable_blobs_are_classified() -> None:
+    x, y = _blobs(600, 8, 4, spread=0.5, seed=0)
+    x[:, 0] = x[:, 0] * 1000 + 5000  # wildly scaled column: standardisation handles it
+    probe = fit_logistic(x, y, num_classes=4, l2=1e-3, max_iter=100)
+    assert probe.accuracy(x, y) == 1.0
+    proba = probe.predict_proba(x[:5])
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    assert probe.predict(x).dtype == np.int64
+    assert probe.weight.shape == (4, 8) and probe.bias.shape == (4,)
+
+
+def test_standardisation_invariance() -> None:
+    x, y = _blobs(300, 6, 3, spread=2.0, seed=1)
+    base = fit_logistic(x, y, num_classes=3, l2=1e-2, max_iter=100)
+    scaled = x.copy()
+    scaled[:, 2] *= 37.0
+    scaled[:, 4] = scaled[:, 4] * 0.01 + 3.0
+    other = fit_logistic(scaled, y, num_classes=3, l2=1e-2, max_iter=100)
+    np.testing.assert_array_equal(other.predict(scaled), base.predict(x))
+    np.testing.assert_allclose(other.logits(scaled), base.logits(x), rtol=1e-3, atol=1e-3)
+
+
+def test_constant_feature_is_harmless() -> None:
+    x, y = _blobs(200, 4, 2, spread=0.5, seed=2)
+    x[:, 3] = 7.0
+    scaler = Standardizer.fit(x)
+    assert scaler.std[3] == 1.0
+    assert torch.all(scaler.transform(x)[:, 3] == 0)
+    probe = fit_logistic(x, y, num_classes=2, l2=1e-3, max_iter=50)
+    assert np.isfinite(probe.weight).all() and probe.accuracy(x, y) > 0.95
+
+
+def test_larger_l2_shrinks_weights() -> None:
+    x, y = _blobs(400, 10, 3, spread=3.0, seed=3)
+    norms = [np.linalg.norm(fit_logistic(x, y, num_classes=3, l2=l2, max_iter=100).weight) for l2 in (1e-3, 1e-1, 10.0)]
+    assert norms[0] > norms[1] > norms[2] > 0
+
+
+def test_fit_is_deterministic_and_validates_inputs() -> None:
+    x, y = _blobs(200, 5, 3, spread=2.0, seed=4)
+    a = fit_logistic(x, y, num_classes=3, l2=1e-2, max_iter=50)
+    b = fit_logistic(x, y, num_classes=3, l2=1e-2, max_iter=50)
+    np.testing.assert_array_equal(a.weight, b.weight)
+    with pytest.raises(ValueError, match="labels"):
+        fit_logistic(x, y + 3, num_classes=3, l2=1e-2)
+    with pytest.raises(ValueError, match="features"):
+        a.predict(x[:, :4])
+
+
+def test_state_dict_round_trip(tmp_path) -> None:
+    x, y = _blobs(200, 5, 3, spread=2.0, seed=5)
+    probe = fit_logistic(x, y, num_classes=3, l2=1e-2, max_iter=50)
+    state = probe.state_dict()
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in state.values())
+    np.savez(tmp_path / "probe.npz", **state)
+    with np.load(tmp_path / "probe.npz", allow_pickle=False) as stored:
+        loaded = LinearProbe.from_state_dict(dict(stored))
+    np.testing.assert_array_equal(loaded.logits(x), probe.logits(x))
+    from_tensors = LinearProbe.from_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    np.testing.assert_array_equal(from_tensors.predict(x), probe.predict(x))
+    with pytest.raises(KeyError, match="std"):
+        LinearProbe.from_state_dict({k: v for k, v in state.items() if k != "std"})
+
+
+def test_select_probe_chooses_on_validation_not_train() -> None:
+    # "memorise": pure noise features, separable on train by sheer dimension, useless on val.
+    # "signal": one informative feature with label noise: lower train accuracy, better val accuracy.
+    rng = np.random.default_rng(6)
+    n_train, n_val = 60, 200
+    y_train = rng.integers(0, 2, n_train)
+    y_val = rng.integers(0, 2, n_val)
+
+    def signal(labels: np.ndarray) -> np.ndarray:
+        return (labels * 2.0 - 1.0 + rng.normal(scale=1.0, size=len(labels)))[:, None].astype(np.float32)
+
+    memorise = (rng.normal(size=(n_train, 200)).astype(np.float32), rng.normal(size=(n_val, 200)).astype(np.float32))
+    candidates = {"memorise": memorise, "signal": (signal(y_train), signal(y_val))}
+    key, l2, probe, table = select_probe(
+        candidates, y_train, y_val, num_classes=2, l2_grid=(1e-4, 1e-2), max_iter=100, progress=False
+    )
+    rows = {(r["key"], r["l2"]): r for r in table}
+    assert len(table) == 4 and set(table[0]) == {"key", "l2", "train_acc", "val_acc"}
+    best_train = max(table, key=lambda r: r["train_acc"])
+    assert best_train["key"] == "memorise" and best_train["train_acc"] == 1.0
+    assert key == "signal"
+    assert rows[(key, l2)]["val_acc"] == max(r["val_acc"] for r in table)
+    assert probe.weight.shape == (2, 1)
+    assert probe.accuracy(candidates["signal"][1], y_val) == rows[(key, l2)]["val_acc"]
+
+
+def test_select_probe_ties_go_to_first_candidate_then_larger_l2() -> None:
+    x, y = _blobs(120, 4, 3, spread=0.3, seed=7)  # every fit is perfect: all rows tie
+    candidates = {"b": (x, x), "a": (x.copy(), x.copy())}
+    key, l2, _probe, table = select_probe(
+        candidates, y, y, num_classes=3, l2_grid=(1e-3, 1e-1, 1e-2), max_iter=50, progress=False
+    )
+    assert all(r["val_acc"] == 1.0 for r in table)
+    assert (key, l2) == ("b", 1e-1)
+    assert [r["l2"] for r in table[:3]] == [1e-1, 1e-2, 1e-3]
+
+
+def test_warm_start_reaches_the_same_solution() -> None:
+    x, y = _blobs(300, 6, 3, spread=3.0, seed=8)
+    cold = fit_logistic(x, y, num_classes=3, l2=1e-1, max_iter=200)
+    warm_from = fit_logistic(x, y, num_classes=3, l2=1.0, max_iter=200)
+    warm = fit_logistic(x, y, num_classes=3, l2=1e-1, max_iter=200, init=warm_from)
+    np.testing.assert_allclose(warm.weight, cold.weight, rtol=1e-3, atol=1e-3)
