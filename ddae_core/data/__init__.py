@@ -1,5 +1,14 @@
 """Datasets: raw readers, the one preprocessing path, the prepared on-disk format, uint8 <-> [-1, 1]."""
 
+from ddae_core.data.errors import (
+    CorruptImagesError,
+    DatasetError,
+    DatasetLayoutError,
+    DatasetNotFoundError,
+    OutputExistsError,
+    PreparedDataError,
+    PreparedNotFoundError,
+)
 from ddae_core.data.images import (
     PreprocessSpec,
     image_grid,
@@ -12,7 +21,6 @@ from ddae_core.data.images import (
 from ddae_core.data.prepared import (
     FORMAT_VERSION,
     SPLITS,
-    PreparedDataError,
     PreparedSplit,
     balanced_subset,
     compute_checksum,
@@ -28,9 +36,6 @@ from ddae_core.data.sources import (
     CIFAR10_CLASSES,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
-    CorruptImagesError,
-    DatasetLayoutError,
-    DatasetNotFoundError,
     Source,
     idx_shape,
     open_source,
@@ -47,9 +52,12 @@ __all__ = [
     "FORMAT_VERSION",
     "SPLITS",
     "CorruptImagesError",
+    "DatasetError",
     "DatasetLayoutError",
     "DatasetNotFoundError",
+    "OutputExistsError",
     "PreparedDataError",
+    "PreparedNotFoundError",
     "PreparedSplit",
     "PreprocessSpec",
     "Source",

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from ddae_core.config import DataConfig, as_dict
 from ddae_core.data.images import PreprocessSpec, preprocess_image
-from ddae_core.data.sources import CorruptImagesError, RawSplit, Source, open_source
+from ddae_core.data.errors import CorruptImagesError, OutputExistsError, PreparedDataError, PreparedNotFoundError
+from ddae_core.data.sources import RawSplit, Source, open_source
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ _MANIFEST_KEYS = ("format", "dataset", "source", "preprocess", "class_names", "s
 
 # Separate random streams per decision, so changing one fraction does not reshuffle the others.
 _STREAM_TEST, _STREAM_MAX_TRAIN, _STREAM_MAX_TEST, _STREAM_VAL = 1, 2, 3, 4
-
-
-class PreparedDataError(ValueError):
-    """A prepared dataset folder is missing pieces or does not match its manifest."""
 
 
 def preprocess_spec_for(config: DataConfig, fit: str | None = None) -> PreprocessSpec:
@@ -153,9 +150,9 @@ def _write_split(
 def _check_replaceable(out_dir: Path) -> None:
     """Only an empty folder or an earlier prepared dataset may be replaced (never arbitrary user data)."""
     if out_dir.is_file() or out_dir.is_symlink():
-        raise FileExistsError(f"{out_dir} exists and is not a folder; refusing to replace it")
+        raise OutputExistsError(f"{out_dir} exists and is not a folder; refusing to replace it")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise FileExistsError(f"{out_dir} is not empty and holds no {MANIFEST}; refusing to replace it")
+        raise OutputExistsError(f"{out_dir} is not empty and holds no {MANIFEST}; refusing to replace it")
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -233,7 +230,7 @@ def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and check ``root/manifest.json``; errors name the file and what is wrong."""
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {root} is not a prepared dataset (run the prepare stage)")
+        raise PreparedNotFoundError(f"{path} not found: {root} is not a prepared dataset (run the prepare stage)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

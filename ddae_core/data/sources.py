@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ddae_core.config import DataConfig
+from ddae_core.data.errors import CorruptImagesError, DatasetLayoutError, DatasetNotFoundError
 from ddae_core.data.images import Fit, open_image
 
 log = logging.getLogger(__name__)
@@ -59,25 +60,6 @@ _CIFAR_RECORD = 1 + 32 * 32 * 3  # label byte + R plane + G plane + B plane (eac
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset files are not where they were looked for; the message says how to get them."""
-
-
-class DatasetLayoutError(ValueError):
-    """The dataset exists but its layout is wrong (empty class folder, unknown test class, bad archive)."""
-
-
-class CorruptImagesError(ValueError):
-    """Some image files could not be decoded; ``report`` lists every one as ``{"path", "error"}``."""
-
-    def __init__(self, report: Sequence[dict[str, str]]):
-        self.report = list(report)
-        lines = "\n".join(f"  {r['path']}: {r['error']}" for r in self.report)
-        super().__init__(
-            f"{len(self.report)} unreadable image file(s) (set data.on_corrupt: skip to leave them out):\n{lines}"
-        )
 
 
 class RawSplit(Protocol):
