@@ -26,13 +26,13 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 from PIL import Image
 
 from ddae_core.config import DataConfig
-from ddae_core.data.errors import CorruptImagesError, DatasetLayoutError, DatasetNotFoundError
+from ddae_core.data.errors import DatasetLayoutError, DatasetNotFoundError
 from ddae_core.data.images import Fit, open_image
 
 log = logging.getLogger(__name__)
@@ -147,13 +147,15 @@ def _int64(values: Sequence[int] | np.ndarray) -> np.ndarray:
 # --- IDX (Fashion-MNIST) -------------------------------------------------------------------------
 
 
-def _open_maybe_gzip(path: Path):
+def _open_maybe_gzip(path: Path) -> BinaryIO:
+    """Open ``path`` for reading, decompressing if it starts with the gzip magic (names may lie)."""
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
 def _parse_idx_header(header: bytes, path: Path) -> tuple[int, ...]:
+    """IDX header (``00 00 08 ndim`` then ndim big-endian uint32 sizes) -> shape."""
     if len(header) < 4 or header[0:2] != b"\x00\x00" or header[2] != 0x08:
         raise DatasetLayoutError(f"{path}: not an unsigned-byte IDX file (magic {header[:4].hex()})")
     ndim = header[3]
