@@ -27,8 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ddae_core.config import DataConfig, as_dict
-from ddae_core.data.images import PreprocessSpec, preprocess_image
 from ddae_core.data.errors import CorruptImagesError, OutputExistsError, PreparedDataError, PreparedNotFoundError
+from ddae_core.data.images import PreprocessSpec, preprocess_image
 from ddae_core.data.sources import RawSplit, Source, open_source
 
 log = logging.getLogger(__name__)
