@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence, TextIO
+from typing import Callable, Mapping, Sequence, TextIO
 
 import torch
 
@@ -89,21 +89,21 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one sub-parser per entry of ``SUBCOMMANDS``."""
+def build_parser(subcommands: Mapping[str, Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per subcommand."""
     parser = argparse.ArgumentParser(prog="ddae", description="Denoising diffusion autoencoders (DDAE) toolkit.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, command in SUBCOMMANDS.items():
+    for name, command in subcommands.items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
         command.configure(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ddae`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, subcommands: Mapping[str, Subcommand] = SUBCOMMANDS) -> int:
+    """Run one subcommand (the library's, or a larger set such as the pipeline's); returns the exit code."""
+    args = build_parser(subcommands).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return SUBCOMMANDS[args.command].run(args, sys.stdout)
+    return subcommands[args.command].run(args, sys.stdout)
 
 
 if __name__ == "__main__":

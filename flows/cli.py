@@ -1,0 +1,78 @@
+"""The ``ddae`` console script: the library's subcommands plus the pipeline's (``ddae run``).
+
+``ddae_core.cli`` owns the library commands (``ddae networks``); this module adds the ones that need
+the orchestration stack, so ``ddae_core`` stays free of Prefect, MLflow and DVC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence, TextIO
+
+import yaml
+
+from ddae_core import cli as core_cli
+from ddae_core.config import ConfigError
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict:
+    """``key=value`` pairs (values parsed as YAML: numbers, lists, booleans) into a dict."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. pretrain.train.steps=2000")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _configure_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params.yaml key first (validated), e.g. --set pretrain.train.steps=2000")
+    parser.add_argument("--dataset", default=None, help="shorthand for --set data.dataset=NAME")
+    parser.add_argument("--repo", default=None, help="repository root (default: found from the working directory)")
+
+
+def _run_run(args: argparse.Namespace, out: TextIO) -> int:
+    """Run the whole pipeline as a Prefect flow (a temporary local server starts if none is set)."""
+    from tasks.common import apply_offline_env
+
+    apply_offline_env()
+    from flows.pipeline import ddae_pipeline
+    from tasks.dvc_stage import StageFailed
+
+    try:
+        summary = ddae_pipeline(dataset=args.dataset, overrides=parse_overrides(args.overrides), repo=args.repo)
+    except ConfigError as err:
+        out.write(f"error: {err}\n")
+        return 2
+    except StageFailed as err:
+        out.write(f"error: {err}\n")
+        return 1
+    probe = summary.get("probe", {})
+    for stage in summary["stages"]:
+        out.write(f"{stage['stage']:<9} {'skipped (cached)' if stage['skipped'] else 'ran'}  {stage['seconds']} s\n")
+    if probe:
+        out.write(f"test accuracy {100 * probe['test_acc']:.2f}% with {probe['best']['name']}"
+                  + (f" (raw pixels {100 * probe['raw_pixels_test_acc']:.2f}%)" if "raw_pixels_test_acc" in probe else "")
+                  + "\n")
+    out.write(json.dumps({"metrics": "metrics/probe.json", "model": "models:/ddae-classifier@champion"}) + "\n")
+    return 0
+
+
+SUBCOMMANDS = {
+    **core_cli.SUBCOMMANDS,
+    "run": core_cli.Subcommand(help="run the whole pipeline (prepare, pretrain, extract, probe, register)",
+                               configure=_configure_run, run=_run_run),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ddae`` console script; returns the exit code."""
+    return core_cli.main(argv, subcommands=SUBCOMMANDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The Prefect flow: the five stages through DVC, one MLflow parent run, a results artifact.
+
+Deployed by prefect.yaml as ``ddae-pipeline/default`` and ``ddae-pipeline/weekly-retrain``; called
+directly by ``ddae run``. It shares DVC's cache with ``dvc repro``: nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.common import apply_offline_env, repo_root
+from tasks.dvc_stage import STAGES
+from tasks.params_overrides import apply_overrides
+from tasks.prefect_tasks import STAGE_TASKS
+from tasks.tracking import PARENT_ENV, pipeline_run
+
+
+def results_markdown(root: Path, stages: list[dict]) -> str:
+    """The run's summary as markdown: stage timings, headline metrics and the probe table."""
+    lines = ["# ddae pipeline run", "", "| stage | skipped | seconds |", "|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['skipped']} | {s['seconds']} |" for s in stages]
+    probe_metrics = root / "metrics" / "probe.json"
+    if probe_metrics.is_file():
+        metrics = json.loads(probe_metrics.read_text())
+        lines += ["", f"**Test accuracy**: {100 * metrics['test_acc']:.2f}% "
+                      f"(readout `{metrics['best']['name']}`, chosen on validation)"]
+        if "raw_pixels_test_acc" in metrics:
+            lines.append(f"**Raw pixels, same probe**: {100 * metrics['raw_pixels_test_acc']:.2f}%")
+    table = root / "plots" / "probe" / "table.csv"
+    if table.is_file():
+        rows = [r.split(",") for r in table.read_text().strip().splitlines()]
+        lines += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    register = root / "metrics" / "register.json"
+    if register.is_file():
+        decision = json.loads(register.read_text())
+        lines += ["", f"**Registered** `{decision['model']}` v{decision['version']}; "
+                      f"promoted to champion: {decision['promoted']}"]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="ddae-pipeline", log_prints=True)
+def ddae_pipeline(dataset: str | None = None, overrides: dict[str, Any] | None = None,
+                  repo: str | None = None) -> dict:
+    """Run prepare -> pretrain -> extract -> probe -> register.
+
+    Args:
+        dataset: shorthand for the ``data.dataset`` override (fashion-mnist, cifar10, imagefolder).
+        overrides: dotted params.yaml keys to set first, e.g. {"pretrain.train.steps": 2000};
+            validated before params.yaml changes, and recorded in MLflow.
+        repo: repository root; default: $DDAE_REPO, else the working directory (searched upward).
+
+    Returns:
+        Per-stage results and the probe metrics.
+    """
+    apply_offline_env()
+    logger = get_run_logger()
+    root = Path(repo or os.environ.get("DDAE_REPO") or repo_root()).resolve()
+    changes = dict(overrides or {})
+    if dataset:
+        changes["data.dataset"] = dataset
+    apply_overrides(root / "params.yaml", changes)
+    stages: list[dict] = []
+    with pipeline_run(root, changes) as run_id:
+        logger.info("MLflow pipeline run %s", run_id)
+        for stage in STAGES:
+            stages.append(STAGE_TASKS[stage](str(root), {PARENT_ENV: run_id}))
+    markdown = results_markdown(root, stages)
+    create_markdown_artifact(markdown=markdown, key="ddae-results", description="ddae pipeline results")
+    metrics_path = root / "metrics" / "probe.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return {"stages": stages, "probe": metrics}
+
+
+if __name__ == "__main__":
+    ddae_pipeline()

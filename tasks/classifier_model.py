@@ -1,0 +1,55 @@
+"""The MLflow pyfunc model (logged as code, so loading it unpickles nothing).
+
+Input: a DataFrame with a column ``image`` of encoded image bytes (or base64 text, as the REST
+server delivers them). Output: ``class_name``, ``class_id``, ``confidence`` and ``probabilities``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+def as_bytes(value) -> bytes:
+    """Image bytes from bytes or base64 text; anything else is an error naming the type."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as err:
+            raise ValueError(f"image: a string must be base64-encoded image bytes ({err})") from None
+    raise TypeError(f"image: expected bytes or base64 text, got {type(value).__name__}")
+
+
+class DDAEClassifierModel(PythonModel):
+    """Adapts ``ddae_core.classifier.Classifier`` to MLflow's DataFrame interface."""
+
+    def load_context(self, context) -> None:
+        from ddae_core.classifier import Classifier
+
+        preprocess = json.loads(open(context.artifacts["preprocess"]).read())
+        self.classifier = Classifier.load(context.artifacts["network"], context.artifacts["probe"], preprocess)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if "image" not in model_input.columns:
+            raise ValueError(f"input needs a column 'image'; got columns {list(model_input.columns)}")
+        images = [as_bytes(v) for v in model_input["image"]]
+        probs = self.classifier.predict_proba(images)
+        ids = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+        names = self.classifier.class_names
+        return pd.DataFrame({
+            "class_name": [names[i] for i in ids],
+            "class_id": ids.astype(np.int64),
+            "confidence": probs.max(axis=1).astype(np.float64) if len(probs) else np.zeros(0),
+            "probabilities": [row.astype(np.float64).tolist() for row in probs],
+        })
+
+
+mlflow.models.set_model(DDAEClassifierModel())

@@ -1,0 +1,174 @@
+"""What every stage shares: repository paths, params loading, atomic file writes, the stage CLI.
+
+Stages are ``python -m tasks.<stage>`` (what DVC runs) and Prefect tasks (what the flow runs); both
+load ``params.yaml`` through ``load_params`` so a bad value fails before any work, naming the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import yaml
+
+from ddae_core.config import ConfigError, PipelineConfig
+
+log = logging.getLogger("ddae")
+
+OFFLINE_SAFE_ENV = {
+    # None of the stack's defaults may phone home (and hang) on an offline machine.
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    # Tiny torch ops on busy cores spin-wait for ages without this.
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
+
+
+def apply_offline_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Set the telemetry-off defaults (without overriding the user's choices) and return the env."""
+    target = os.environ if env is None else env
+    for key, value in OFFLINE_SAFE_ENV.items():
+        target.setdefault(key, value)
+    return target  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage reads and writes, relative to the repository root."""
+
+    root: Path
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "outputs" / "pretrain"
+
+    @property
+    def network(self) -> Path:
+        return self.pretrain / "network"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "outputs" / "checkpoints"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "outputs" / "features"
+
+    @property
+    def probe(self) -> Path:
+        return self.root / "outputs" / "probe"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The directory holding params.yaml, searching upward from ``start`` (default: cwd)."""
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "params.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no params.yaml found in {here} or any parent directory")
+
+
+def read_params_file(path: Path) -> dict:
+    """Parse params.yaml into a dict, with errors that name the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return data or {}
+
+
+def load_params(path: Path) -> PipelineConfig:
+    """Read and validate params.yaml; raises ConfigError naming the bad key."""
+    return PipelineConfig.from_dict(read_params_file(path), source=str(path.name))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``final``, on failure it goes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def stage_main(stage: str, run: Callable[[PipelineConfig, Paths], dict]) -> None:
+    """Entry point shared by ``python -m tasks.<stage>``: validate params, run, exit non-zero on error."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    apply_offline_env()
+    try:
+        paths = Paths(repo_root())
+        config = load_params(paths.params)
+    except (ConfigError, FileNotFoundError) as err:
+        log.error("%s: invalid configuration: %s", stage, err)
+        sys.exit(2)
+    try:
+        summary = run(config, paths)
+    except KeyboardInterrupt:
+        log.error("%s: interrupted; completed checkpoints and outputs are kept", stage)
+        sys.exit(130)
+    except StageError as err:
+        log.error("%s failed: %s", stage, err)
+        sys.exit(1)
+    log.info("%s done: %s", stage, json.dumps(summary, default=str))
+
+
+class StageError(RuntimeError):
+    """A stage cannot proceed (missing input, bad data); the message tells the user what to do."""

@@ -1,0 +1,72 @@
+"""Run one pipeline stage through DVC, so a stage the cache already holds is skipped.
+
+Both the Prefect flow and ``ddae run`` call this; the stage code itself runs as DVC's command
+(``python -m tasks.<stage>``), exactly as under ``dvc repro``: one cache, nothing computed twice.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tasks.common import apply_offline_env
+
+STAGES = ("prepare", "pretrain", "extract", "probe", "register")
+TRANSIENT_EXIT = 75  # EX_TEMPFAIL: the stage failed on I/O (tracking server, network); worth a retry
+
+
+class StageFailed(RuntimeError):
+    """The stage's command failed; its own log above says why."""
+
+    def __init__(self, stage: str, returncode: int):
+        super().__init__(f"stage {stage!r} failed with exit code {returncode}")
+        self.stage = stage
+        self.returncode = returncode
+
+    @property
+    def transient(self) -> bool:
+        return self.returncode == TRANSIENT_EXIT
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    skipped: bool
+    seconds: float
+
+
+def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment stages run in: this interpreter's bin first on PATH, telemetry off."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    apply_offline_env(env)
+    env.update(extra or {})
+    return env
+
+
+def reproduce(stage: str, root: Path, *, env: dict[str, str] | None = None,
+              log_line: Callable[[str], None] = print) -> StageResult:
+    """``dvc repro --single-item <stage>``, streaming its output line by line to ``log_line``."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    process = subprocess.Popen(command, cwd=root, env=stage_env(env), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+    skipped = False
+    assert process.stdout is not None
+    for line in process.stdout:
+        line = line.rstrip()
+        if "didn't change, skipping" in line:
+            skipped = True
+        log_line(line)
+    returncode = process.wait()
+    if returncode != 0:
+        raise StageFailed(stage, returncode)
+    return StageResult(stage, skipped, time.perf_counter() - start)

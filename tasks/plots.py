@@ -1,0 +1,61 @@
+"""PNG plots the stages log (loss curve, probe heatmap); each written atomically."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tasks.common import write_bytes_atomic  # noqa: E402
+
+
+def _save(fig: "plt.Figure", path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_loss_curve(history: Sequence[dict], path: Path) -> None:
+    """Training loss (and a moving average) against the optimizer step."""
+    steps = [h["step"] for h in history if "loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    window = max(1, len(losses) // 20)
+    if len(losses) >= window > 1:
+        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=1.5, label=f"moving average ({window})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("Pretraining loss")
+    ax.legend()
+    _save(fig, path)
+
+
+def save_heatmap(values: dict[tuple[str, str], float], rows: Sequence[str], cols: Sequence[str],
+                 path: Path, title: str) -> None:
+    """A rows x cols heatmap of accuracies (in %), annotated; missing cells stay blank."""
+    import numpy as np
+
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for (r, c), v in values.items():
+        grid[rows.index(r), cols.index(c)] = 100.0 * v
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 0.9 + 0.45 * len(rows)))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(image, ax=ax, label="validation accuracy (%)")
+    ax.set_title(title)
+    _save(fig, path)

@@ -1,0 +1,38 @@
+"""Stage 1, prepare: read the configured dataset into the canonical prepared format (data/prepared)."""
+
+from __future__ import annotations
+
+from ddae_core.config import PipelineConfig
+from ddae_core.data import DatasetError, prepare_dataset
+from tasks.common import Paths, StageError, stage_main
+from tasks.tracking import stage_run
+
+
+def run(config: PipelineConfig, paths: Paths) -> dict:
+    """Prepare the dataset atomically and record its manifest (counts, checksum) in MLflow.
+
+    Returns:
+        A summary dict: dataset, split counts, checksum and how many files were skipped.
+    """
+    try:
+        manifest = prepare_dataset(config.data, paths.prepared, progress=True)
+    except DatasetError as err:
+        raise StageError(str(err)) from err
+    summary = {
+        "dataset": manifest["dataset"],
+        "splits": manifest["splits"],
+        "checksum": manifest["checksum"],
+        "skipped": len(manifest.get("skipped", [])),
+    }
+    with stage_run(paths.root, "prepare", {"ddae.data_checksum": manifest["checksum"]}) as _:
+        import mlflow
+
+        mlflow.log_params({f"data.{k}": v for k, v in manifest["config"].items()})
+        mlflow.log_metrics({f"{split}_images": n for split, n in manifest["splits"].items()})
+        mlflow.log_metric("skipped_images", summary["skipped"])
+        mlflow.log_dict(manifest, "manifest.json")
+    return summary
+
+
+if __name__ == "__main__":
+    stage_main("prepare", run)

@@ -1,0 +1,126 @@
+"""Stage 2, pretrain: train the diffusion model on the prepared train split with Accelerate.
+
+Runs as ``python -m tasks.pretrain`` or ``accelerate launch -m tasks.pretrain``. Checkpoints live in
+``outputs/checkpoints/<fingerprint>`` (kept between runs, so a rerun resumes); the stage output is
+the final EMA network plus a loss curve and a sample grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+
+import torch
+
+from ddae_core.checkpoint import save_network
+from ddae_core.config import PipelineConfig, as_dict
+from ddae_core.data import load_prepared, save_image_grid, to_uint8_images
+from ddae_core.diffusion import SAMPLERS, build_denoiser, build_loss, default_sampler
+from ddae_core.nn import build_unet, count_parameters
+from ddae_core.training import TrainingInterrupted, train
+from tasks.common import Paths, StageError, stage_main, write_json_atomic
+from tasks.plots import save_loss_curve
+from tasks.tracking import stage_run
+
+
+def run_fingerprint(config: PipelineConfig, data_checksum: str) -> str:
+    """Checkpoints are only resumed by a run with the same data, network, framework and loop."""
+    key = {"data": data_checksum, "pretrain": as_dict(config.pretrain)}
+    key["pretrain"].pop("samples")  # the sample grid does not change training
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(config: PipelineConfig, paths: Paths) -> dict:
+    """Train (or resume), then save the EMA network, loss curve, sample grid and metrics.
+
+    Returns:
+        A summary dict: steps, final loss, images/s, parameter count, wall time.
+    """
+    from accelerate import Accelerator
+
+    if not (paths.prepared / "manifest.json").is_file():
+        raise StageError(f"{paths.prepared}/manifest.json not found: run the prepare stage first")
+    manifest, splits = load_prepared(paths.prepared)
+    cfg = config.pretrain
+    overrides = {} if cfg.network.dropout is None else {"dropout": cfg.network.dropout}
+    unet = build_unet(cfg.network.name, in_channels=config.data.channels,
+                      resolution=config.data.image_size, **overrides)
+    denoiser = build_denoiser(cfg.diffusion, unet)
+    loss_fn = build_loss(cfg.diffusion)
+
+    fingerprint = run_fingerprint(config, manifest["checksum"])
+    run_dir = paths.checkpoints / fingerprint
+    if paths.checkpoints.is_dir():  # checkpoints of other configurations can never be resumed
+        for stale in paths.checkpoints.iterdir():
+            if stale.name != fingerprint:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    if not accelerator.is_main_process:  # other ranks train; only the main process logs and saves
+        train(denoiser, loss_fn, splits["train"].images, cfg.train, out_dir=run_dir,
+              accelerator=accelerator, progress=False)
+        return {"process": accelerator.process_index}
+
+    import mlflow
+
+    with stage_run(paths.root, "pretrain", {"ddae.data_checksum": manifest["checksum"]}):
+        mlflow.log_params({
+            "network": cfg.network.name, "parameters": count_parameters(unet),
+            **{f"diffusion.{k}": v for k, v in as_dict(cfg.diffusion).items()},
+            **{f"train.{k}": v for k, v in as_dict(cfg.train).items()},
+            "processes": accelerator.num_processes, "fingerprint": fingerprint,
+        })
+
+        def log_to_mlflow(step: int, metrics: dict) -> None:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+        try:
+            result = train(denoiser, loss_fn, splits["train"].images, cfg.train, out_dir=run_dir,
+                           accelerator=accelerator, callbacks=(log_to_mlflow,), progress=True)
+        except TrainingInterrupted as err:
+            raise KeyboardInterrupt(str(err)) from err
+
+        ema = result.ema_denoiser.eval()
+        save_network(paths.network, ema, {"diffusion": cfg.diffusion,
+                                          "data": {"checksum": manifest["checksum"],
+                                                   "preprocess": manifest["preprocess"]}})
+        paths.pretrain.mkdir(parents=True, exist_ok=True)
+        save_loss_curve(result.history, paths.pretrain / "loss.png")
+        sample_s = draw_sample_grid(ema, config, paths.pretrain / "samples.png")
+        speeds = [h["images_per_s"] for h in result.history if "images_per_s" in h]
+        summary = {
+            "steps": result.step,
+            "final_loss": result.history[-1]["loss"] if result.history else None,
+            "images_per_s": sum(speeds) / len(speeds) if speeds else None,
+            "parameters": count_parameters(unet),
+            "train_wall_s": result.wall_s,
+            "sample_wall_s": sample_s,
+        }
+        write_json_atomic(paths.metrics / "pretrain.json", summary)
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        for artifact in ("loss.png", "samples.png"):
+            if (paths.pretrain / artifact).is_file():
+                mlflow.log_artifact(str(paths.pretrain / artifact))
+    return summary
+
+
+def draw_sample_grid(denoiser: torch.nn.Module, config: PipelineConfig, path) -> float:
+    """Draw ``samples.count`` images with the framework's default sampler into a PNG grid."""
+    samples = config.pretrain.samples
+    if samples.count == 0:
+        return 0.0
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(samples.seed)
+    shape = (samples.count, config.data.channels, config.data.image_size, config.data.image_size)
+    latents = torch.randn(shape, generator=generator)
+    sampler = SAMPLERS[default_sampler(config.pretrain.diffusion.framework)]
+    with torch.inference_mode():
+        images = sampler(denoiser, latents, steps=samples.steps, generator=generator, progress=True)
+    save_image_grid(to_uint8_images(images), path, nrow=int(samples.count ** 0.5) or 1)
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    stage_main("pretrain", run)

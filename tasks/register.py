@@ -1,0 +1,119 @@
+"""Stage 5, register: log the winning classifier as an MLflow pyfunc model and gate ``champion``.
+
+The new version always gets alias ``challenger``; ``champion`` moves to it only when there is no
+champion yet or the new test accuracy beats the champion's by more than ``register.min_improvement``,
+both measured on the same test split (the champion is re-scored when its data version differs).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ddae_core.checkpoint import network_hash
+from ddae_core.config import PipelineConfig
+from ddae_core.data import load_prepared
+from tasks.common import Paths, StageError, stage_main, write_json_atomic
+from tasks.tracking import git_commit, stage_run
+
+CLASSIFIER_CODE = Path(__file__).with_name("classifier_model.py")
+PIP_REQUIREMENTS = ["torch", "numpy", "pillow", "safetensors", "pandas", "mlflow==3.17.2"]
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A uint8 (H, W, C) image as PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_inputs(paths: Paths, limit: int | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """The prepared test split as PNG bytes (what the deployed model receives) and labels."""
+    _manifest, splits = load_prepared(paths.prepared)
+    test = splits["test"]
+    n = len(test) if limit is None else min(limit, len(test))
+    frame = pd.DataFrame({"image": [encode_png(np.asarray(test.images[i])) for i in range(n)]})
+    return frame, np.asarray(test.labels[:n])
+
+
+def score(model, frame: pd.DataFrame, labels: np.ndarray) -> float:
+    """Accuracy of a pyfunc model on encoded images."""
+    predicted = model.predict(frame)["class_id"].to_numpy()
+    return float((predicted == labels).mean())
+
+
+def run(config: PipelineConfig, paths: Paths) -> dict:
+    """Log, register, alias and gate. Returns the decision written to metrics/register.json."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
+
+    for required in (paths.network / "network.json", paths.probe / "selection.json"):
+        if not required.is_file():
+            raise StageError(f"{required} not found: run the pretrain and probe stages first")
+    manifest, _ = load_prepared(paths.prepared)
+    selection = json.loads((paths.probe / "selection.json").read_text())
+    name = config.register.model_name
+    tags = {
+        "ddae.kind": "probe",
+        "ddae.data_checksum": manifest["checksum"],
+        "ddae.network_hash": network_hash(paths.network),
+        "ddae.test_acc": f"{selection['test_acc']:.6f}",
+        "ddae.readout": f"{'+'.join(selection['taps'])}@{selection['level']:g}/p{selection['pool']}",
+        "ddae.git_commit": git_commit(paths.root),
+    }
+    frame, labels = test_inputs(paths)
+    with stage_run(paths.root, "register", tags) as run, tempfile.TemporaryDirectory() as tmp:
+        preprocess = Path(tmp) / "preprocess.json"
+        preprocess.write_text(json.dumps(manifest["preprocess"]))
+        artifacts = {"network": str(paths.network), "probe": str(paths.probe), "preprocess": str(preprocess)}
+        example = frame.head(2)
+        from tasks.classifier_model import DDAEClassifierModel  # in-process copy, for the signature
+
+        local = DDAEClassifierModel()
+        local.load_context(type("Context", (), {"artifacts": artifacts})())
+        signature = infer_signature(example, local.predict(None, example))
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(CLASSIFIER_CODE), artifacts=artifacts,
+            code_paths=[str(paths.root / "ddae_core")], pip_requirements=PIP_REQUIREMENTS,
+            signature=signature, input_example=example,
+        )
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
+        client = MlflowClient()
+        client.set_registered_model_alias(name, "challenger", version.version)
+
+        new_acc = score(mlflow.pyfunc.load_model(f"models:/{name}/{version.version}"), frame, labels)
+        try:
+            champion = client.get_model_version_by_alias(name, "champion")
+        except MlflowException:
+            champion = None
+        champion_acc = None
+        if champion is not None:
+            champion_acc = score(mlflow.pyfunc.load_model(f"models:/{name}@champion"), frame, labels)
+        promote = champion_acc is None or new_acc > champion_acc + config.register.min_improvement
+        decision = {
+            "model": name, "version": int(version.version), "test_acc": new_acc,
+            "champion_version": int(champion.version) if champion else None,
+            "champion_test_acc": champion_acc, "margin": config.register.min_improvement,
+            "promoted": promote, "data_checksum": manifest["checksum"], "git_commit": tags["ddae.git_commit"],
+        }
+        for key in ("test_acc", "champion_test_acc", "promoted", "margin"):
+            client.set_model_version_tag(name, version.version, f"ddae.gate.{key}", str(decision[key]))
+        if promote:
+            client.set_registered_model_alias(name, "champion", version.version)
+        mlflow.log_metrics({"registered_test_acc": new_acc, "promoted": float(promote)})
+        mlflow.log_dict(decision, "decision.json")
+        decision["run_id"] = run.info.run_id
+    write_json_atomic(paths.metrics / "register.json", {k: v for k, v in decision.items() if k != "run_id"})
+    return decision
+
+
+if __name__ == "__main__":
+    stage_main("register", run)

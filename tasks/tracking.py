@@ -1,0 +1,85 @@
+"""MLflow wiring shared by the stages: where runs go, how a stage run links to its pipeline run.
+
+Defaults work offline: ``sqlite:///<repo>/mlflow.db`` with artifacts under ``<repo>/mlartifacts``;
+``MLFLOW_TRACKING_URI`` overrides. A pipeline run (the Prefect flow) exports its run id in
+``DDAE_PIPELINE_RUN_ID``; each stage then opens a nested run under it. Under a bare ``dvc repro``
+each stage opens its own run, linked to the others by the ``ddae.git_commit`` and data tags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+EXPERIMENT = "ddae"
+PARENT_ENV = "DDAE_PIPELINE_RUN_ID"
+
+
+def tracking_uri(root: Path) -> str:
+    """The tracking URI: the user's ``MLFLOW_TRACKING_URI`` or the repo's own SQLite file."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def configure(root: Path) -> str:
+    """Point MLflow at the tracking store and make sure the experiment exists; return its id."""
+    import mlflow
+
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        artifacts = None
+        if uri.startswith("sqlite:"):
+            artifacts = (root / "mlartifacts").resolve().as_uri()
+        experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_commit(root: Path) -> str:
+    """The checked-out commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+@contextlib.contextmanager
+def stage_run(root: Path, stage: str, tags: dict[str, str] | None = None) -> Iterator[object]:
+    """Open the MLflow run of one stage, nested under the pipeline run when there is one."""
+    import mlflow
+
+    configure(root)
+    parent = os.environ.get(PARENT_ENV)
+    all_tags = {"ddae.stage": stage, "ddae.git_commit": git_commit(root), **(tags or {})}
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+        all_tags["ddae.pipeline_run"] = parent
+    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def pipeline_run(root: Path, params: dict[str, object]) -> Iterator[str]:
+    """Open the parent MLflow run of one pipeline run; yields its id for the stages to nest under."""
+    import mlflow
+
+    configure(root)
+    with mlflow.start_run(run_name="pipeline", tags={"ddae.stage": "pipeline",
+                                                     "ddae.git_commit": git_commit(root)}) as run:
+        if params:
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        yield run.info.run_id
