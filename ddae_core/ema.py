@@ -1,7 +1,8 @@
 """Exponential moving average of a network's weights, kept in fp32 whatever the training precision.
 
-Parameters and buffers are both averaged (floating ones by lerp, so constants stay bit-exact; integer
-ones are copied), so the EMA network is a complete, self-consistent copy of the model.
+Everything in the model's ``state_dict`` is tracked: parameters and persistent buffers (floating ones
+by lerp, so constants stay bit-exact; integer ones copied). ``EMA.state_dict()`` therefore has the
+model's keys and loads straight into a copy of the model with ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -13,19 +14,30 @@ from torch import nn
 
 
 def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Parameters then buffers (persistent or not), by their module paths."""
-    yield from model.named_parameters()
-    yield from model.named_buffers()
+    """The live parameters and persistent buffers, under their ``state_dict`` keys.
+
+    Non-persistent buffers (e.g. a noise schedule derived from the config) are constants that every
+    copy of the model rebuilds itself, so they are neither averaged nor saved.
+    """
+    yield from model.state_dict(keep_vars=True).items()
+
+
+def _shadow_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least fp32 (bf16/fp16 weights are averaged in fp32; fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class EMA:
-    """fp32 shadow copies of every parameter and buffer of ``model``; ``update`` after each step."""
+    """fp32 shadow copies of the parameters and buffers of ``model``; ``update`` after each step."""
 
     def __init__(self, model: nn.Module) -> None:
         self.shadow: dict[str, torch.Tensor] = {}
         for name, tensor in _named_tensors(model):
             value = tensor.detach()
-            self.shadow[name] = value.float().clone() if value.is_floating_point() else value.clone()
+            if value.is_floating_point():
+                self.shadow[name] = value.to(_shadow_dtype(value.dtype), copy=True)
+            else:
+                self.shadow[name] = value.clone()
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float) -> None:
@@ -37,7 +49,7 @@ class EMA:
             shadow = self._shadow_for(name, tensor)
             if shadow.is_floating_point():
                 # lerp: shadow + (1 - decay) * (x - shadow); exact when x == shadow
-                shadow.lerp_(tensor.detach().float(), 1.0 - decay)
+                shadow.lerp_(tensor.detach().to(shadow.dtype), 1.0 - decay)
             else:
                 shadow.copy_(tensor.detach())
             seen += 1

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ddae_core.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from ddae_core.config import TrainConfig, as_dict
+from ddae_core.data import to_model_input
 from ddae_core.ema import EMA
 from ddae_core.schedules import ema_decay_at, warmup_lr_factor
 
@@ -105,13 +106,6 @@ def local_micro_batches(
     return micro
 
 
-def _to_model_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1], via the one conversion in data."""
-    from ddae_core.data.images import to_model_input
-
-    return to_model_input(images)
-
-
 def _random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Flip each image of (N, C, H, W) left-right with probability 1/2 (draws on ``generator``)."""
     flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
@@ -188,12 +182,15 @@ def _check_inputs(images: np.ndarray, config: TrainConfig, num_processes: int) -
         )
 
 
-def _warn_config_changes(saved: dict, config: TrainConfig) -> None:
-    """A resumed run stays exact only if the settings that shape steps did not change."""
+def _warn_config_changes(meta: dict, config: TrainConfig, num_images: int) -> None:
+    """A resumed run stays exact only if the settings that shape steps and the data did not change."""
     current = as_dict(config)
+    saved = meta.get("config", {})
     changed = sorted(
         key for key, value in saved.items() if key not in _RESUMABLE_CHANGES and current.get(key) != value
     )
+    if meta.get("data", {}).get("num_images", num_images) != num_images:
+        changed.append("num_images")
     if changed:
         log.warning("resuming with changed settings %s: the run will not equal an uninterrupted one", changed)
 
@@ -242,7 +239,7 @@ def train(
     if resume_from is not None:
         meta = load_training_state(resume_from, model=bare, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
         start_step = int(meta["step"])
-        _warn_config_changes(meta.get("config", {}), config)
+        _warn_config_changes(meta, config, num_images)
         log.info("resuming from %s (step %d)", resume_from, start_step)
 
     def save(step: int) -> Path | None:
@@ -307,12 +304,12 @@ def train(
                     window_loss.zero_()
                     window_steps, window_start = 0, time.perf_counter()
 
-                if _any_process_stopping(stop, accelerator):
+                stopping = _any_process_stopping(stop, accelerator)
+                if stopping or step % config.checkpoint_every == 0 or step == config.steps:
                     path = save(step)
-                    raise TrainingInterrupted(step, path)
-                if step % config.checkpoint_every == 0 or step == config.steps:
-                    save(step)
                     last_saved = step
+                if stopping and step < config.steps:
+                    raise TrainingInterrupted(step, path)
     finally:
         bar.close()
     if last_saved != step:  # resumed at or past config.steps: nothing trained, nothing to save
@@ -353,7 +350,7 @@ def _train_step(
     for m, local in enumerate(micro):
         seed = derive_seed(config.seed, _STEP_RNG, step, accelerator.process_index, m)
         generator = torch.Generator(device=device).manual_seed(seed)
-        x0 = _to_model_input(images[local]).to(device, non_blocking=True)  # (n, C, H, W) in [-1, 1]
+        x0 = to_model_input(images[local]).to(device, non_blocking=True)  # (n, C, H, W) in [-1, 1]
         if config.hflip:
             x0 = _random_hflip(x0, generator)
         with torch.random.fork_rng(devices=fork_devices):

@@ -67,7 +67,7 @@ def make_images(n: int = 64, seed: int = 0) -> np.ndarray:
 
 def resume_config(steps: int) -> TrainConfig:
     return TrainConfig(
-        steps=steps, batch_size=16, grad_accum=2, lr=2e-3, warmup_steps=5, ema_decay=0.99,
+        steps=steps, batch_size=8, grad_accum=2, lr=2e-3, warmup_steps=5, ema_decay=0.99,
         ema_warmup=True, hflip=True, checkpoint_every=5, keep_last=2, log_every=5, seed=3,
     )  # fmt: skip
 
@@ -113,6 +113,8 @@ def test_ema_averages_params_and_buffers_in_fp32_and_round_trips():
     target = _WithBuffers()
     ema.copy_to(target)
     assert torch.allclose(target.lin.weight, ema.shadow["lin.weight"])
+    assert target.count.item() == 5
+    target.load_state_dict(ema.state_dict())  # same keys as the model's own state_dict
     other = EMA(_WithBuffers())
     other.load_state_dict(ema.state_dict())
     assert all(torch.equal(other.shadow[k], ema.shadow[k]) for k in ema.shadow)
@@ -220,8 +222,11 @@ sys.path.insert(0, {tests!r})
 import test_training as T
 from ddae_core.diffusion import build_loss
 from ddae_core.training import train
+import torch
 images = np.load({images!r}, mmap_mode="r")
-result = train(T.make_denoiser(), build_loss(T.DIFFUSION), images, T.resume_config({steps}),
+denoiser = T.make_denoiser()
+torch.manual_seed(12345)  # the global RNG must not matter: the loop seeds dropout itself
+result = train(denoiser, build_loss(T.DIFFUSION), images, T.resume_config({steps}),
                out_dir={out!r}, progress=False)
 print(json.dumps([h["step"] for h in result.history]))
 """
@@ -243,7 +248,6 @@ def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path):
     assert straight.step == 20
 
     train(make_denoiser(), loss, images, resume_config(10), out_dir=tmp_path / "b", progress=False)
-    torch.manual_seed(12345)  # the global RNG must not matter: the loop seeds everything itself
     script = _RESUME_SCRIPT.format(tests=str(Path(__file__).parent), images=str(tmp_path / "images.npy"),
                                    steps=20, out=str(tmp_path / "b"))  # fmt: skip
     logged_steps = json.loads(_run_in_fresh_process(script).strip().splitlines()[-1])
@@ -258,21 +262,25 @@ def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path):
             assert torch.allclose(wa[key], wb[key], rtol=1e-5, atol=1e-6), f"{name}:{key}"
     first = load_file(str(tmp_path / "a" / "checkpoints" / "step-00000015" / "model.safetensors"))
     assert any(not torch.allclose(first[k], wa[k]) for k in first)  # the last steps did change weights
-    ema_net = {k: v for k, v in straight.ema_denoiser.state_dict().items()}
+    ema_net = straight.ema_denoiser.state_dict()
     ema_file = load_file(str(a / "ema.safetensors"))
-    assert all(torch.allclose(ema_net[k], ema_file[k]) for k in ema_net)
+    assert ema_net.keys() == ema_file.keys() and all(torch.equal(ema_net[k], ema_file[k]) for k in ema_net)
+
+    again = train(make_denoiser(seed=5), loss, images, resume_config(20), out_dir=tmp_path / "a", progress=False)
+    assert again.step == 20 and again.history == []  # already complete: loads, trains nothing
+    assert all(torch.equal(again.ema_denoiser.state_dict()[k], ema_file[k]) for k in ema_net)
 
 
 def test_tiny_unet_overfits_64_images(tmp_path):
-    config = TrainConfig(steps=150, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.99,
+    config = TrainConfig(steps=60, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.99,
                          hflip=False, checkpoint_every=1000, log_every=1, seed=0)  # fmt: skip
     result = train(make_denoiser(dropout=0.0), build_loss(DIFFUSION), make_images(64), config,
                    out_dir=tmp_path, progress=False)  # fmt: skip
     losses = [h["loss"] for h in result.history]
-    assert len(losses) == 150
-    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    assert len(losses) == 60
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.5 * first, (first, last)
-    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000150"  # saved at the end
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000060"  # saved at the end
 
 
 def test_sigterm_finishes_the_step_saves_and_raises(tmp_path):
