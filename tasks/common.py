@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from ddae_core.config import ConfigError, PipelineConfig
+from ddae_core.validation import validate_pipeline
 
 log = logging.getLogger("ddae")
 
@@ -106,8 +107,10 @@ def read_params_file(path: Path) -> dict:
 
 
 def load_params(path: Path) -> PipelineConfig:
-    """Read and validate params.yaml; raises ConfigError naming the bad key."""
-    return PipelineConfig.from_dict(read_params_file(path), source=str(path.name))
+    """Read and validate params.yaml (each section, then how they fit); ConfigError names the key."""
+    config = PipelineConfig.from_dict(read_params_file(path), source=str(path.name))
+    validate_pipeline(config, source=str(path.name))
+    return config
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -149,8 +152,25 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         raise
 
 
+TRANSIENT_MARKER = "failed on I/O (retrying may help)"
+
+
+def is_transient(err: BaseException) -> bool:
+    """I/O that may work on a retry: network errors, an unreachable tracking server."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    return type(err).__module__.startswith("mlflow") and "request" in str(err).lower()
+
+
 def stage_main(stage: str, run: Callable[[PipelineConfig, Paths], dict]) -> None:
-    """Entry point shared by ``python -m tasks.<stage>``: validate params, run, exit non-zero on error."""
+    """Entry point shared by ``python -m tasks.<stage>``: validate params, run, exit non-zero on error.
+
+    Exit codes: 2 invalid configuration, 1 the stage failed, 75 transient I/O (worth a retry),
+    130 interrupted (completed checkpoints and outputs are kept).
+    """
+    from ddae_core.checkpoint import CheckpointError
+    from ddae_core.data import DatasetError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     apply_offline_env()
     try:
@@ -164,9 +184,17 @@ def stage_main(stage: str, run: Callable[[PipelineConfig, Paths], dict]) -> None
     except KeyboardInterrupt:
         log.error("%s: interrupted; completed checkpoints and outputs are kept", stage)
         sys.exit(130)
-    except StageError as err:
+    except ConfigError as err:
+        log.error("%s: invalid configuration: %s", stage, err)
+        sys.exit(2)
+    except (StageError, DatasetError, CheckpointError) as err:
         log.error("%s failed: %s", stage, err)
         sys.exit(1)
+    except Exception as err:
+        if is_transient(err):
+            log.error("%s %s: %s", stage, TRANSIENT_MARKER, err)
+            sys.exit(75)
+        raise
     log.info("%s done: %s", stage, json.dumps(summary, default=str))
 
 

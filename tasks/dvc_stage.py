@@ -14,23 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tasks.common import apply_offline_env
+from tasks.common import TRANSIENT_MARKER, apply_offline_env
 
 STAGES = ("prepare", "pretrain", "extract", "probe", "register")
-TRANSIENT_EXIT = 75  # EX_TEMPFAIL: the stage failed on I/O (tracking server, network); worth a retry
 
 
 class StageFailed(RuntimeError):
-    """The stage's command failed; its own log above says why."""
+    """The stage's command failed; its own log above says why. ``transient``: it failed on I/O."""
 
-    def __init__(self, stage: str, returncode: int):
-        super().__init__(f"stage {stage!r} failed with exit code {returncode}")
+    def __init__(self, stage: str, returncode: int, transient: bool = False):
+        super().__init__(f"stage {stage!r} failed with exit code {returncode}"
+                         + (" (I/O error; a retry may help)" if transient else ""))
         self.stage = stage
         self.returncode = returncode
-
-    @property
-    def transient(self) -> bool:
-        return self.returncode == TRANSIENT_EXIT
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -59,14 +56,14 @@ def reproduce(stage: str, root: Path, *, env: dict[str, str] | None = None,
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     process = subprocess.Popen(command, cwd=root, env=stage_env(env), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-    skipped = False
+    skipped = transient = False
     assert process.stdout is not None
     for line in process.stdout:
         line = line.rstrip()
-        if "didn't change, skipping" in line:
-            skipped = True
+        skipped = skipped or "didn't change, skipping" in line
+        transient = transient or TRANSIENT_MARKER in line
         log_line(line)
     returncode = process.wait()
     if returncode != 0:
-        raise StageFailed(stage, returncode)
+        raise StageFailed(stage, returncode, transient)
     return StageResult(stage, skipped, time.perf_counter() - start)

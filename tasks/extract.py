@@ -14,27 +14,12 @@ from ddae_core.data import load_prepared
 from ddae_core.diffusion import feature_levels, level_kind
 from ddae_core.features import extract
 from ddae_core.nn import paper_aliases
+from ddae_core.validation import resolve_taps
 from tasks.common import Paths, StageError, atomic_directory, stage_main, write_json_atomic
 from tasks.feature_store import FeatureKey, part_path, write_part
 from tasks.tracking import stage_run
 
 SPLITS = ("train", "val", "test")
-
-
-def resolve_taps(unet, taps: tuple[str, ...]) -> tuple[str, ...]:
-    """Block names, with the paper's ``out_N`` aliases translated; unknown names fail by name."""
-    aliases = paper_aliases(unet.config)
-    known = list(unet.tap_names())
-    resolved = []
-    for tap in taps:
-        name = aliases.get(tap, tap)
-        if name not in known:
-            raise StageError(
-                f"params.yaml: extract.taps: unknown tap {tap!r}; known taps: {', '.join(known)}; "
-                f"paper aliases: {', '.join(aliases)}"
-            )
-        resolved.append(name)
-    return tuple(resolved)
 
 
 def run(config: PipelineConfig, paths: Paths) -> dict:
@@ -48,11 +33,8 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     cfg = config.extract
     denoiser = load_network(paths.network).eval()
     checkpoint = network_hash(paths.network)
-    taps = resolve_taps(denoiser.unet, cfg.taps)
-    try:
-        levels = feature_levels(config.pretrain.diffusion, cfg.levels, cfg.sigma_indices)
-    except ValueError as err:
-        raise StageError(f"params.yaml: extract.levels: {err}") from err
+    taps = resolve_taps(cfg.taps, denoiser.unet.tap_names(), paper_aliases(denoiser.unet.config), "extract.taps")
+    levels = feature_levels(config.pretrain.diffusion, cfg.levels, cfg.sigma_indices)
     manifest, splits = load_prepared(paths.prepared)
     keys = [FeatureKey(tap, float(level), pool) for tap in taps for level in levels for pool in cfg.pools]
     metadata = {

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from ddae_core.config import ConfigError, PipelineConfig
+from ddae_core.validation import validate_pipeline
 from tasks.common import read_params_file, write_bytes_atomic
 
 
@@ -34,7 +35,9 @@ def apply_overrides(params_path: Path, overrides: dict[str, Any]) -> PipelineCon
     data = read_params_file(params_path)
     for key, value in overrides.items():
         set_dotted(data, key, value)
-    config = PipelineConfig.from_dict(data, source=f"{params_path.name} (with overrides)")
+    source = f"{params_path.name} (with overrides)"
+    config = PipelineConfig.from_dict(data, source=source)
+    validate_pipeline(config, source=source)
     if overrides:
         write_bytes_atomic(params_path, yaml.safe_dump(data, sort_keys=False).encode())
     return config

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ddae_core.config import PipelineConfig
-from ddae_core.data import DatasetError, prepare_dataset
-from tasks.common import Paths, StageError, stage_main
+from ddae_core.data import prepare_dataset
+from tasks.common import Paths, stage_main
 from tasks.tracking import stage_run
 
 
@@ -14,10 +14,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     Returns:
         A summary dict: dataset, split counts, checksum and how many files were skipped.
     """
-    try:
-        manifest = prepare_dataset(config.data, paths.prepared, progress=True)
-    except DatasetError as err:
-        raise StageError(str(err)) from err
+    manifest = prepare_dataset(config.data, paths.prepared, progress=True)
     summary = {
         "dataset": manifest["dataset"],
         "splits": manifest["splits"],

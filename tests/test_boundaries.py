@@ -1,0 +1,43 @@
+"""The layering rule: ddae_core imports none of Prefect, MLflow or DVC; tasks never import flows."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN_IN_CORE = {"prefect", "mlflow", "dvc"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_core_sources_import_no_orchestration_stack():
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(imported_roots(path) & (FORBIDDEN_IN_CORE | {"tasks", "flows"}))
+        for path in (ROOT / "ddae_core").rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_tasks_do_not_import_flows():
+    offenders = [str(p) for p in (ROOT / "tasks").rglob("*.py") if "flows" in imported_roots(p)]
+    assert offenders == []
+
+
+def test_importing_core_loads_no_orchestration_module():
+    code = (
+        "import sys, ddae_core, ddae_core.training, ddae_core.features, ddae_core.probe, ddae_core.data, "
+        "ddae_core.classifier, ddae_core.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'prefect', 'mlflow', 'dvc'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
