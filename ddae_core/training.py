@@ -158,6 +158,8 @@ class _LossView:
         return self._prepared(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # only reached when our own fields are missing (copy, pickle)
+            raise AttributeError(name)
         return getattr(self._bare, name)
 
 
@@ -212,14 +214,13 @@ def train(
     and at the end; the newest complete one there is resumed from. Callbacks run on the main process
     every ``config.log_every`` steps. SIGINT/SIGTERM: finish the step, checkpoint, raise
     ``TrainingInterrupted``. Returns a deep copy of the denoiser holding the EMA weights.
+    A given ``accelerator`` gets its gradient accumulation set to ``config.grad_accum``.
     """
     started = time.perf_counter()
     accelerator = accelerator if accelerator is not None else _make_accelerator(config)
-    if accelerator.gradient_accumulation_steps != config.grad_accum:
-        raise ValueError(
-            f"accelerator.gradient_accumulation_steps={accelerator.gradient_accumulation_steps} but "
-            f"config.grad_accum={config.grad_accum}: create the Accelerator with the same value"
-        )
+    if accelerator.gradient_accumulation_steps != config.grad_accum:  # the config decides
+        log.info("setting accelerator.gradient_accumulation_steps to config.grad_accum=%d", config.grad_accum)
+        accelerator.gradient_accumulation_steps = config.grad_accum
     _check_inputs(images, config, accelerator.num_processes)
     ckpt_root = Path(out_dir) / "checkpoints"
     num_images = images.shape[0]
@@ -262,64 +263,80 @@ def train(
         accelerator.wait_for_everyone()
         return path
 
+    if start_step >= config.steps:
+        log.info("checkpoint at step %d already covers config.steps=%d: nothing to train", start_step, config.steps)
     view = _LossView(model, bare)
+    window = _MetricWindow(config, num_images, accelerator.device)
     history: list[dict[str, float]] = []
     stop = _StopFlag()
     bar = tqdm(
         total=config.steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
         desc="pretrain", unit="step", dynamic_ncols=True,
     )  # fmt: skip
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_steps, window_start = 0, time.perf_counter()
-    last_saved = start_step if resume_from is not None else -1
     step = start_step
+    path: Path | None = None
     model.train()
     accelerator.step = 0  # align Accelerate's micro-batch counter with our optimizer steps
     try:
         with _stop_on_signals(stop):
             while step < config.steps:
-                window_loss += _train_step(
-                    step, model, view, loss_fn, images, config, accelerator, optimizer, lr_scheduler
-                )
+                loss = _train_step(step, model, view, loss_fn, images, config, accelerator, optimizer, lr_scheduler)
+                window.add(loss)
                 ema.update(bare, ema_decay_at(step, config.ema_decay, config.ema_warmup))
                 step += 1
-                window_steps += 1
                 bar.update(1)
-
                 if step % config.log_every == 0 or step == config.steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    mean_loss = accelerator.reduce(window_loss / window_steps, reduction="mean").item()
-                    metrics = {
-                        "loss": mean_loss,
-                        "lr": config.lr * warmup_lr_factor(step - 1, config.warmup_steps),  # last step's
-                        "images_per_s": window_steps * config.batch_size / elapsed,
-                        "epoch": step * config.batch_size / num_images,
-                    }
+                    metrics = window.flush(step, accelerator)
                     history.append({"step": step, **metrics})
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}",
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                     img_s=f"{metrics['images_per_s']:.0f}")  # fmt: skip
                     if accelerator.is_main_process:
                         for callback in callbacks:
                             callback(step, metrics)
-                    window_loss.zero_()
-                    window_steps, window_start = 0, time.perf_counter()
-
                 stopping = _any_process_stopping(stop, accelerator)
                 if stopping or step % config.checkpoint_every == 0 or step == config.steps:
                     path = save(step)
-                    last_saved = step
                 if stopping and step < config.steps:
                     raise TrainingInterrupted(step, path)
     finally:
         bar.close()
-    if last_saved != step:  # resumed at or past config.steps: nothing trained, nothing to save
-        log.info("checkpoint at step %d already covers config.steps=%d", step, config.steps)
 
     ema_denoiser = copy.deepcopy(bare)
     ema.copy_to(ema_denoiser)
     ema_denoiser.eval()
     return TrainResult(step=step, ema_denoiser=ema_denoiser, history=history,
                        wall_s=time.perf_counter() - started)  # fmt: skip
+
+
+class _MetricWindow:
+    """Loss summed over the steps since the last log, without a device sync per step."""
+
+    def __init__(self, config: TrainConfig, num_images: int, device: torch.device) -> None:
+        self.config = config
+        self.num_images = num_images
+        self.loss = torch.zeros((), device=device)
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def flush(self, step: int, accelerator: Any) -> dict[str, float]:
+        """{"loss", "lr", "images_per_s", "epoch"} of the window ending at ``step``; then reset.
+        Collective (mean loss over processes): every process must call it at the same step."""
+        config = self.config
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        metrics = {
+            "loss": accelerator.reduce(self.loss / self.steps, reduction="mean").item(),
+            "lr": config.lr * warmup_lr_factor(step - 1, config.warmup_steps),  # lr of the last step
+            "images_per_s": self.steps * config.batch_size / elapsed,
+            "epoch": step * config.batch_size / self.num_images,
+        }
+        self.loss.zero_()
+        self.steps = 0
+        self.started = time.perf_counter()
+        return metrics
 
 
 def _any_process_stopping(stop: _StopFlag, accelerator: Any) -> bool:

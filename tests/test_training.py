@@ -292,10 +292,14 @@ def test_sigterm_finishes_the_step_saves_and_raises(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
-    config = TrainConfig(steps=50, batch_size=8, lr=1e-3, checkpoint_every=100, log_every=1, seed=0)
+    from accelerate import Accelerator
+
+    config = TrainConfig(steps=50, batch_size=8, grad_accum=2, lr=1e-3, checkpoint_every=100, log_every=1)
+    accelerator = Accelerator(cpu=True)  # made by the caller without accumulation: train sets it
     with pytest.raises(TrainingInterrupted) as info:
         train(make_denoiser(), build_loss(DIFFUSION), make_images(16), config, out_dir=tmp_path,
-              callbacks=[send_sigterm], progress=False)  # fmt: skip
+              accelerator=accelerator, callbacks=[send_sigterm], progress=False)  # fmt: skip
+    assert accelerator.gradient_accumulation_steps == 2
     assert info.value.step == 3 and [s for s, _ in calls] == [1, 2, 3]
     assert set(calls[0][1]) == {"loss", "lr", "images_per_s", "epoch"}
     assert signal.getsignal(signal.SIGTERM) == before  # handler restored
