@@ -253,8 +253,15 @@ class ProbeConfig:
     max_iter: int = 200  # L-BFGS iterations per fit
     concat: tuple[tuple[str, ...], ...] = ()  # tap groups whose features are concatenated
     raw_pixels: bool = True  # also probe raw pixels through the same code (the floor)
+    online: bool = False  # also run the paper's online protocol on the chosen readout (slow)
+    online_epochs: int = 15  # paper: 15 epochs, Adam lr 1e-3, cosine, batch 128, flip/crop + fresh noise
+    online_lr: float = 1e-3
+    online_batch_size: int = 128
 
     def __post_init__(self) -> None:
+        _require(self.online_epochs >= 1, "online_epochs", f"must be >= 1, got {self.online_epochs}")
+        _require(self.online_lr > 0, "online_lr", f"must be > 0, got {self.online_lr}")
+        _require(self.online_batch_size >= 1, "online_batch_size", f"must be >= 1, got {self.online_batch_size}")
         _require(len(self.l2_grid) > 0, "l2_grid", "list at least one value")
         for i, l2 in enumerate(self.l2_grid):
             _require(l2 >= 0, f"l2_grid[{i}]", f"must be >= 0, got {l2}")
