@@ -1,0 +1,289 @@
+"""The paper's own linear-probe protocol ("online"), for an honest comparison with the cached probe.
+
+One ``nn.Linear`` on the pooled (for several taps: concatenated) feature of a frozen denoiser. Every
+epoch re-runs the network on every training image with a fresh flip/crop and fresh noise; Adam
+(lr 1e-3), cosine schedule, 15 epochs, batch 128 by default. Validation and test images get no
+augmentation and one noise draw (exactly the cached extract stage's copy 0 for the same seed).
+
+Everything goes through the one feature path, ``ddae_core.features.extract`` (which calls
+``extract_batch`` -> ``capture`` -> ``pool``): epoch ``e`` (0-based) reads augmented copy ``e + 1``,
+i.e. flip/crop from ``ddae_core.noise.augment(..., copy=e + 1, seed)`` and noise seeded by
+``copy_seed(seed, e + 1)``, so each epoch sees new augmentations and new noise, reproducibly.
+
+Standardisation: features are standardised per dimension with *running* statistics during the
+first epoch (cumulative mean and variance of every training feature seen so far, updated with each
+batch before that batch's step) and *frozen* at the end of the first epoch: epochs 2..E, validation
+and test use the first epoch's full statistics. So the probe sees unit-scale inputs like the cached
+probe (``probe.Standardizer``), no extra forward pass is spent on statistics, and the returned
+``LinearProbe`` carries that mean and std. Near-constant dimensions (std < 1e-6) keep std 1.
+
+Forward passes are counted as network runs of one image at one level: ``epochs x train + val +
+test`` (one level per readout).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ddae_core.features import FeatureKey, extract
+from ddae_core.probe import LinearProbe
+
+logger = logging.getLogger(__name__)
+
+_EPS = 1e-6  # std below this counts as constant (same rule as probe.Standardizer)
+
+
+class ImageSplit(Protocol):
+    """What the protocol reads from a split: ``PreparedSplit`` fits, so does ``ImageSet``."""
+
+    images: Any  # uint8 (N, H, W, C), array or memmap
+    labels: np.ndarray  # int64 (N,)
+    sample_ids: np.ndarray  # int64 (N,), unique; keys the noise and augmentation
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A plain in-memory split (tests, notebooks)."""
+
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int64 (N,)
+    sample_ids: np.ndarray  # int64 (N,)
+
+
+@dataclass(frozen=True)
+class OnlineProbeResult:
+    """Outcome of one online-protocol run; accuracies are fractions in [0, 1]."""
+
+    val_acc: float  # after the last epoch (no epoch selection, as in the paper's fixed schedule)
+    test_acc: float
+    forward_passes: int  # network runs of one image at one level: epochs x train + val + test
+    wall_s: float  # whole protocol, forward passes included
+    epochs: int
+    train_images: int
+    val_images: int
+    test_images: int
+    probe: LinearProbe  # weight/bias in standardised units, with the frozen first-epoch mean/std
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss, train_acc, val_acc, lr
+
+
+def readout_matrix(
+    features: dict[FeatureKey, np.ndarray], taps: Sequence[str], level: float, pool: int
+) -> np.ndarray:
+    """The readout's feature matrix: ``(tap, level, pool)`` blocks concatenated in ``taps`` order, (N, D)."""
+    blocks = [features[(tap, float(level), int(pool))] for tap in taps]
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+
+
+def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
+    """Cosine annealing from ``base_lr`` at step 0 towards 0 at ``total_steps`` (per optimizer step)."""
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+class _RunningMoments:
+    """Cumulative per-dimension mean and (population) variance, float64, merged batch by batch."""
+
+    def __init__(self, dim: int) -> None:
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.m2 = torch.zeros(dim, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Merge a batch ``x`` (B, D) (Chan et al. parallel update)."""
+        batch = x.double()
+        n_b = batch.shape[0]
+        mean_b = batch.mean(0)
+        m2_b = (batch - mean_b).square().sum(0)
+        total = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * (n_b / total)
+        self.m2 += m2_b + delta.square() * (self.count * n_b / total)
+        self.count = total
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (D,) mean and std (std 1 where the feature is near-constant)."""
+        std = (self.m2 / max(self.count, 1)).sqrt()
+        std = torch.where(std < _EPS, torch.ones_like(std), std)
+        return self.mean.float(), std.float()
+
+
+class _Permuted:
+    """A lazy row-permuted view of an image array: ``view[a:b]`` reads only those rows."""
+
+    def __init__(self, images: Any, order: np.ndarray) -> None:
+        self.images, self.order = images, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.images[np.sort(self.order[rows])])[np.argsort(np.argsort(self.order[rows]))]
+
+
+def _subset(split: ImageSplit, limit: int | None, seed: int, stream: int) -> ImageSet:
+    """The whole split, or a seeded random subset of ``limit`` rows kept in their original order."""
+    n = len(split.labels)
+    rows = np.arange(n)
+    if limit is not None and limit < n:
+        rows = np.sort(np.random.default_rng([seed, stream]).choice(n, size=limit, replace=False))
+    images = split.images if len(rows) == n else np.asarray(split.images[rows])
+    return ImageSet(images=images, labels=np.asarray(split.labels, np.int64)[rows],
+                    sample_ids=np.asarray(split.sample_ids, np.int64)[rows])
+
+
+def _eval_features(
+    denoiser: nn.Module, split: ImageSet, *, taps: Sequence[str], level: float, pool: int, seed: int,
+    batch_size: int, device: torch.device,
+) -> np.ndarray:
+    """Copy-0 features (no augmentation, one noise draw) of a whole split, (N, D)."""
+    chunks = [
+        readout_matrix(batch, taps, level, pool)
+        for _a, _b, batch in extract(denoiser, split.images, split.sample_ids, taps=taps, levels=[level],
+                                     pools=[pool], seed=seed, batch_size=batch_size, copy=0,
+                                     progress=False, device=device)
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+def _accuracy(x: torch.Tensor, y: torch.Tensor, linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> float:
+    if len(y) == 0:
+        return 0.0
+    with torch.no_grad():
+        return float((linear((x - mean) / std).argmax(1) == y).double().mean())
+
+
+def online_probe(
+    denoiser: nn.Module,
+    train: ImageSplit,
+    val: ImageSplit,
+    test: ImageSplit,
+    *,
+    taps: Sequence[str],
+    level: float,
+    pool: int,
+    num_classes: int,
+    seed: int = 0,
+    epochs: int = 15,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    eval_batch_size: int = 256,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> OnlineProbeResult:
+    """Train one linear layer on the readout ``(taps, level, pool)`` of a frozen ``denoiser``, re-run every batch.
+
+    ``seed`` keys the features' noise and augmentation (use the extract stage's seed to share its
+    val/test features), the epoch orders and the layer's initialisation; the result is
+    deterministic given it (and the thread count). ``max_train`` / ``max_eval`` cap the train and
+    each of the val/test splits to a seeded random subset (quick runs, tests). The denoiser must
+    live on ``device``; the probe itself trains on the CPU.
+    """
+    if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
+        raise ValueError(f"epochs, batch_size, eval_batch_size must be >= 1, got {epochs}, {batch_size}, {eval_batch_size}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not taps:
+        raise ValueError("taps is empty")
+    started = time.perf_counter()
+    device = torch.device(device)
+    level, pool = float(level), int(pool)
+    train_set = _subset(train, max_train, seed, 0)
+    val_set = _subset(val, max_eval, seed, 1)
+    test_set = _subset(test, max_eval, seed, 2)
+    n_train = len(train_set.labels)
+    if n_train == 0:
+        raise ValueError("the train split is empty")
+    for name, split in (("train", train_set), ("val", val_set), ("test", test_set)):
+        labels = split.labels
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{name} labels must be in [0, {num_classes})")
+    forward_passes = 0
+
+    x_val = torch.from_numpy(_eval_features(denoiser, val_set, taps=taps, level=level, pool=pool, seed=seed,
+                                            batch_size=eval_batch_size, device=device))
+    forward_passes += len(val_set.labels)
+    y_val = torch.from_numpy(val_set.labels)
+
+    linear: nn.Linear | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    moments: _RunningMoments | None = None
+    mean = std = torch.empty(0)
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    total_steps = epochs * steps_per_epoch
+    step = 0
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=total_steps, disable=not progress, desc="online probe", unit="batch", dynamic_ncols=True)
+    try:
+        for epoch in range(epochs):
+            order = np.random.default_rng([seed, 3, epoch]).permutation(n_train)
+            view = _Permuted(train_set.images, order)
+            labels = torch.from_numpy(train_set.labels[order])
+            loss_sum, hits = 0.0, 0
+            for start, stop, batch in extract(
+                denoiser, view, train_set.sample_ids[order], taps=taps, levels=[level], pools=[pool],
+                seed=seed, batch_size=batch_size, copy=epoch + 1, progress=False, device=device,
+            ):
+                x = torch.from_numpy(readout_matrix(batch, taps, level, pool))  # (B, D)
+                y = labels[start:stop]
+                forward_passes += stop - start
+                if linear is None:  # first batch: the width is known now
+                    gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 4]).integers(2**62)))
+                    linear = nn.Linear(x.shape[1], num_classes)
+                    with torch.no_grad():
+                        bound = 1.0 / math.sqrt(x.shape[1])
+                        linear.weight.uniform_(-bound, bound, generator=gen)
+                        linear.bias.uniform_(-bound, bound, generator=gen)
+                    optimizer = torch.optim.Adam(linear.parameters(), lr=lr)
+                    moments = _RunningMoments(x.shape[1])
+                assert optimizer is not None and moments is not None
+                if epoch == 0:
+                    moments.update(x)
+                    mean, std = moments.mean_std()
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(step, total_steps, lr)
+                with torch.enable_grad():
+                    logits = linear((x - mean) / std)
+                    loss = F.cross_entropy(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                loss_sum += float(loss.detach()) * len(y)
+                hits += int((logits.detach().argmax(1) == y).sum())
+                step += 1
+                bar.update(1)
+            assert linear is not None
+            row = {"epoch": epoch + 1, "loss": loss_sum / n_train, "train_acc": hits / n_train,
+                   "val_acc": _accuracy(x_val, y_val, linear, mean, std), "lr": cosine_lr(step, total_steps, lr)}
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row['val_acc']:.3f}")
+            logger.info("online probe epoch %d loss=%.4f train_acc=%.4f val_acc=%.4f",
+                        epoch + 1, row["loss"], row["train_acc"], row["val_acc"])
+    finally:
+        bar.close()
+    assert linear is not None
+
+    x_test = torch.from_numpy(_eval_features(denoiser, test_set, taps=taps, level=level, pool=pool, seed=seed,
+                                             batch_size=eval_batch_size, device=device))
+    forward_passes += len(test_set.labels)
+    test_acc = _accuracy(x_test, torch.from_numpy(test_set.labels), linear, mean, std)
+    probe = LinearProbe(weight=linear.weight.detach().numpy().copy(), bias=linear.bias.detach().numpy().copy(),
+                        mean=mean.numpy().copy(), std=std.numpy().copy())
+    return OnlineProbeResult(
+        val_acc=history[-1]["val_acc"], test_acc=test_acc, forward_passes=forward_passes,
+        wall_s=time.perf_counter() - started, epochs=epochs, train_images=n_train,
+        val_images=len(val_set.labels), test_images=len(test_set.labels), probe=probe, history=history,
+    )
+
+
+__all__ = ["ImageSet", "ImageSplit", "OnlineProbeResult", "cosine_lr", "online_probe", "readout_matrix"]

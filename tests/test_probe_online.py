@@ -1,0 +1,82 @@
+"""The paper's online linear-probe protocol on a tiny random network and a separable toy problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ddae_core.config import DiffusionConfig
+from ddae_core.diffusion import build_denoiser
+from ddae_core.nn import build_unet
+from ddae_core.probe_online import ImageSet, cosine_lr, online_probe, readout_matrix
+
+RES = 16
+
+
+def _brightness_split(n: int, first_id: int, seed: int) -> ImageSet:
+    """Images whose class (0..2) is their mean brightness, plus texture noise: uint8 (n, RES, RES, 1)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % 3
+    base = np.array([50.0, 128.0, 205.0])[labels][:, None, None, None]
+    images = np.clip(base + rng.normal(0, 20, size=(n, RES, RES, 1)), 0, 255).astype(np.uint8)
+    return ImageSet(images=images, labels=labels, sample_ids=np.arange(first_id, first_id + n, dtype=np.int64))
+
+
+@pytest.fixture(scope="module")
+def denoiser() -> torch.nn.Module:
+    torch.manual_seed(0)
+    unet = build_unet("ddpm-tiny", in_channels=1, resolution=RES, zero_init_output=False)
+    return build_denoiser(DiffusionConfig(framework="ddpm"), unet).eval()
+
+
+@pytest.fixture(scope="module")
+def splits() -> tuple[ImageSet, ImageSet, ImageSet]:
+    return _brightness_split(60, 0, 1), _brightness_split(30, 1000, 2), _brightness_split(24, 2000, 3)
+
+
+def _run(denoiser, splits, **overrides):
+    kwargs = dict(taps=["mid.res1", "dec.8x8.res0"], level=11.0, pool=1, num_classes=3, seed=5, epochs=3,
+                  batch_size=16, lr=1e-2, progress=False)
+    kwargs.update(overrides)
+    return online_probe(denoiser, *splits, **kwargs)
+
+
+def test_counts_forward_passes_and_learns_brightness(denoiser, splits) -> None:
+    result = _run(denoiser, splits)
+    assert result.forward_passes == 3 * 60 + 30 + 24
+    assert (result.train_images, result.val_images, result.test_images, result.epochs) == (60, 30, 24, 3)
+    assert len(result.history) == 3 and result.history[-1]["val_acc"] == result.val_acc
+    assert result.val_acc >= 0.9 and result.test_acc >= 0.9
+    assert result.probe.weight.shape == (3, 32 + 32) and result.wall_s > 0
+    # the returned probe (standardisation included) scores copy-0 features like the protocol did
+    assert np.isfinite(result.probe.std).all() and (result.probe.std > 0).all()
+
+
+def test_deterministic_given_seed_and_sensitive_to_it(denoiser, splits) -> None:
+    a = _run(denoiser, splits, epochs=2)
+    b = _run(denoiser, splits, epochs=2)
+    np.testing.assert_array_equal(a.probe.weight, b.probe.weight)
+    np.testing.assert_array_equal(a.probe.mean, b.probe.mean)
+    assert a.history == b.history
+    assert (a.val_acc, a.test_acc) == (b.val_acc, b.test_acc)
+    c = _run(denoiser, splits, epochs=2, seed=6)
+    assert not np.array_equal(a.probe.weight, c.probe.weight)
+
+
+def test_limits_and_batching(denoiser, splits) -> None:
+    result = _run(denoiser, splits, epochs=1, max_train=20, max_eval=10, batch_size=7)
+    assert result.forward_passes == 20 + 10 + 10
+    assert (result.train_images, result.val_images, result.test_images) == (20, 10, 10)
+    with pytest.raises(ValueError, match="labels"):
+        _run(denoiser, splits, num_classes=2, epochs=1)
+    with pytest.raises(KeyError):
+        _run(denoiser, splits, taps=["no.such.block"], epochs=1)
+
+
+def test_cosine_lr_and_readout_matrix() -> None:
+    assert cosine_lr(0, 10, 1e-3) == pytest.approx(1e-3)
+    assert cosine_lr(5, 10, 1e-3) == pytest.approx(5e-4)
+    assert cosine_lr(10, 10, 1e-3) == pytest.approx(0.0, abs=1e-12)
+    feats = {("a", 11.0, 1): np.ones((2, 3), np.float32), ("b", 11.0, 1): np.zeros((2, 2), np.float32)}
+    assert readout_matrix(feats, ["b", "a"], 11, 1).tolist() == [[0, 0, 1, 1, 1]] * 2
