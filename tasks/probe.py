@@ -73,6 +73,37 @@ def probe_pixels(paths: Paths, config: PipelineConfig, num_classes: int) -> dict
             "test_acc": float(probe.accuracy(as_x["test"], splits["test"].labels))}
 
 
+def probe_online(paths: Paths, config: PipelineConfig, index: dict, taps: list[str], level: float,
+                 pool: int, num_classes: int) -> dict:
+    """The paper's online protocol (``ddae_core.probe_online``) on the readout the cached probe chose.
+
+    Forward passes count network runs of one image at one noise level. ``cached_forward_passes``:
+    what the extract stage spends on this readout, train x (1 + extract.augment_copies) + val + test
+    (one level; every tap and pool of a level comes from the same run). ``extract_forward_passes``:
+    what the extract stage spent on its whole grid (the same times the number of levels extracted).
+    """
+    from ddae_core.checkpoint import load_network
+    from ddae_core.probe_online import online_probe
+
+    _manifest, splits = load_prepared(paths.prepared)
+    cfg = config.probe
+    result = online_probe(
+        load_network(paths.network), splits["train"], splits["val"], splits["test"], taps=taps, level=level,
+        pool=pool, num_classes=num_classes, seed=index["seed"], epochs=cfg.online_epochs, lr=cfg.online_lr,
+        batch_size=cfg.online_batch_size, progress=True,
+    )
+    sizes = index["splits"]
+    cached = sizes["train"] * index["train_copies"] + sizes["val"] + sizes["test"]
+    return {
+        "online_test_acc": result.test_acc,
+        "online_val_acc": result.val_acc,
+        "online_forward_passes": result.forward_passes,
+        "online_wall_s": result.wall_s,
+        "cached_forward_passes": cached,
+        "extract_forward_passes": cached * len({k["level"] for k in index["keys"]}),
+    }
+
+
 def run(config: PipelineConfig, paths: Paths) -> dict:
     """Probe every candidate, select on validation, evaluate the winner on test once.
 
@@ -103,6 +134,8 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         "candidates": len(candidates),
         "train_size": int(len(labels["train"])),
     }
+    if config.probe.online:  # the paper's protocol on the same readout (slow; off by default)
+        metrics.update(probe_online(paths, config, index, list(taps), level, pool, num_classes))
     if config.probe.raw_pixels:
         pixels = probe_pixels(paths, config, num_classes)
         metrics["raw_pixels_test_acc"] = pixels["test_acc"]

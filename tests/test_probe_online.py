@@ -80,3 +80,25 @@ def test_cosine_lr_and_readout_matrix() -> None:
     assert cosine_lr(10, 10, 1e-3) == pytest.approx(0.0, abs=1e-12)
     feats = {("a", 11.0, 1): np.ones((2, 3), np.float32), ("b", 11.0, 1): np.zeros((2, 2), np.float32)}
     assert readout_matrix(feats, ["b", "a"], 11, 1).tolist() == [[0, 0, 1, 1, 1]] * 2
+
+
+def test_probe_stage_reports_online_beside_cached_cost(denoiser, splits, tmp_path, monkeypatch) -> None:
+    """tasks.probe.probe_online: the metrics keys and the forward-pass bookkeeping of both probes."""
+    import tasks.probe as stage
+    from ddae_core.checkpoint import save_network
+    from ddae_core.config import PipelineConfig
+    from tasks.common import Paths
+
+    paths = Paths(tmp_path)
+    save_network(paths.network, denoiser, {"diffusion": DiffusionConfig(framework="ddpm")})
+    train, val, test = splits
+    monkeypatch.setattr(stage, "load_prepared", lambda _root: ({}, {"train": train, "val": val, "test": test}))
+    config = PipelineConfig.from_dict({"probe": {"online": True, "online_epochs": 2, "online_batch_size": 16}})
+    index = {"seed": 0, "splits": {"train": 60, "val": 30, "test": 24}, "train_copies": 2,
+             "keys": [{"tap": "mid.res1", "level": lv, "pool": 1} for lv in (1.0, 11.0)]}
+    metrics = stage.probe_online(paths, config, index, ["mid.res1"], 11.0, 1, 3)
+    assert metrics["online_forward_passes"] == 2 * 60 + 30 + 24
+    assert metrics["cached_forward_passes"] == 60 * 2 + 30 + 24
+    assert metrics["extract_forward_passes"] == 2 * (60 * 2 + 30 + 24)
+    assert 0 <= metrics["online_test_acc"] <= 1 and 0 <= metrics["online_val_acc"] <= 1
+    assert metrics["online_wall_s"] > 0
