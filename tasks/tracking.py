@@ -83,3 +83,16 @@ def pipeline_run(root: Path, params: dict[str, object]) -> Iterator[str]:
         if params:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         yield run.info.run_id
+        mlflow.set_tags(dvc_output_hashes(root))
+
+
+def dvc_output_hashes(root: Path) -> dict[str, str]:
+    """``dvc.<path>`` -> the md5 DVC recorded for each stage output in dvc.lock (data, checkpoint, ...)."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {f"dvc.{out['path']}": out["md5"] for stage in stages.values()
+            for out in stage.get("outs", []) if "md5" in out}
