@@ -1,0 +1,426 @@
+"""End-to-end tests: the real pipeline (DVC, Prefect, MLflow) on a tiny copy of the project.
+
+One session-scoped copy runs ``dvc repro`` once (about a minute on two cores); the tests after it
+read its outputs, drive a real Prefect server and worker over it, and check the model registry.
+Tests in this file run in order and share that copy: the ones that change it (registry gate,
+params change) come last among its users and leave it consistent for the next.
+
+Everything runs on loopback, in tmp directories: nothing touches the working tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import e2e_helpers as h
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Project:
+    root: Path
+    dataset: str
+    repro: object  # CompletedProcess of the first `dvc repro`
+    seconds: float
+
+    @property
+    def env(self) -> dict[str, str]:
+        return h.project_env(self.root)
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory) -> dict[str, Path]:
+    """A generated 3-class tree of 16x16 PNGs (40 each), the same with one corrupt file, and zips."""
+    base = tmp_path_factory.mktemp("images")
+    clean = h.make_image_tree(base / "shapes", per_class=40)
+    broken = h.make_image_tree(base / "shapes-broken", per_class=40, corrupt="disc/broken.png")
+    return {
+        "clean": clean,
+        "broken": broken,
+        "broken_zip": h.zip_tree(broken, base / "shapes-broken.zip"),
+    }
+
+
+def imagefolder_params(source: Path, **extra) -> dict:
+    return {**h.TINY_PARAMS, "data.dataset": "imagefolder", "data.source": str(source), "data.channels": 3,
+            "data.max_train": 0, "data.max_test": 0, "pretrain.train.batch_size": 16, **extra}
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, image_tree) -> Project:
+    """The tiny project after one `dvc repro`: Fashion-MNIST when installed, else the generated tree."""
+    if h.fashion_mnist_available():
+        dataset, params = "fashion-mnist", dict(h.TINY_PARAMS)
+    else:
+        dataset, params = "imagefolder", imagefolder_params(image_tree["clean"])
+    root = h.copy_project(tmp_path_factory.mktemp("e2e") / "project", params)
+    start = time.monotonic()
+    result = h.dvc(root, "repro", timeout=600)
+    seconds = time.monotonic() - start
+    if result.returncode != 0:
+        pytest.fail(f"dvc repro failed ({result.returncode}):\n{result.stdout[-6000:]}")
+    return Project(root, dataset, result, seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. dvc repro: outputs, no-op rerun
+
+
+def test_fashion_mnist_is_what_the_pipeline_ran_on(pipeline):
+    if pipeline.dataset != "fashion-mnist":
+        pytest.skip(f"Fashion-MNIST IDX files not in {h.FASHION_MNIST} (Debian package dataset-fashion-mnist); "
+                    "the pipeline tests ran on a generated image folder instead")
+    manifest = json.loads((pipeline.root / "data/prepared/manifest.json").read_text())
+    assert manifest["dataset"] == "fashion-mnist"
+    assert len(manifest["class_names"]) == 10
+    assert manifest["splits"]["train"] + manifest["splits"]["val"] == 600
+    assert manifest["splits"]["test"] == 200
+
+
+def test_repro_writes_every_output(pipeline):
+    root = pipeline.root
+    assert h.ran_stages(pipeline.repro.stdout) == set(h.STAGES), pipeline.repro.stdout[-3000:]
+    manifest = json.loads((root / "data/prepared/manifest.json").read_text())
+    assert sum(manifest["splits"].values()) > 0
+    assert (root / "outputs/pretrain/network/network.safetensors").stat().st_size > 0
+    for png in ("outputs/pretrain/loss.png", "outputs/pretrain/samples.png",
+                "plots/probe/heatmap_pool1.png", "plots/probe/heatmap_pool2.png"):
+        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+    probe = json.loads((root / "metrics/probe.json").read_text())
+    chance = 1.0 / len(manifest["class_names"])
+    assert 0.0 <= probe["test_acc"] <= 1.0
+    assert probe["test_acc"] > chance + 0.1, f"probe no better than chance: {probe}"
+
+    table = (root / "plots/probe/table.csv").read_text().strip().splitlines()
+    assert table[0].split(",")[:3] == ["candidate", "taps", "level"]
+    assert len(table) - 1 == probe["candidates"] == 6  # 2 taps + 1 concat, x 2 pools
+
+    register = json.loads((root / "metrics/register.json").read_text())
+    assert register["model"] == "ddae-classifier"
+    assert register["promoted"] is True and register["version"] == 1
+
+
+def test_features_are_partitioned_parquet_with_checkpoint_hash(pipeline):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ddae_core.checkpoint import network_hash
+
+    root = pipeline.root
+    features = root / "outputs/features"
+    manifest = json.loads((root / "data/prepared/manifest.json").read_text())
+    expected_hash = network_hash(root / "outputs/pretrain/network")
+    keys = [(tap, pool) for tap in ("mid.res1", "dec.16x16.res0") for pool in (1, 2)]
+    total = 0
+    for tap, pool in keys:
+        directory = features / f"tap={tap}" / "level=11" / f"pool={pool}"
+        assert directory.is_dir(), sorted(str(p.relative_to(features)) for p in features.rglob("*"))
+        for split, count in manifest["splits"].items():
+            path = directory / f"{split}-copy0.parquet"
+            schema = pq.read_schema(path)
+            assert schema.names == ["sample_id", "split", "label", "tap", "level", "pool", "copy", "feature"]
+            feature = schema.field("feature").type
+            assert pa.types.is_fixed_size_list(feature) and feature.value_type == pa.float32(), feature
+            meta = json.loads(schema.metadata[b"ddae"])
+            assert meta["network_hash"] == expected_hash
+            assert meta["data_checksum"] == manifest["checksum"]
+            table = pq.read_table(path)
+            assert table.num_rows == count
+            assert set(table.column("tap").to_pylist()) == {tap}
+            assert set(table.column("pool").to_pylist()) == {pool}
+            assert set(table.column("split").to_pylist()) == {split}
+            ids = np.load(root / "data/prepared" / split / "sample_ids.npy")
+            assert np.array_equal(table.column("sample_id").to_numpy(), ids)
+            total += table.num_rows
+    parts = list(features.rglob("*.parquet"))
+    assert len(parts) == len(keys) * 3
+    assert total == sum(manifest["splits"].values()) * len(keys)  # images x keys
+
+
+def test_second_repro_reruns_nothing(pipeline):
+    root = pipeline.root
+    watched = ("dvc.lock", "data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
+    before = h.tree_snapshot(root, *watched)
+    result = h.dvc(root, "repro")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert h.skipped_stages(result.stdout) == set(h.STAGES), result.stdout
+    assert h.ran_stages(result.stdout) == set()
+    assert h.tree_snapshot(root, *watched) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Prefect: a real server, the process work pool, `prefect deploy`, a worker, a deployment run
+
+
+@pytest.fixture(scope="module")
+def prefect_server(pipeline, tmp_path_factory):
+    """A Prefect server on a free loopback port, its own PREFECT_HOME; killed by process group."""
+    logs = tmp_path_factory.mktemp("prefect-logs")
+    port = h.free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = h.project_env(pipeline.root, PREFECT_API_URL=url)
+    server = h.Service([h.tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                       cwd=pipeline.root, env=env, log=logs / "server.log")
+    try:
+        h.wait_healthy(url, server)
+        yield url, env, logs
+    finally:
+        server.stop()
+
+
+def test_prefect_deployment_run_recomputes_nothing(pipeline, prefect_server, tmp_path_factory):
+    url, env, logs = prefect_server
+    root = pipeline.root
+    prefect = h.tool("prefect")
+    created = h.run([prefect, "--no-prompt", "work-pool", "create", "ddae-process", "--type", "process"],
+                    root, env=env, timeout=120)
+    assert created.returncode == 0, created.stdout[-3000:]
+
+    # Deployed by a program whose $PWD is elsewhere (as from CI, or subprocess cwd=): the flow runs
+    # must still start in this repository, i.e. the working directory of `prefect deploy`.
+    elsewhere = tmp_path_factory.mktemp("not-the-repo")
+    deployed = h.run([prefect, "--no-prompt", "deploy", "--all"], root, env={**env, "PWD": str(elsewhere)},
+                     timeout=180)
+    assert deployed.returncode == 0, deployed.stdout[-3000:]
+    deployments = {d["name"]: d for d in h.api(url, "/deployments/filter", {})}
+    assert set(deployments) >= {"default", "weekly-retrain"}
+    for deployment in deployments.values():
+        assert deployment["entrypoint"] == "flows/pipeline.py:ddae_pipeline"
+        assert deployment["work_pool_name"] == "ddae-process"
+        [step] = deployment["pull_steps"]
+        directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
+        assert Path(directory).resolve() == root.resolve(), deployment["pull_steps"]
+    schedules = deployments["weekly-retrain"]["schedules"]
+    assert [s["schedule"].get("cron") for s in schedules] == ["0 3 * * 1"]
+    assert schedules[0]["schedule"]["timezone"] == "UTC" and schedules[0]["active"]
+    assert deployments["default"]["schedules"] == []
+
+    watched = ("dvc.lock", "data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
+    before = h.tree_snapshot(root, *watched)
+    worker_dir = tmp_path_factory.mktemp("worker-cwd")
+    worker_env = {**env, "PWD": str(worker_dir), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    worker = h.Service([prefect, "worker", "start", "--pool", "ddae-process"], cwd=worker_dir,
+                       env=worker_env, log=logs / "worker.log")
+    try:
+        ran = h.run([prefect, "deployment", "run", "ddae-pipeline/default", "--watch", "--watch-timeout", "240"],
+                    root, env=env, timeout=300)
+    finally:
+        worker.stop()
+    assert ran.returncode == 0, f"{ran.stdout[-4000:]}\n--- worker log ---\n{worker.log()[-6000:]}"
+    match = re.search(r"UUID: ([0-9a-f-]{36})", ran.stdout)
+    assert match, ran.stdout
+    flow_run = h.api(url, f"/flow_runs/{match.group(1)}")
+    assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
+    assert flow_run["deployment_id"] == deployments["default"]["id"]
+
+    # The flow's summary artifact lists each stage and whether DVC skipped it.
+    artifacts = h.api(url, "/artifacts/filter", {"artifacts": {
+        "key": {"any_": ["ddae-results"]}, "flow_run_id": {"any_": [flow_run["id"]]}}})
+    assert len(artifacts) == 1, artifacts
+    rows = dict(re.findall(r"^\| (\w+) \| (True|False) \|", artifacts[0]["data"], flags=re.M))
+    assert rows == {stage: "True" for stage in h.STAGES}, artifacts[0]["data"]
+    assert h.tree_snapshot(root, *watched) == before, "the deployment run rewrote pipeline outputs"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The registry: champion loads and predicts from PNG files; the gate moves it only on gains
+
+
+def _write_test_pngs(root: Path, directory: Path, n: int) -> tuple[list[Path], np.ndarray]:
+    from ddae_core.data import load_prepared
+
+    _manifest, splits = load_prepared(root / "data/prepared")
+    test = splits["test"]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = directory / f"test-{i:03d}.png"
+        path.write_bytes(h.png_bytes(np.asarray(test.images[i])))
+        paths.append(path)
+    return paths, np.asarray(test.labels[:n])
+
+
+def _replace_file(path: Path, payload: bytes) -> None:
+    """New inode (DVC may have linked the old one to its cache): write aside, then rename."""
+    tmp = path.with_name(path.name + ".e2e-tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+def test_registry_champion_predicts_and_gate(pipeline, tmp_path, monkeypatch):
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+    from safetensors.numpy import load_file, save_file
+
+    from ddae_core.classifier import Classifier
+    from tasks.common import Paths, load_params
+    import tasks.register as register
+
+    root = pipeline.root
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("DDAE_PIPELINE_RUN_ID", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # loading a model prepends its code path
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = "ddae-classifier"
+    decision = json.loads((root / "metrics/register.json").read_text())
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert decision["promoted"] and int(champion.version) == decision["version"]  # built from outputs/
+
+    files, labels = _write_test_pngs(root, tmp_path / "pngs", 12)
+    frame = pd.DataFrame({"image": [p.read_bytes() for p in files]})
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    predicted = model.predict(frame)
+    assert list(predicted.columns)[:4] == ["class_name", "class_id", "confidence", "probabilities"]
+    assert len(predicted) == len(files)
+    probs = np.array(predicted["probabilities"].tolist())
+    manifest = json.loads((root / "data/prepared/manifest.json").read_text())
+    assert probs.shape == (len(files), len(manifest["class_names"]))
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (predicted["class_id"].to_numpy() == probs.argmax(axis=1)).all()
+    assert list(predicted["class_name"]) == [manifest["class_names"][i] for i in predicted["class_id"]]
+
+    local = Classifier.load(root / "outputs/pretrain/network", root / "outputs/probe", manifest["preprocess"])
+    local_probs = local.predict_proba([p.read_bytes() for p in files])
+    assert np.allclose(probs, local_probs, atol=1e-5)
+    assert np.array_equal(predicted["class_id"].to_numpy(), local_probs.argmax(axis=1))
+
+    # A worse model (the probe zeroed: uniform probabilities) is registered but does not take over.
+    paths = Paths(root)
+    config = load_params(paths.params)
+    probe_file = root / "outputs/probe/probe.safetensors"
+    good_probe = probe_file.read_bytes()
+    good_register = (root / "metrics/register.json").read_bytes()
+    state = load_file(str(probe_file))
+    zeroed = {k: (np.zeros_like(v) if k in ("weight", "bias") else v) for k, v in state.items()}
+    try:
+        save_file(zeroed, str(tmp_path / "zeroed.safetensors"))
+        _replace_file(probe_file, (tmp_path / "zeroed.safetensors").read_bytes())
+        worse = register.run(config, paths)
+        assert worse["promoted"] is False, worse
+        assert worse["test_acc"] < worse["champion_test_acc"], worse
+        assert worse["champion_version"] == int(champion.version)
+        assert int(client.get_model_version_by_alias(name, "champion").version) == int(champion.version)
+        assert int(client.get_model_version_by_alias(name, "challenger").version) == worse["version"]
+        assert json.loads((root / "metrics/register.json").read_text())["promoted"] is False
+
+        # With that worse model as champion, the good probe registered again must take over.
+        client.set_registered_model_alias(name, "champion", str(worse["version"]))
+        _replace_file(probe_file, good_probe)
+        better = register.run(config, paths)
+        assert better["promoted"] is True, better
+        assert better["champion_version"] == worse["version"]
+        assert better["test_acc"] > better["champion_test_acc"]
+        assert int(client.get_model_version_by_alias(name, "champion").version) == better["version"]
+    finally:
+        _replace_file(probe_file, good_probe)
+        _replace_file(root / "metrics/register.json", good_register)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 (continued). A params change reruns only the stages that read it
+
+
+def test_probe_params_change_reruns_only_probe_and_register(pipeline):
+    root = pipeline.root
+    upstream = ("data", "outputs/pretrain", "outputs/features")
+    before = h.tree_snapshot(root, *upstream)
+    # An L2 the first run did not try: the probe (so register's input) must change.
+    h.set_params(root, {"probe.l2_grid": [0.05]})
+    result = h.dvc(root, "repro")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert h.ran_stages(result.stdout) == {"probe", "register"}, result.stdout[-3000:]
+    assert h.skipped_stages(result.stdout) == {"prepare", "pretrain", "extract"}
+    assert h.tree_snapshot(root, *upstream) == before
+    assert json.loads((root / "metrics/probe.json").read_text())["best"]["l2"] == 0.05
+    status = h.dvc(root, "status")
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Invalid params fail before any work, naming the key
+
+
+INVALID = {
+    "unknown-key": ({"data.colour": "red"}, "data.colour"),
+    "wrong-type": ({"pretrain.train.steps": "abc"}, "pretrain.train.steps"),
+    "negative-count": ({"pretrain.samples.count": -4}, "pretrain.samples.count"),
+    "unknown-tap": ({"extract.taps": ["mid.res1", "dec.99x99.res7"]}, "extract.taps[1]"),
+    "unknown-network": ({"pretrain.network.name": "ddpm-huge"}, "pretrain.network.name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_params_fail_before_any_work(case, tmp_path):
+    change, key = INVALID[case]
+    root = h.copy_project(tmp_path / "project", {**h.TINY_PARAMS, **change})
+    stage = h.stage_python(root, "prepare", timeout=120)
+    assert stage.returncode == 2, stage.stdout[-3000:]
+    assert key in stage.stdout, stage.stdout[-3000:]
+    repro = h.dvc(root, "repro", timeout=120)
+    assert repro.returncode != 0, repro.stdout[-3000:]
+    assert key in repro.stdout and "exited with 2" in repro.stdout, repro.stdout[-3000:]
+    for made in ("data", "outputs", "metrics", "plots", "mlflow.db", "mlartifacts", "dvc.lock"):
+        assert not (root / made).exists(), f"{made} appeared after a params error"
+
+
+def test_ddae_run_rejects_bad_override_and_keeps_params(tmp_path):
+    root = h.copy_project(tmp_path / "project", h.TINY_PARAMS)
+    original = (root / "params.yaml").read_bytes()
+    result = h.run([h.tool("ddae"), "run", "--set", "pretrain.train.steps=-1"], root, timeout=180)
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert "pretrain.train.steps" in result.stdout, result.stdout[-3000:]
+    assert (root / "params.yaml").read_bytes() == original
+    for made in ("data", "outputs", "metrics", "dvc.lock"):
+        assert not (root / made).exists(), f"{made} appeared after a params error"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Image folders and archives through the prepare stage; corrupt files fail or are skipped
+
+
+@pytest.mark.parametrize("form", ["folder", "zip"])
+def test_imagefolder_corrupt_file_fails_prepare(form, image_tree, tmp_path):
+    source = image_tree["broken"] if form == "folder" else image_tree["broken_zip"]
+    root = h.copy_project(tmp_path / "project", imagefolder_params(source, **{"data.on_corrupt": "fail"}))
+    result = h.stage_python(root, "prepare", timeout=120)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "disc/broken.png" in result.stdout, result.stdout[-3000:]
+    assert not (root / "data/prepared").exists()
+    leftovers = [p.name for p in (root / "data").iterdir()] if (root / "data").exists() else []
+    assert leftovers == [], f"half-written prepare output left behind: {leftovers}"
+
+
+def test_imagefolder_zip_pipeline_skips_corrupt_file(image_tree, tmp_path):
+    """The whole pipeline on a generated archive (no Fashion-MNIST needed), one corrupt file skipped."""
+    root = h.copy_project(tmp_path / "project", imagefolder_params(image_tree["broken_zip"],
+                                                                   **{"data.on_corrupt": "skip"}))
+    result = h.dvc(root, "repro", timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert h.ran_stages(result.stdout) == set(h.STAGES)
+    manifest = json.loads((root / "data/prepared/manifest.json").read_text())
+    assert manifest["dataset"] == "imagefolder"
+    assert manifest["class_names"] == list(h.CLASSES)
+    assert [entry["path"] for entry in manifest["skipped"]] == ["disc/broken.png"]
+    assert manifest["skipped"][0]["error"]
+    assert sum(manifest["splits"].values()) == 3 * 40
+    assert manifest["shape"] == [32, 32, 3]
+    probe = json.loads((root / "metrics/probe.json").read_text())
+    assert probe["test_acc"] > 0.6, probe  # three distinct patterns; chance is 1/3
+    assert json.loads((root / "metrics/register.json").read_text())["promoted"] is True
