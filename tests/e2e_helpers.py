@@ -56,7 +56,12 @@ TINY_PARAMS: dict[str, Any] = {
 
 
 def fashion_mnist_available() -> bool:
-    """The Debian package dataset-fashion-mnist is installed (plain or gzipped IDX files)."""
+    """The Debian package dataset-fashion-mnist is installed (plain or gzipped IDX files).
+
+    ``DDAE_E2E_NO_FASHION_MNIST=1`` pretends it is not, to exercise the image-folder fallback.
+    """
+    if os.environ.get("DDAE_E2E_NO_FASHION_MNIST"):
+        return False
     return all((FASHION_MNIST / name).is_file() or (FASHION_MNIST / f"{name}.gz").is_file()
                for name in FASHION_MNIST_FILES)
 
