@@ -190,7 +190,8 @@ def online_probe(
     live on ``device``; the probe itself trains on the CPU.
     """
     if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
-        raise ValueError(f"epochs, batch_size, eval_batch_size must be >= 1, got {epochs}, {batch_size}, {eval_batch_size}")
+        raise ValueError(f"epochs, batch_size and eval_batch_size must be >= 1, "
+                         f"got {epochs}, {batch_size}, {eval_batch_size}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if not taps:
