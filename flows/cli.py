@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence, TextIO
 
 import yaml
@@ -37,14 +38,24 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
 
 def _run_run(args: argparse.Namespace, out: TextIO) -> int:
     """Run the whole pipeline as a Prefect flow (a temporary local server starts if none is set)."""
-    from tasks.common import apply_offline_env
+    from tasks.common import apply_offline_env, repo_root
+    from tasks.params_overrides import overridden_params
 
     apply_offline_env()
+    try:  # fail fast, before Prefect starts a server
+        overrides = parse_overrides(args.overrides)
+        if args.dataset:
+            overrides["data.dataset"] = args.dataset
+        root = Path(args.repo).resolve() if args.repo else repo_root()
+        overridden_params(root / "params.yaml", overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        out.write(f"error: {err}\n")
+        return 2
     from flows.pipeline import ddae_pipeline
     from tasks.dvc_stage import StageFailed
 
     try:
-        summary = ddae_pipeline(dataset=args.dataset, overrides=parse_overrides(args.overrides), repo=args.repo)
+        summary = ddae_pipeline(overrides=overrides, repo=str(root))
     except ConfigError as err:
         out.write(f"error: {err}\n")
         return 2

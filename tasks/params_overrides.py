@@ -26,11 +26,11 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def apply_overrides(params_path: Path, overrides: dict[str, Any]) -> PipelineConfig:
-    """Validate the overridden params and only then rewrite params.yaml (atomically).
+def overridden_params(params_path: Path, overrides: dict[str, Any]) -> tuple[dict, PipelineConfig]:
+    """params.yaml with the overrides applied, validated; the file itself is not touched.
 
     Raises:
-        ConfigError naming the offending key; the file is left untouched.
+        ConfigError naming the offending key.
     """
     data = read_params_file(params_path)
     for key, value in overrides.items():
@@ -38,6 +38,12 @@ def apply_overrides(params_path: Path, overrides: dict[str, Any]) -> PipelineCon
     source = f"{params_path.name} (with overrides)"
     config = PipelineConfig.from_dict(data, source=source)
     validate_pipeline(config, source=source)
+    return data, config
+
+
+def apply_overrides(params_path: Path, overrides: dict[str, Any]) -> PipelineConfig:
+    """Validate the overridden params and only then rewrite params.yaml (atomically)."""
+    data, config = overridden_params(params_path, overrides)
     if overrides:
         write_bytes_atomic(params_path, yaml.safe_dump(data, sort_keys=False).encode())
     return config

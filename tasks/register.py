@@ -65,7 +65,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         "ddae.kind": "probe",
         "ddae.data_checksum": manifest["checksum"],
         "ddae.network_hash": network_hash(paths.network),
-        "ddae.test_acc": f"{selection['test_acc']:.6f}",
+        "ddae.probe_test_acc": f"{selection['test_acc']:.6f}",  # on cached features (probe stage)
         "ddae.readout": f"{'+'.join(selection['taps'])}@{selection['level']:g}/p{selection['pool']}",
         "ddae.git_commit": git_commit(paths.root),
     }

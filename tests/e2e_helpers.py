@@ -38,6 +38,7 @@ STAGES = ("prepare", "pretrain", "extract", "probe", "register")
 
 # The tiny profile: every stage runs for real, in well under a minute on two cores.
 TINY_PARAMS: dict[str, Any] = {
+    "data.image_size": 32,
     "data.max_train": 600,
     "data.max_test": 200,
     "pretrain.network.name": "ddpm-tiny",

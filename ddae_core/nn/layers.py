@@ -71,7 +71,8 @@ class SelfAttention(nn.Module):
         # x: (N, C, H, W) -> (N, C, H, W)
         n, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # each (N, heads, H*W, C/heads)
+        # contiguous q, k, v let scaled_dot_product_attention take its fused CPU kernel
+        q, k, v = (qkv[:, i].transpose(-1, -2).contiguous() for i in range(3))  # (N, heads, H*W, C/heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, H*W, C/heads)
         out = out.transpose(-1, -2).reshape(n, c, h, w)
         return x + self.proj(out)

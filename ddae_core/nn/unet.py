@@ -286,6 +286,17 @@ def ddpm_small(*, in_channels: int = 1, resolution: int = 32) -> UNetConfig:
     )
 
 
+def ddpm_cpu(*, in_channels: int = 1, resolution: int = 28) -> UNetConfig:
+    """The CPU profile's ~1.1M-parameter UNet: ddpm-small with one res block per level and no dropout.
+
+    About 2x the training images/s of ddpm-small on two cores, which buys more images seen in a
+    fixed wall-time budget; dropout only slows a run that sees each image about twice.
+    """
+    return dataclasses.replace(
+        ddpm_small(in_channels=in_channels, resolution=resolution), num_res_blocks=1, dropout=0.0
+    )
+
+
 def ddpm_tiny(*, in_channels: int = 1, resolution: int = 32) -> UNetConfig:
     """A very small attention-free UNet for tests and smoke runs."""
     return UNetConfig(
@@ -305,6 +316,7 @@ NETWORKS: dict[str, Callable[..., UNetConfig]] = {
     "ddpm-35m": ddpm_35m,
     "ddpmpp-56m": ddpmpp_56m,
     "ddpm-small": ddpm_small,
+    "ddpm-cpu": ddpm_cpu,
     "ddpm-tiny": ddpm_tiny,
 }
 
