@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence, TextIO
@@ -53,6 +54,8 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
         return 2
     from flows.pipeline import ddae_pipeline
     from tasks.dvc_stage import StageFailed
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
 
     try:
         summary = ddae_pipeline(overrides=overrides, repo=str(root))

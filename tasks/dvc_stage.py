@@ -37,6 +37,23 @@ class StageResult:
     seconds: float
 
 
+class ProgressThrottle:
+    """Pass every log line, but a progress-bar redraw only every ``interval`` s (and at 100%)."""
+
+    def __init__(self, interval: float = 15.0):
+        self.interval = interval
+        self.last = -float("inf")
+
+    def keep(self, line: str) -> bool:
+        if "%|" not in line:
+            return bool(line)
+        now = time.monotonic()
+        if "100%|" in line or now - self.last >= self.interval:
+            self.last = now
+            return True
+        return False
+
+
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment stages run in: this interpreter's bin first on PATH, telemetry off."""
     env = dict(os.environ)
@@ -57,12 +74,14 @@ def reproduce(stage: str, root: Path, *, env: dict[str, str] | None = None,
     process = subprocess.Popen(command, cwd=root, env=stage_env(env), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1)
     skipped = transient = False
+    progress = ProgressThrottle()
     assert process.stdout is not None
-    for line in process.stdout:
+    for line in process.stdout:  # universal newlines: each tqdm redraw (\r) arrives as a line
         line = line.rstrip()
         skipped = skipped or "didn't change, skipping" in line
         transient = transient or TRANSIENT_MARKER in line
-        log_line(line)
+        if progress.keep(line):
+            log_line(line)
     returncode = process.wait()
     if returncode != 0:
         raise StageFailed(stage, returncode, transient)
