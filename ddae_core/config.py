@@ -251,6 +251,8 @@ class ProbeConfig:
 
     l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)  # L2 strengths tried; chosen on validation
     max_iter: int = 200  # L-BFGS iterations per fit
+    screen_train: int = 0  # >0: rank all candidates on this many train images first (two-phase search)
+    finalists: int = 2  # candidates refitted on the full train split after screening
     concat: tuple[tuple[str, ...], ...] = ()  # tap groups whose features are concatenated
     raw_pixels: bool = True  # also probe raw pixels through the same code (the floor)
     online: bool = False  # also run the paper's online protocol on the chosen readout (slow)
@@ -266,6 +268,8 @@ class ProbeConfig:
         for i, l2 in enumerate(self.l2_grid):
             _require(l2 >= 0, f"l2_grid[{i}]", f"must be >= 0, got {l2}")
         _require(self.max_iter >= 1, "max_iter", f"must be >= 1, got {self.max_iter}")
+        _require(self.screen_train >= 0, "screen_train", f"must be >= 0, got {self.screen_train}")
+        _require(self.finalists >= 1, "finalists", f"must be >= 1, got {self.finalists}")
 
 
 @dataclass(frozen=True)

@@ -270,3 +270,60 @@ def select_probe(
                 bar.update(1)
     assert best is not None
     return best[1], best[2], best[3], table
+
+
+def balanced_indices(labels: ArrayLike, size: int, seed: int = 0) -> np.ndarray:
+    """A seeded, class-balanced subset of ``size`` row indices (sorted), or all rows if fewer."""
+    labels = np.asarray(labels)
+    if size >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    quota = size // len(classes)
+    chosen = [idx[:quota] for idx in per_class]
+    leftovers = np.concatenate([idx[quota:] for idx in per_class])
+    extra = rng.permutation(leftovers)[: size - sum(len(c) for c in chosen)]
+    return np.sort(np.concatenate(chosen + [extra]))
+
+
+def screen_and_select(
+    candidates: Mapping[Hashable, tuple[ArrayLike, ArrayLike]],
+    y_train: ArrayLike,
+    y_val: ArrayLike,
+    *,
+    num_classes: int,
+    l2_grid: Sequence[float],
+    max_iter: int = 200,
+    screen_size: int = 0,
+    finalists: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Hashable, float, LinearProbe, list[dict[str, Any]]]:
+    """Two-phase selection: every candidate on a ``screen_size`` train subset, the best few on all.
+
+    Phase 1 ranks all (candidate, L2) fits by validation accuracy using a class-balanced subset of
+    train; phase 2 refits the ``finalists`` best candidates on the full train split and selects among
+    them on validation. ``screen_size`` 0 (or >= the train size) is plain ``select_probe``. Rows carry
+    ``phase`` ("screen" or "full"). Selection never looks at test.
+    """
+    y_train = np.asarray(y_train)
+    if screen_size <= 0 or screen_size >= len(y_train) or len(candidates) <= finalists:
+        key, l2, probe, table = select_probe(candidates, y_train, y_val, num_classes=num_classes,
+                                             l2_grid=l2_grid, max_iter=max_iter, progress=progress)
+        return key, l2, probe, [{**row, "phase": "full"} for row in table]
+    subset = balanced_indices(y_train, screen_size, seed)
+    screened = {key: (np.asarray(x_train)[subset], x_val) for key, (x_train, x_val) in candidates.items()}
+    _key, _l2, _probe, screen_table = select_probe(screened, y_train[subset], y_val, num_classes=num_classes,
+                                                   l2_grid=l2_grid, max_iter=max_iter, progress=progress)
+    best_val: dict[Hashable, float] = {}
+    for row in screen_table:  # first-listed candidate wins ties, as in select_probe
+        best_val[row["key"]] = max(best_val.get(row["key"], -1.0), row["val_acc"])
+    order = list(candidates)
+    ranked = sorted(order, key=lambda k: (-best_val[k], order.index(k)))[:finalists]
+    logger.info("probe screening on %d images kept %s", len(subset), ranked)
+    key, l2, probe, full_table = select_probe({k: candidates[k] for k in ranked}, y_train, y_val,
+                                              num_classes=num_classes, l2_grid=l2_grid, max_iter=max_iter,
+                                              progress=progress)
+    rows = [{**row, "phase": "screen"} for row in screen_table] + [{**row, "phase": "full"} for row in full_table]
+    return key, l2, probe, rows

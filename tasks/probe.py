@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
-from ddae_core.probe import select_probe
+from ddae_core.probe import screen_and_select, select_probe
 from tasks.common import Paths, StageError, atomic_directory, stage_main, write_bytes_atomic, write_json_atomic
 from tasks.feature_store import FeatureKey, read_split
 from tasks.plots import save_heatmap
@@ -117,15 +117,16 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     checkpoint = network_hash(paths.network)
     candidates, labels = load_candidates(paths, config, index, checkpoint)
     num_classes = len(index["class_names"])
-    best_name, best_l2, best_probe, table = select_probe(
+    best_name, best_l2, best_probe, table = screen_and_select(
         {name: (c[3]["train"], c[3]["val"]) for name, c in candidates.items()},
         labels["train"], labels["val"], num_classes=num_classes, l2_grid=config.probe.l2_grid,
-        max_iter=config.probe.max_iter, progress=True,
+        max_iter=config.probe.max_iter, screen_size=config.probe.screen_train,
+        finalists=config.probe.finalists, seed=index["seed"], progress=True,
     )
     taps, level, pool, feats = candidates[best_name]
     test_acc = float(best_probe.accuracy(feats["test"], labels["test"]))
     per_candidate = best_rows(table)
-    chosen = next(r for r in table if r["key"] == best_name and r["l2"] == best_l2)
+    chosen = next(r for r in table if r["key"] == best_name and r["l2"] == best_l2 and r["phase"] == "full")
     metrics = {
         "test_acc": test_acc,
         "val_acc": chosen["val_acc"],
@@ -151,7 +152,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             "data_checksum": index["data_checksum"],
         })
     with atomic_directory(paths.plots / "probe") as plots:
-        write_table(plots / "table.csv", per_candidate, candidates)
+        write_table(plots / "table.csv", per_candidate, finalist_rows(table), candidates)
         heatmaps = [p.name for p in write_heatmaps(plots, per_candidate, candidates)]
     write_json_atomic(paths.metrics / "probe.json", metrics)
 
@@ -168,24 +169,33 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
 
 
 def best_rows(table: list[dict]) -> dict[str, dict]:
-    """For each candidate, its row at the L2 that did best on validation (first row wins ties)."""
+    """For each candidate, its best-on-validation row of the first phase it ran in (screening when
+    there was one, so every candidate is compared on the same footing); first row wins ties."""
+    first_phase = table[0]["phase"]
     best: dict[str, dict] = {}
     for row in table:
         name = row["key"]
-        if name not in best or row["val_acc"] > best[name]["val_acc"]:
+        if row["phase"] == first_phase and (name not in best or row["val_acc"] > best[name]["val_acc"]):
             best[name] = row
     return best
 
 
-def write_table(path: Path, rows: dict[str, dict], candidates: dict) -> None:
-    """One CSV row per candidate (for ``dvc plots`` and people)."""
+def finalist_rows(table: list[dict]) -> dict[str, dict]:
+    """For each candidate refitted on the full train split, its best-on-validation row."""
+    return best_rows([row for row in table if row["phase"] == "full"]) if table[0]["phase"] == "screen" else {}
+
+
+def write_table(path: Path, rows: dict[str, dict], finalists: dict[str, dict], candidates: dict) -> None:
+    """One CSV row per candidate (for ``dvc plots`` and people); ``full_val_acc`` for finalists."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["candidate", "taps", "level", "pool", "l2", "train_acc", "val_acc"])
+    writer.writerow(["candidate", "taps", "level", "pool", "phase", "l2", "train_acc", "val_acc", "full_val_acc"])
     for name, row in rows.items():
         taps, level, pool, _ = candidates[name]
-        writer.writerow([name, "+".join(taps), f"{level:g}", pool, row["l2"],
-                         f"{row['train_acc']:.4f}", f"{row['val_acc']:.4f}"])
+        full = finalists.get(name)
+        writer.writerow([name, "+".join(taps), f"{level:g}", pool, row["phase"], row["l2"],
+                         f"{row['train_acc']:.4f}", f"{row['val_acc']:.4f}",
+                         f"{full['val_acc']:.4f}" if full else ""])
     write_bytes_atomic(path, buffer.getvalue().encode())
 
 

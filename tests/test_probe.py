@@ -125,3 +125,34 @@ def test_warm_start_reaches_the_same_solution() -> None:
     warm_from = fit_logistic(x, y, num_classes=3, l2=1.0, max_iter=200)
     warm = fit_logistic(x, y, num_classes=3, l2=1e-1, max_iter=200, init=warm_from)
     np.testing.assert_allclose(warm.weight, cold.weight, rtol=1e-3, atol=1e-3)
+
+
+
+def test_balanced_indices_are_balanced_seeded_and_sorted():
+    from ddae_core.probe import balanced_indices
+
+    labels = np.repeat(np.arange(4), [50, 30, 40, 80])
+    idx = balanced_indices(labels, 40, seed=1)
+    assert len(idx) == 40 and np.all(np.diff(idx) > 0)
+    assert np.bincount(labels[idx], minlength=4).tolist() == [10, 10, 10, 10]
+    assert np.array_equal(idx, balanced_indices(labels, 40, seed=1))
+    assert not np.array_equal(idx, balanced_indices(labels, 40, seed=2))
+
+
+def test_screening_keeps_the_informative_candidate_and_refits_it_on_all_data():
+    from ddae_core.probe import screen_and_select
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 6)) * 3
+    y, y_val = np.repeat(np.arange(3), 200), np.repeat(np.arange(3), 60)
+    good = (centres[y] + rng.normal(size=(len(y), 6))).astype(np.float32)
+    good_val = (centres[y_val] + rng.normal(size=(len(y_val), 6))).astype(np.float32)
+    noise = rng.normal(size=(len(y), 6)).astype(np.float32)
+    noise_val = rng.normal(size=(len(y_val), 6)).astype(np.float32)
+    candidates = {"noise_a": (noise, noise_val), "good": (good, good_val), "noise_b": (noise * 2, noise_val * 2)}
+    key, _l2, probe, rows = screen_and_select(candidates, y, y_val, num_classes=3, l2_grid=[1e-3, 1e-2],
+                                              max_iter=50, screen_size=60, finalists=1, progress=False)
+    assert key == "good"
+    assert {r["key"] for r in rows if r["phase"] == "full"} == {"good"}
+    assert {r["key"] for r in rows if r["phase"] == "screen"} == set(candidates)
+    assert probe.accuracy(good_val, y_val) > 0.9
