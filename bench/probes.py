@@ -271,3 +271,23 @@ def accuracy_table(setup: Setup) -> list[dict[str, Any]]:
 
 def tiny_workdir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="ddae-bench-")
+
+
+def subset_setup(setup: Setup, sizes: dict[str, int], seed: int = 0) -> Setup:
+    """The same setup on class-balanced, seeded subsets of each split (every row then sees the same images).
+
+    A size of 0 keeps the whole split. Used to keep the full benchmark within minutes on two cores;
+    the sizes are recorded in the setup's notes and the JSON.
+    """
+    import dataclasses
+
+    from ddae_core.probe import balanced_indices
+
+    splits = {}
+    for name, split in setup.splits.items():
+        size = sizes.get(name, 0)
+        labels = np.asarray(split.labels)
+        idx = balanced_indices(labels, size, seed) if size else np.arange(len(labels))
+        splits[name] = ImageSet(np.asarray(split.images[idx]), labels[idx], np.asarray(split.sample_ids)[idx])
+    notes = [*setup.notes, f"class-balanced subsets: { {k: len(v.labels) for k, v in splits.items()} }"]
+    return dataclasses.replace(setup, splits=splits, notes=notes)

@@ -7,6 +7,7 @@ directory, and every subprocess gets an environment that keeps MLflow, Prefect a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -266,23 +267,15 @@ class Service:
         """SIGTERM then SIGKILL to the whole process group (workers may ignore SIGTERM)."""
         pgid = self.process.pid  # start_new_session: the group id is the leader's pid
         if self.process.poll() is None:
-            try:
-                os.killpg(pgid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(pgid, signal.SIGKILL)  # whatever the group still holds (flow-run children)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
+            self._signal_and_wait(pgid, signal.SIGTERM, grace)
+        self._signal_and_wait(pgid, signal.SIGKILL, grace)  # whatever the group still holds (flow-run children)
         self._log.close()
+
+    def _signal_and_wait(self, pgid: int, sig: signal.Signals, grace: float) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=grace)
 
 
 def wait_healthy(url: str, service: Service, timeout: float = 90.0) -> None:
