@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddae_core.checkpoint import load_network, network_hash
+from ddae_core.checkpoint import load_network, network_hash, read_network_config
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.diffusion import feature_levels, level_kind
@@ -39,7 +39,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     keys = [FeatureKey(tap, float(level), pool) for tap in taps for level in levels for pool in cfg.pools]
     metadata = {
         "network_hash": checkpoint,
-        "network_config": denoiser_config(paths),
+        "network_config": read_network_config(paths.network),
         "data_checksum": manifest["checksum"],
         "level_kind": level_kind(config.pretrain.diffusion.framework),
         "seed": cfg.seed,
@@ -79,12 +79,6 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
                            "pools": ",".join(map(str, cfg.pools)), "augment_copies": cfg.augment_copies})
         mlflow.log_metric("rows", rows)
     return summary
-
-
-def denoiser_config(paths: Paths) -> dict:
-    import json
-
-    return json.loads((paths.network / "network.json").read_text())
 
 
 if __name__ == "__main__":

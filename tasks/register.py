@@ -33,13 +33,10 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def test_inputs(paths: Paths, limit: int | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+def test_inputs(test) -> tuple[pd.DataFrame, np.ndarray]:
     """The prepared test split as PNG bytes (what the deployed model receives) and labels."""
-    _manifest, splits = load_prepared(paths.prepared)
-    test = splits["test"]
-    n = len(test) if limit is None else min(limit, len(test))
-    frame = pd.DataFrame({"image": [encode_png(np.asarray(test.images[i])) for i in range(n)]})
-    return frame, np.asarray(test.labels[:n])
+    frame = pd.DataFrame({"image": [encode_png(np.asarray(image)) for image in test.images]})
+    return frame, np.asarray(test.labels)
 
 
 def score(model, frame: pd.DataFrame, labels: np.ndarray) -> float:
@@ -58,7 +55,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     for required in (paths.network / "network.json", paths.probe / "selection.json"):
         if not required.is_file():
             raise StageError(f"{required} not found: run the pretrain and probe stages first")
-    manifest, _ = load_prepared(paths.prepared)
+    manifest, splits = load_prepared(paths.prepared)
     selection = json.loads((paths.probe / "selection.json").read_text())
     name = config.register.model_name
     tags = {
@@ -69,7 +66,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         "ddae.readout": f"{'+'.join(selection['taps'])}@{selection['level']:g}/p{selection['pool']}",
         "ddae.git_commit": git_commit(paths.root),
     }
-    frame, labels = test_inputs(paths)
+    frame, labels = test_inputs(splits["test"])
     with stage_run(paths.root, "register", tags) as run, tempfile.TemporaryDirectory() as tmp:
         preprocess = Path(tmp) / "preprocess.json"
         preprocess.write_text(json.dumps(manifest["preprocess"]))
