@@ -11,11 +11,25 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 EXPERIMENT = "ddae"
 PARENT_ENV = "DDAE_PIPELINE_RUN_ID"
+# MLflow's own HTTP retries default to 7 with a doubling backoff (minutes on a dead server): bound them
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+REACH_ATTEMPTS = 3
+
+
+class TrackingUnavailable(ConnectionError):
+    """The MLflow tracking server does not answer; nothing was logged or registered."""
 
 
 def tracking_uri(root: Path) -> str:
@@ -23,10 +37,38 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+def check_reachable(root: Path, attempts: int = REACH_ATTEMPTS, delay_s: float = 0.5) -> None:
+    """For an http(s) tracking URI, ask its ``/health`` up to ``attempts`` times (backing off), else raise.
+
+    Local stores (sqlite, files) need no check. Also bounds MLflow's own HTTP retries for later calls.
+    """
+    uri = tracking_uri(root)
+    if not uri.startswith(("http://", "https://")):
+        return
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    error: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+                error = RuntimeError(f"/health answered {response.status}")
+        except (urllib.error.URLError, OSError) as err:
+            error = err
+        if attempt + 1 < attempts:
+            time.sleep(delay_s * 2**attempt)
+    raise TrackingUnavailable(
+        f"MLflow tracking server {uri} unreachable after {attempts} attempts ({error}); nothing was logged "
+        f"or registered. Start the server, or unset MLFLOW_TRACKING_URI to track in {root / 'mlflow.db'}"
+    )
+
+
 def configure(root: Path) -> str:
     """Point MLflow at the tracking store and make sure the experiment exists; return its id."""
     import mlflow
 
+    check_reachable(root)
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

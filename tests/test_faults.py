@@ -1,0 +1,211 @@
+"""Rows of the fault table in docs/reliability.md that no other test covers: each asserts the message
+the user sees and that no output was lost or corrupted."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import e2e_helpers as h
+from ddae_core.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_network,
+    load_training_state,
+    network_hash,
+    save_network,
+    save_training_state,
+)
+from ddae_core.config import DiffusionConfig
+from ddae_core.diffusion import build_denoiser
+from ddae_core.ema import EMA
+from ddae_core.nn import build_unet
+from tasks.feature_store import FeatureKey, FeatureStoreError, part_path, read_split, write_part
+from tasks.tracking import TrackingUnavailable, configure
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def training_objects(width: int = 128, seed: int = 0):
+    """A model, its EMA, optimizer and scheduler after one step (big enough to hit a small size limit)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(width, width), nn.Linear(width, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model(torch.randn(2, width)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return dict(model=model, ema=EMA(model), optimizer=optimizer, lr_scheduler=scheduler)
+
+
+@contextlib.contextmanager
+def disk_full_after(nbytes: int):
+    """Writes past ``nbytes`` into any file fail with an OSError, as on a disk that fills mid-file."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing us
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_earlier_ones(tmp_path):
+    state = training_objects()
+    save_training_state(tmp_path, 10, meta={}, keep_last=1, **state)
+    with disk_full_after(16_000), pytest.raises(CheckpointError) as info:
+        save_training_state(tmp_path, 20, meta={}, keep_last=1, **state)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'step-00000020'}: cannot write the checkpoint (")
+    assert message.endswith("earlier checkpoints are kept, free space and rerun")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010"]  # no temp dir, nothing rotated away
+    fresh = training_objects(seed=1)
+    assert load_training_state(latest_checkpoint(tmp_path), **fresh)["step"] == 10
+    assert torch.equal(fresh["model"][0].weight, state["model"][0].weight)
+
+
+def test_disk_full_while_saving_the_network_keeps_the_previous_network(tmp_path):
+    diffusion = DiffusionConfig()
+    old = build_denoiser(diffusion, build_unet("ddpm-tiny", in_channels=1, resolution=16))
+    save_network(tmp_path / "network", old, {"diffusion": diffusion})
+    before = network_hash(tmp_path / "network")
+    new = build_denoiser(diffusion, build_unet("ddpm-tiny", in_channels=1, resolution=16))
+    with disk_full_after(100_000), pytest.raises(CheckpointError, match="cannot write the network .*the previous one is kept"):
+        save_network(tmp_path / "network", new, {"diffusion": diffusion})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["network"]
+    assert network_hash(tmp_path / "network") == before
+    load_network(tmp_path / "network")
+
+
+def test_checkpoint_of_another_network_config_is_refused_naming_the_file(tmp_path):
+    save_training_state(tmp_path, 5, meta={}, keep_last=1, **training_objects(width=128))
+    other = training_objects(width=64)
+    with pytest.raises(CheckpointError) as info:
+        load_training_state(tmp_path / "step-00000005", **other)
+    assert str(info.value).startswith(f"{tmp_path / 'step-00000005' / 'model.safetensors'}: weights do not fit the network")
+    assert "size mismatch" in str(info.value)
+
+
+class _Payload:
+    """Unpickling this runs code: what a hostile optimizer.pt would carry."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_code_payload_in_a_checkpoint_is_never_executed(tmp_path):
+    state = training_objects()
+    save_training_state(tmp_path, 1, meta={}, keep_last=5, **state)
+    save_training_state(tmp_path, 2, meta={}, keep_last=5, **state)
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer": _Payload(str(marker)), "lr_scheduler": {}}, tmp_path / "step-00000002" / "optimizer.pt")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000001"  # the tampered one is skipped
+    with pytest.raises(CheckpointError, match=r"step-00000002/optimizer.pt: cannot read \(Weights only load failed"):
+        load_training_state(tmp_path / "step-00000002", **training_objects())
+    assert not marker.exists()
+
+
+def test_sources_load_nothing_with_pickle():
+    """torch.load only with weights_only=True; no pickle, no np.load(allow_pickle=True) in the package."""
+    offenders = []
+    for path in sorted(p for d in ("ddae_core", "tasks", "flows") for p in (REPO / d).rglob("*.py")):
+        text = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            if "weights_only=True" not in call:
+                offenders.append(f"{path.name}: {call}")
+        if re.search(r"^\s*(import pickle|from pickle|import cloudpickle|import joblib)", text, re.M):
+            offenders.append(f"{path.name}: imports a pickle module")
+        if "allow_pickle=True" in text:
+            offenders.append(f"{path.name}: allow_pickle=True")
+    assert offenders == []
+    assert "torch.load(" in (REPO / "ddae_core" / "checkpoint.py").read_text()  # the scan sees the real call
+
+
+def test_servers_in_the_readme_bind_to_loopback():
+    lines = [line for line in (REPO / "README.md").read_text().splitlines()
+             if re.search(r"(prefect server start|mlflow (ui|server)|mlflow models serve)", line)]
+    assert lines, "the README no longer starts any server"
+    for line in lines:
+        assert "--host 127.0.0.1" in line, line
+
+
+def test_feature_file_of_another_checkpoint_is_refused_and_kept(tmp_path):
+    key = FeatureKey("mid.res1", 11.0, 1)
+    path = part_path(tmp_path, key, "train", 0)
+    write_part(path, key, "train", 0, np.arange(4), np.zeros(4, int), np.ones((4, 3), np.float32),
+               {"network_hash": "a" * 64})
+    before = path.read_bytes()
+    with pytest.raises(FeatureStoreError) as info:
+        read_split(tmp_path, key, "train", expected_hash="b" * 64)
+    assert str(info.value) == (f"{path}: computed from checkpoint {'a' * 64}, expected {'b' * 64}; "
+                               "rerun the extract stage")
+    assert path.read_bytes() == before
+    assert read_split(tmp_path, key, "train", expected_hash="a" * 64).features.shape == (4, 3)
+
+
+def test_unreachable_tracking_server_fails_after_bounded_retries(tmp_path, monkeypatch):
+    uri = f"http://127.0.0.1:{h.free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with pytest.raises(TrackingUnavailable) as info:
+        configure(tmp_path)
+    assert str(info.value).startswith(f"MLflow tracking server {uri} unreachable after 3 attempts (")
+    assert str(info.value).endswith(f"unset MLFLOW_TRACKING_URI to track in {tmp_path / 'mlflow.db'}")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"  # MLflow's own retries are bounded too
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_register_with_unreachable_tracking_server_exits_75_and_registers_nothing(tmp_path):
+    root = h.copy_project(tmp_path / "project", h.TINY_PARAMS)
+    uri = f"http://127.0.0.1:{h.free_port()}"
+    result = h.run([sys.executable, "-m", "tasks.register"], root,
+                   env=h.project_env(root, MLFLOW_TRACKING_URI=uri), timeout=120)
+    assert result.returncode == 75, result.stdout[-3000:]
+    assert (f"register failed on I/O (retrying may help): MLflow tracking server {uri} unreachable after "
+            "3 attempts") in result.stdout, result.stdout[-3000:]
+    for made in ("metrics", "mlflow.db", "mlartifacts", "outputs"):
+        assert not (root / made).exists()
+
+
+def test_second_pipeline_run_on_a_locked_repo_fails_clearly_and_leaves_it_intact(tmp_path):
+    """While one DVC command holds the repository lock, `dvc repro` and the flow's stage runner refuse."""
+    from tasks.dvc_stage import StageFailed, reproduce
+
+    root = h.copy_project(tmp_path / "project", h.TINY_PARAMS)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom dvc.repo import Repo\nrepo = Repo(sys.argv[1])\n"
+         "with repo.lock:\n    print('locked', flush=True)\n    time.sleep(120)\n", str(root)],
+        cwd=root, env=h.project_env(root), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = h.dvc(root, "repro", timeout=120)
+        assert result.returncode != 0
+        assert "Unable to acquire lock. Most likely another DVC process is running" in result.stdout, result.stdout
+        with pytest.raises(StageFailed) as info:
+            reproduce("prepare", root, env=h.project_env(root), log_line=lambda line: None)
+        assert str(info.value) == ("stage 'prepare' failed with exit code 255: another DVC command holds this "
+                                   "repository's lock (a second pipeline run?); wait for it to finish and rerun")
+    finally:
+        holder.kill()
+        holder.wait()
+    for made in ("data", "outputs", "metrics", "dvc.lock", "mlflow.db"):
+        assert not (root / made).exists(), f"{made} appeared while the repository was locked"
+    # the killed holder's lock is released by the OS: the next run is not blocked by a stale lock
+    status = h.dvc(root, "status", timeout=120)
+    assert status.returncode == 0 and "Unable to acquire lock" not in status.stdout, status.stdout
