@@ -36,6 +36,15 @@ from test_training import DIFFUSION, _fresh_accelerate_state, make_denoiser, mak
 TESTS = Path(__file__).resolve().parent
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process references and the subprocesses (OMP_NUM_THREADS=1) compute with the same thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def kill_when(process: subprocess.Popen, ready, delay_s: float, sig: int = signal.SIGKILL,
               timeout: float = 120.0) -> None:
     """Wait until ``ready()`` holds, ``delay_s`` more, then send ``sig``; the process must still be running."""
@@ -50,23 +59,25 @@ def kill_when(process: subprocess.Popen, ready, delay_s: float, sig: int = signa
     process.wait(timeout=60)
 
 
-def kill_points(seed: int, low: int, high: int) -> list[int]:
-    """Three distinct increasing progress marks in [low, high], drawn from ``seed``."""
-    return sorted(random.Random(seed).sample(range(low, high + 1), 3))
+def kill_offsets(seed: int, most: int) -> list[int]:
+    """Three seeded kill points, each as how much further (1..most) a run gets than where it started."""
+    rng = random.Random(seed)
+    return [rng.randint(1, most) for _ in range(3)]
 
 
 # ----------------------------------------------------------------------------- pretrain
 
 _TRAIN_SCRIPT = """
-import dataclasses, sys
+import dataclasses, json, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
 import test_training as T
 from ddae_core.diffusion import build_loss
 from ddae_core.training import train
-config = dataclasses.replace(T.resume_config({steps}), checkpoint_every=1, keep_last=2)
-train(T.make_denoiser(), build_loss(T.DIFFUSION), np.load({images!r}, mmap_mode="r"), config,
-      out_dir={out!r}, progress=False)
+config = dataclasses.replace(T.resume_config({steps}), checkpoint_every=1, keep_last=2, log_every=1)
+result = train(T.make_denoiser(), build_loss(T.DIFFUSION), np.load({images!r}, mmap_mode="r"), config,
+               out_dir={out!r}, progress=False)
+print("trained steps", json.dumps([h["step"] for h in result.history]))
 """
 
 
@@ -80,8 +91,8 @@ def assert_checkpoint_loads(path: Path) -> None:
 
 
 def test_pretrain_sigkilled_three_times_resumes_to_the_uninterrupted_weights(tmp_path):
-    steps = 24
-    config = dataclasses.replace(resume_config(steps), checkpoint_every=1, keep_last=2)
+    steps = 16
+    config = dataclasses.replace(resume_config(steps), checkpoint_every=1, keep_last=2, log_every=1)
     images = make_images(64)
     np.save(tmp_path / "images.npy", images)
     straight = train(make_denoiser(), build_loss(DIFFUSION), images, config, out_dir=tmp_path / "straight",
@@ -90,25 +101,30 @@ def test_pretrain_sigkilled_three_times_resumes_to_the_uninterrupted_weights(tmp
     out = tmp_path / "killed"
     ckpt = out / "checkpoints"
     script = _TRAIN_SCRIPT.format(tests=str(TESTS), steps=steps, images=str(tmp_path / "images.npy"), out=str(out))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(h.REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(h.REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
 
     def newest_step() -> int:
         done = [int(p.name[5:]) for p in ckpt.glob("step-*") if p.name[5:].isdigit()] if ckpt.is_dir() else []
         return max(done, default=0)
 
     rng = random.Random(7)
-    for mark in kill_points(seed=7, low=2, high=steps - 4):
+    for offset in kill_offsets(seed=7, most=3):  # killed 1-3 steps after its start, anywhere in a step
+        mark = newest_step() + offset
         process = subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        kill_when(process, lambda: newest_step() >= mark, delay_s=rng.uniform(0.0, 0.05))
+        kill_when(process, lambda: newest_step() >= mark, delay_s=rng.uniform(0.0, 0.2))
         assert process.returncode == -signal.SIGKILL
         finished = [p for p in ckpt.iterdir() if ".tmp-" not in p.name]
         assert finished, "no checkpoint survived the kill"
         for path in finished:  # a kill during a save leaves a temp name, never a broken final one
             assert_checkpoint_loads(path)
 
+    resume_at = newest_step()
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = json.loads(proc.stdout.split("trained steps ")[1])
+    assert 1 < resume_at < steps and trained == list(range(resume_at + 1, steps + 1))  # resumed, not restarted
     final = sorted(p.name for p in ckpt.iterdir())
     assert final == [f"step-{steps - 1:08d}", f"step-{steps:08d}"]  # temp dirs of the killed runs are gone
     for name in final:
@@ -129,7 +145,7 @@ def extract_project(tmp_path) -> Paths:
     tree = h.make_image_tree(tmp_path / "images", per_class=60)
     root = h.copy_project(tmp_path / "project", {
         **h.TINY_PARAMS, "data.dataset": "imagefolder", "data.source": str(tree), "data.channels": 3,
-        "data.max_train": 0, "data.max_test": 0, "extract.part_rows": 12, "extract.batch_size": 12,
+        "data.max_train": 0, "data.max_test": 0, "extract.part_rows": 6, "extract.batch_size": 6,
     })
     paths = Paths(root)
     config = load_params(paths.params)
@@ -176,11 +192,11 @@ def test_extract_sigkilled_three_times_and_sigtermed_ends_with_every_row_once(ex
     def finished_units() -> list[Path]:
         return sorted(parts_root(paths).glob("*/*.parquet"))  # final names only: temp names start with '.'
 
-    env = h.project_env(paths.root)
+    env = h.project_env(paths.root, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "tasks.extract"]
     rng = random.Random(11)
-    marks = kill_points(seed=11, low=1, high=units - 5)
-    for mark in marks:
+    for offset in kill_offsets(seed=11, most=4):  # killed 1-4 units after its start, anywhere in a unit
+        mark = len(finished_units()) + offset
         process = subprocess.Popen(command, cwd=paths.root, env=env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         kill_when(process, lambda: len(finished_units()) >= mark, delay_s=rng.uniform(0.0, 0.1))
@@ -193,15 +209,16 @@ def test_extract_sigkilled_three_times_and_sigtermed_ends_with_every_row_once(ex
 
     process = subprocess.Popen(command, cwd=paths.root, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    kill_when(process, lambda: len(finished_units()) >= marks[-1] + 2, delay_s=0.0, sig=signal.SIGTERM)
+    mark = len(finished_units()) + 2
+    kill_when(process, lambda: len(finished_units()) >= mark, delay_s=0.0, sig=signal.SIGTERM)
     log = process.stdout.read()
     assert process.returncode == 130, log[-3000:]
     assert "extract: interrupted; completed checkpoints and outputs are kept" in log
     assert not list(parts_root(paths).glob(f"*/.*.tmp-{process.pid}")), "SIGTERM left a temporary file"
     kept = len(finished_units())
-    assert marks[-1] + 2 <= kept < units
+    assert mark <= kept < units
 
-    result = h.stage_python(paths.root, "extract", timeout=300)
+    result = h.run(command, paths.root, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     summary = done_summaries(result.stdout)[0]
     assert summary["units_reused"] == kept and summary["units_done"] == units - kept
