@@ -209,3 +209,24 @@ def test_second_pipeline_run_on_a_locked_repo_fails_clearly_and_leaves_it_intact
     # the killed holder's lock is released by the OS: the next run is not blocked by a stale lock
     status = h.dvc(root, "status", timeout=120)
     assert status.returncode == 0 and "Unable to acquire lock" not in status.stdout, status.stdout
+
+
+def test_each_unreadable_file_is_listed_with_its_reason_and_nothing_is_written(tmp_path):
+    """Corrupt, truncated, zero-byte and non-image files in a class folder: one line each, no output."""
+    from ddae_core.data import CorruptImagesError, prepare_dataset
+    from test_data import LAYOUT_FLAT, img_config, make_tree, write_bad_files
+
+    make_tree(tmp_path / "src", LAYOUT_FLAT)
+    write_bad_files(tmp_path / "src" / "dog")
+    with pytest.raises(CorruptImagesError) as info:
+        prepare_dataset(img_config(tmp_path / "src"), tmp_path / "out", progress=False)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "4 unreadable image file(s) (set data.on_corrupt: skip to leave them out):"
+    assert sorted(lines[1:]) == sorted([
+        "  dog/corrupt.png: UnidentifiedImageError: not an image Pillow can decode (file starts with "
+        "b'\\x89PNG\\r\\n\\x1a\\n')",
+        "  dog/truncated.png: OSError: image file is truncated (0 bytes not processed)",
+        "  dog/empty.jpg: UnidentifiedImageError: empty file (0 bytes)",
+        "  dog/notes.jpeg: UnidentifiedImageError: not an image Pillow can decode (file starts with b'this is ')",
+    ])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
