@@ -201,14 +201,18 @@ def test_second_pipeline_run_on_a_locked_repo_fails_clearly_and_leaves_it_intact
             reproduce("prepare", root, env=h.project_env(root), log_line=lambda line: None)
         assert str(info.value) == ("stage 'prepare' failed with exit code 255: another DVC command holds this "
                                    "repository's lock (a second pipeline run?); wait for it to finish and rerun")
+        waiter = subprocess.Popen([h.tool("dvc"), "--wait-for-lock", "status"], cwd=root, env=h.project_env(root),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiter.wait(timeout=3)  # queued behind the lock rather than failing
     finally:
-        holder.kill()
+        holder.kill()  # like kill -9 of a running `dvc repro`
         holder.wait()
+    # the killed holder's lock is released by the OS: the queued command goes on, nothing stale remains
+    out, _ = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0 and "Unable to acquire lock" not in out, out
     for made in ("data", "outputs", "metrics", "dvc.lock", "mlflow.db"):
         assert not (root / made).exists(), f"{made} appeared while the repository was locked"
-    # the killed holder's lock is released by the OS: the next run is not blocked by a stale lock
-    status = h.dvc(root, "status", timeout=120)
-    assert status.returncode == 0 and "Unable to acquire lock" not in status.stdout, status.stdout
 
 
 def test_each_unreadable_file_is_listed_with_its_reason_and_nothing_is_written(tmp_path):
