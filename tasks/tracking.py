@@ -9,13 +9,14 @@ each stage opens its own run, linked to the others by the ``ddae.git_commit`` an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 EXPERIMENT = "ddae"
 PARENT_ENV = "DDAE_PIPELINE_RUN_ID"
@@ -26,6 +27,7 @@ HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 REACH_ATTEMPTS = 3
+CONTENT_TAG = "ddae.content_key"  # identifies what a model version holds, so it is registered once
 
 
 class TrackingUnavailable(ConnectionError):
@@ -138,3 +140,29 @@ def dvc_output_hashes(root: Path) -> dict[str, str]:
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     return {f"dvc.{out['path']}": out["md5"] for stage in stages.values()
             for out in stage.get("outs", []) if "md5" in out}
+
+
+def content_key(sources: Sequence[Path], extra: str = "") -> str:
+    """sha256 over every file under ``sources`` (relative names and bytes, sorted) plus ``extra``."""
+    digest = hashlib.sha256(extra.encode())
+    for source in sources:
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        for path in files:
+            digest.update(str(path.relative_to(source.parent)).encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def register_once(model_uri: str, name: str, tags: dict[str, str], key: str) -> Any:
+    """Register ``model_uri`` as a version of ``name`` unless a version with content ``key`` exists.
+
+    A register stage retried after a failure (the tracking server dropped mid-way) returns the version
+    it registered before instead of a duplicate.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    existing = MlflowClient().search_model_versions(f"name='{name}' and tags.`{CONTENT_TAG}`='{key}'")
+    if existing:
+        return min(existing, key=lambda v: int(v.version))
+    return mlflow.register_model(model_uri, name, tags={**tags, CONTENT_TAG: key})

@@ -234,3 +234,30 @@ def test_each_unreadable_file_is_listed_with_its_reason_and_nothing_is_written(t
         "  dog/notes.jpeg: UnidentifiedImageError: not an image Pillow can decode (file starts with b'this is ')",
     ])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_retried_registration_registers_nothing_twice(tmp_path, monkeypatch):
+    """The register stage failed after registering (server dropped); its retry reuses that version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks.tracking import content_key, register_once
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "MLmodel").write_text("flavors: {}\n")
+    (model / "probe.safetensors").write_bytes(b"weights v1")
+    key = content_key([model])
+    first = register_once(model.as_uri(), "m", {"ddae.kind": "probe"}, key)
+    retried = register_once(model.as_uri(), "m", {"ddae.kind": "probe"}, content_key([model]))
+    assert retried.version == first.version
+    (model / "probe.safetensors").write_bytes(b"weights v2")  # other content: a new version
+    changed = register_once(model.as_uri(), "m", {"ddae.kind": "probe"}, content_key([model]))
+    assert int(changed.version) == int(first.version) + 1
+    versions = MlflowClient().search_model_versions("name='m'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert MlflowClient().get_model_version("m", first.version).tags["ddae.content_key"] == key
