@@ -261,3 +261,34 @@ def test_a_retried_registration_registers_nothing_twice(tmp_path, monkeypatch):
     versions = MlflowClient().search_model_versions("name='m'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert MlflowClient().get_model_version("m", first.version).tags["ddae.content_key"] == key
+
+
+def _metrics(path: Path) -> None:
+    from tasks.common import write_json_atomic
+
+    write_json_atomic(path, {"values": list(range(20_000))})
+
+
+def _plot(path: Path) -> None:
+    from ddae_core.data import save_image_grid
+
+    save_image_grid(np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), path)
+
+
+def _parquet(path: Path) -> None:
+    features = np.random.default_rng(0).random((2000, 64), dtype=np.float32)
+    write_part(path, FeatureKey("mid.res1", 11.0, 1), "train", 0, np.arange(2000), np.zeros(2000, int), features, {})
+
+
+@pytest.mark.parametrize("write", [_metrics, _plot, _parquet], ids=["metrics-json", "png-plot", "parquet-part"])
+def test_a_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path, write):
+    """Disk full while replacing an output: the old file stays as it was and no temporary file remains."""
+    path = tmp_path / "out" / "file"
+    path.parent.mkdir()
+    path.write_bytes(b"previous complete file")
+    with disk_full_after(20_000), pytest.raises(OSError):
+        write(path)
+    assert path.read_bytes() == b"previous complete file"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["file"]
+    write(path)  # with space again it is replaced in one piece
+    assert path.stat().st_size > 20_000
