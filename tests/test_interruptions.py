@@ -190,7 +190,7 @@ def test_extract_sigkilled_three_times_and_sigtermed_ends_with_every_row_once(ex
     units = reference["units"]
 
     def finished_units() -> list[Path]:
-        return sorted(parts_root(paths).glob("*/*.parquet"))  # final names only: temp names start with '.'
+        return sorted(parts_root(paths).glob("*/*.parquet"))  # final names only: temp names end in .tmp-<pid>
 
     env = h.project_env(paths.root, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "tasks.extract"]
