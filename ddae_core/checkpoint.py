@@ -40,6 +40,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not match the network it is loaded into."""
 
 
+# what a failed write raises: OSError (disk full, quota, file size limit), safetensors' own error,
+# and torch.save's RuntimeError ("PytorchStreamWriter failed writing file")
+_WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
 # ----------------------------------------------------------------------------- atomic directories
 
 
@@ -134,6 +139,9 @@ def save_network(directory: str | Path, denoiser: nn.Module, config: Mapping[str
         save_file(_tensors_for_file(denoiser.state_dict()), str(tmp / NETWORK_WEIGHTS))
         _write_json(tmp / NETWORK_CONFIG, meta)
         _publish(tmp, final)
+    except _WRITE_ERRORS as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: cannot write the network ({err}); the previous one is kept") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -231,6 +239,11 @@ def save_training_state(
         )
         _write_json(tmp / STATE_FILE, {**meta, "step": step})
         _publish(tmp, final)
+    except _WRITE_ERRORS as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{final}: cannot write the checkpoint ({err}); earlier checkpoints are kept, free space and rerun"
+        ) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -239,15 +252,30 @@ def save_training_state(
     return final
 
 
+def _discard(path: Path) -> None:
+    """Rename to a temp name first, then delete: a kill mid-delete never leaves a half step directory."""
+    trash = path.with_name(f"{path.name}.tmp-discard-{os.getpid()}")
+    try:
+        path.rename(trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _rotate(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints and stale temp directories."""
+    """Delete all but the newest ``keep_last`` complete checkpoints, incomplete ones and stale temps."""
     complete = _complete_step_dirs(root)
     for _, path in complete[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        _discard(path)
+    kept = {path for _, path in complete[-keep_last:]}
     own = f".tmp-{os.getpid()}"
     for child in root.iterdir():
-        if child.is_dir() and ".tmp-" in child.name and not child.name.endswith(own):
+        if not child.is_dir() or child in kept or child.name.endswith(own):
+            continue
+        if ".tmp-" in child.name or ".old-" in child.name:  # left by a run killed while saving
             shutil.rmtree(child, ignore_errors=True)
+        elif _STEP_DIR.match(child.name):  # a final name missing files (a kill mid-delete, by older code)
+            _discard(child)
 
 
 def _read_state_json(path: Path) -> dict:

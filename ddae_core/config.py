@@ -232,6 +232,7 @@ class ExtractConfig:
     augment_copies: int = 0  # extra flipped/cropped copies of the train split
     batch_size: int = 256
     seed: int = 0
+    part_rows: int = 4096  # rows per resumable Parquet part (a killed run redoes at most one per process)
 
     def __post_init__(self) -> None:
         _require(len(self.taps) > 0, "taps", "list at least one tap")
@@ -243,6 +244,7 @@ class ExtractConfig:
         _require(len(self.pools) > 0, "pools", "list at least one pooling size")
         _require(self.augment_copies >= 0, "augment_copies", f"must be >= 0, got {self.augment_copies}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.part_rows >= 1, "part_rows", f"must be >= 1, got {self.part_rows}")
 
 
 @dataclass(frozen=True)

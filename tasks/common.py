@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -170,6 +171,7 @@ def stage_main(stage: str, run: Callable[[PipelineConfig, Paths], dict]) -> None
     """
     from ddae_core.checkpoint import CheckpointError
     from ddae_core.data import DatasetError
+    from tasks.tracking import check_reachable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     apply_offline_env()
@@ -179,7 +181,9 @@ def stage_main(stage: str, run: Callable[[PipelineConfig, Paths], dict]) -> None
     except (ConfigError, FileNotFoundError) as err:
         log.error("%s: invalid configuration: %s", stage, err)
         sys.exit(2)
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops as cleanly as Ctrl-C
     try:
+        check_reachable(paths.root)  # a dead tracking server fails the stage before any work
         summary = run(config, paths)
     except KeyboardInterrupt:
         log.error("%s: interrupted; completed checkpoints and outputs are kept", stage)
@@ -196,6 +200,11 @@ def stage_main(stage: str, run: Callable[[PipelineConfig, Paths], dict]) -> None
             sys.exit(75)
         raise
     log.info("%s done: %s", stage, json.dumps(summary, default=str))
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    """SIGTERM handler: unwind like Ctrl-C, so temporary files are removed and finished parts kept."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class StageError(RuntimeError):

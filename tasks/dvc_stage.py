@@ -17,14 +17,18 @@ from typing import Callable
 from tasks.common import TRANSIENT_MARKER, apply_offline_env
 
 STAGES = ("prepare", "pretrain", "extract", "probe", "register")
+DVC_LOCK_ERROR = "Unable to acquire lock"  # what DVC prints when another DVC command holds the repo
+LOCKED_MESSAGE = ("another DVC command holds this repository's lock (a second pipeline run?); "
+                  "wait for it to finish and rerun")
 
 
 class StageFailed(RuntimeError):
     """The stage's command failed; its own log above says why. ``transient``: it failed on I/O."""
 
-    def __init__(self, stage: str, returncode: int, transient: bool = False):
+    def __init__(self, stage: str, returncode: int, transient: bool = False, locked: bool = False):
         super().__init__(f"stage {stage!r} failed with exit code {returncode}"
-                         + (" (I/O error; a retry may help)" if transient else ""))
+                         + (" (I/O error; a retry may help)" if transient else "")
+                         + (f": {LOCKED_MESSAGE}" if locked else ""))
         self.stage = stage
         self.returncode = returncode
         self.transient = transient
@@ -73,16 +77,17 @@ def reproduce(stage: str, root: Path, *, env: dict[str, str] | None = None,
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     process = subprocess.Popen(command, cwd=root, env=stage_env(env), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-    skipped = transient = False
+    skipped = transient = locked = False
     progress = ProgressThrottle()
     assert process.stdout is not None
     for line in process.stdout:  # universal newlines: each tqdm redraw (\r) arrives as a line
         line = line.rstrip()
         skipped = skipped or "didn't change, skipping" in line
         transient = transient or TRANSIENT_MARKER in line
+        locked = locked or DVC_LOCK_ERROR in line
         if progress.keep(line):
             log_line(line)
     returncode = process.wait()
     if returncode != 0:
-        raise StageFailed(stage, returncode, transient)
+        raise StageFailed(stage, returncode, transient, locked)
     return StageResult(stage, skipped, time.perf_counter() - start)

@@ -1,83 +1,192 @@
 """Stage 3, extract: features of every (tap, level, pool) for train, val and test, to Parquet.
 
 The feature path is ``ddae_core.features.extract`` (the same one inference uses); this stage only
-resolves names and levels, streams the splits through it and writes the parts atomically.
+resolves names and levels and schedules the work. Work is cut into *units* (a block of
+``extract.part_rows`` rows of one split and copy), each written atomically to
+``outputs/extract-parts/<fingerprint>/``: a killed run keeps its finished units and redoes the rest.
+Under ``accelerate launch`` each process takes every N-th unit; the main process then checks that
+every sample id appears exactly once and assembles ``outputs/features`` (replaced atomically).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+import torch
 
 from ddae_core.checkpoint import load_network, network_hash, read_network_config
-from ddae_core.config import PipelineConfig
+from ddae_core.config import PipelineConfig, as_dict
 from ddae_core.data import load_prepared
 from ddae_core.diffusion import feature_levels, level_kind
 from ddae_core.features import extract
 from ddae_core.nn import paper_aliases
 from ddae_core.validation import resolve_taps
 from tasks.common import Paths, StageError, atomic_directory, stage_main, write_json_atomic
-from tasks.feature_store import FeatureKey, part_path, write_part
+from tasks.feature_store import FeatureKey, part_path, read_unit, unit_rows, write_part, write_unit
 from tasks.tracking import stage_run
 
+log = logging.getLogger("ddae.extract")
+
 SPLITS = ("train", "val", "test")
+PARTS_FORMAT = 1  # bump when the unit file layout changes: old unfinished work is then discarded
 
 
-def run(config: PipelineConfig, paths: Paths) -> dict:
-    """Extract all configured features into ``outputs/features`` (replaced atomically at the end).
+@dataclass(frozen=True)
+class Unit:
+    """One resumable piece of work: rows ``[start, stop)`` of one split's augmented copy."""
+
+    split: str
+    copy: int
+    start: int
+    stop: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.split}-copy{self.copy}-rows{self.start:09d}-{self.stop:09d}.parquet"
+
+
+def plan_units(split_sizes: dict[str, int], copies: dict[str, int], part_rows: int) -> list[Unit]:
+    """Every unit of the extraction, in a fixed order (split, copy, rows): the same on every process."""
+    return [Unit(split, copy, start, min(start + part_rows, split_sizes[split]))
+            for split in SPLITS for copy in range(copies[split])
+            for start in range(0, split_sizes[split], part_rows)]
+
+
+def work_fingerprint(metadata: dict, keys: list[FeatureKey], config: PipelineConfig) -> str:
+    """Finished units are reused only by a run with the same weights, data, keys and unit grid."""
+    settings = {k: v for k, v in as_dict(config.extract).items() if k != "batch_size"}  # batch size: same rows
+    key = {"format": PARTS_FORMAT, "network": metadata["network_hash"], "data": metadata["data_checksum"],
+           "keys": [(k.tap, k.level, k.pool) for k in keys], "extract": settings}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parts_root(paths: Paths) -> Path:
+    """Where unfinished extractions keep their units between runs (not a DVC output)."""
+    return paths.root / "outputs" / "extract-parts"
+
+
+def build_features(config: PipelineConfig, paths: Paths, *, process_index: int = 0, num_processes: int = 1,
+                   device: str | torch.device = "cpu", barrier: Callable[[], None] = lambda: None) -> dict:
+    """Extract this process's share of the units, wait for all, then (main process) assemble.
 
     Returns:
-        A summary dict: number of (tap, level, pool) keys, rows written, levels used.
+        A summary dict: keys, rows, levels, taps, units (all), units_done (by this process now),
+        units_reused (this process's units already finished by an earlier run).
     """
     if not (paths.network / "network.json").is_file():
         raise StageError(f"{paths.network}/network.json not found: run the pretrain stage first")
     cfg = config.extract
-    denoiser = load_network(paths.network).eval()
-    checkpoint = network_hash(paths.network)
+    denoiser = load_network(paths.network, device=device).eval()
     taps = resolve_taps(cfg.taps, denoiser.unet.tap_names(), paper_aliases(denoiser.unet.config), "extract.taps")
     levels = feature_levels(config.pretrain.diffusion, cfg.levels, cfg.sigma_indices)
     manifest, splits = load_prepared(paths.prepared)
     keys = [FeatureKey(tap, float(level), pool) for tap in taps for level in levels for pool in cfg.pools]
     metadata = {
-        "network_hash": checkpoint,
+        "network_hash": network_hash(paths.network),
         "network_config": read_network_config(paths.network),
         "data_checksum": manifest["checksum"],
         "level_kind": level_kind(config.pretrain.diffusion.framework),
         "seed": cfg.seed,
     }
-    rows = 0
+    copies = {split: 1 + (cfg.augment_copies if split == "train" else 0) for split in SPLITS}
+    units = plan_units({s: len(splits[s]) for s in SPLITS}, copies, cfg.part_rows)
+    fingerprint = work_fingerprint(metadata, keys, config)
+    work = parts_root(paths) / fingerprint
+    if process_index == 0 and parts_root(paths).is_dir():  # units of other weights/settings never fit
+        for stale in parts_root(paths).iterdir():
+            if stale.name != fingerprint:
+                shutil.rmtree(stale, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+
+    mine = units[process_index::num_processes]
+    pending = [u for u in mine if unit_rows(work / u.file_name) != u.stop - u.start]
+    log.info("process %d/%d: %d of its %d units already finished, %d to extract (%s)", process_index,
+             num_processes, len(mine) - len(pending), len(mine), len(pending), work)
+    for unit in pending:
+        data = splits[unit.split]
+        ids = data.sample_ids[unit.start:unit.stop]
+        chunks: dict[tuple, list[np.ndarray]] = {}
+        for _start, _stop, batch in extract(
+            denoiser, data.images[unit.start:unit.stop], ids, taps=taps, levels=levels, pools=cfg.pools,
+            seed=cfg.seed, batch_size=cfg.batch_size, copy=unit.copy, progress=False, device=device,
+        ):
+            for k, value in batch.items():
+                chunks.setdefault(k, []).append(value)
+        features = [np.concatenate(chunks[(k.tap, k.level, k.pool)]) for k in keys]
+        write_unit(work / unit.file_name, ids, data.labels[unit.start:unit.stop], features, metadata)
+    summary = {"keys": len(keys), "levels": list(levels), "taps": list(taps), "units": len(units),
+               "units_done": len(pending), "units_reused": len(mine) - len(pending)}
+    barrier()
+    if process_index != 0:
+        return summary
+
     with atomic_directory(paths.features) as staging:
-        for split in SPLITS:
-            data = splits[split]
-            copies = 1 + (cfg.augment_copies if split == "train" else 0)
-            for copy in range(copies):
-                chunks: dict[tuple, list[np.ndarray]] = {}
-                for _start, _stop, batch in extract(
-                    denoiser, data.images, data.sample_ids, taps=taps, levels=levels, pools=cfg.pools,
-                    seed=cfg.seed, batch_size=cfg.batch_size, copy=copy, progress=True,
-                ):
-                    for k, value in batch.items():
-                        chunks.setdefault(k, []).append(value)
-                for tap, level, pool in chunks:
-                    key = FeatureKey(tap, float(level), pool)
-                    features = np.concatenate(chunks[(tap, level, pool)])
-                    write_part(part_path(staging, key, split, copy), key, split, copy,
-                               data.sample_ids, data.labels, features, metadata)
-                    rows += len(features)
+        rows = assemble(work, units, keys, splits, staging, metadata)
         write_json_atomic(staging / "index.json", {
             **metadata,
             "keys": [{"tap": k.tap, "level": k.level, "pool": k.pool} for k in keys],
             "splits": {s: len(splits[s]) for s in SPLITS},
-            "train_copies": 1 + cfg.augment_copies,
+            "train_copies": copies["train"],
             "class_names": manifest["class_names"],
         })
-    summary = {"keys": len(keys), "rows": rows, "levels": list(levels), "taps": list(taps)}
-    with stage_run(paths.root, "extract", {"ddae.data_checksum": manifest["checksum"],
-                                           "ddae.network_hash": checkpoint}):
+    shutil.rmtree(work, ignore_errors=True)
+    return {**summary, "rows": rows, "data_checksum": manifest["checksum"]}
+
+
+def assemble(work: Path, units: list[Unit], keys: list[FeatureKey], splits: dict, staging: Path,
+             metadata: dict) -> int:
+    """Join the units of each (key, split, copy) into one Parquet part; every id exactly once, in order."""
+    rows = 0
+    groups: dict[tuple[str, int], list[Unit]] = {}
+    for unit in units:
+        groups.setdefault((unit.split, unit.copy), []).append(unit)
+    for index, key in enumerate(keys):
+        for (split, copy), members in groups.items():
+            pieces = [read_unit(work / u.file_name, index) for u in members]
+            ids = np.concatenate([p.sample_ids for p in pieces])
+            expected = np.asarray(splits[split].sample_ids)
+            if not np.array_equal(ids, expected):
+                counts = np.unique(ids, return_counts=True)[1]
+                raise StageError(
+                    f"{work}: units of {split} copy {copy} hold {len(ids)} rows ({int((counts > 1).sum())} ids "
+                    f"repeated) for {len(expected)} images; delete {work} and rerun the extract stage"
+                )
+            features = np.concatenate([p.features for p in pieces])
+            labels = np.concatenate([p.labels for p in pieces])
+            write_part(part_path(staging, key, split, copy), key, split, copy, ids, labels, features, metadata)
+            rows += len(features)
+    return rows
+
+
+def run(config: PipelineConfig, paths: Paths) -> dict:
+    """Extract all configured features into ``outputs/features``; one shard per Accelerate process.
+
+    Returns:
+        A summary dict: number of (tap, level, pool) keys, rows written, levels used, units reused.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    summary = build_features(config, paths, process_index=state.process_index, num_processes=state.num_processes,
+                             device=state.device, barrier=state.wait_for_everyone)
+    if not state.is_main_process:  # other ranks extract; only the main process assembles and logs
+        return summary
+    with stage_run(paths.root, "extract", {"ddae.data_checksum": summary.pop("data_checksum"),
+                                           "ddae.network_hash": network_hash(paths.network)}):
         import mlflow
 
-        mlflow.log_params({"taps": ",".join(taps), "levels": ",".join(f"{v:g}" for v in levels),
-                           "pools": ",".join(map(str, cfg.pools)), "augment_copies": cfg.augment_copies})
-        mlflow.log_metric("rows", rows)
+        cfg = config.extract
+        mlflow.log_params({"taps": ",".join(summary["taps"]), "levels": ",".join(f"{v:g}" for v in summary["levels"]),
+                           "pools": ",".join(map(str, cfg.pools)), "augment_copies": cfg.augment_copies,
+                           "processes": state.num_processes})
+        mlflow.log_metrics({"rows": summary["rows"], "units_reused": summary["units_reused"]})
     return summary
 
 

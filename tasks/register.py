@@ -20,7 +20,7 @@ from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from tasks.common import Paths, StageError, stage_main, write_json_atomic
-from tasks.tracking import git_commit, stage_run
+from tasks.tracking import content_key, git_commit, register_once, stage_run
 
 CLASSIFIER_CODE = Path(__file__).with_name("classifier_model.py")
 PIP_REQUIREMENTS = ["torch", "numpy", "pillow", "safetensors", "pandas", "mlflow==3.17.2"]
@@ -82,7 +82,8 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             code_paths=[str(paths.root / "ddae_core")], pip_requirements=PIP_REQUIREMENTS,
             signature=signature, input_example=example,
         )
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
+        key = content_key([paths.network, paths.probe], extra=json.dumps(manifest["preprocess"], sort_keys=True))
+        version = register_once(info.model_uri, name, tags, key)  # a retried stage registers nothing twice
         client = MlflowClient()
         client.set_registered_model_alias(name, "challenger", version.version)
 

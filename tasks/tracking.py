@@ -9,13 +9,29 @@ each stage opens its own run, linked to the others by the ``ddae.git_commit`` an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 EXPERIMENT = "ddae"
 PARENT_ENV = "DDAE_PIPELINE_RUN_ID"
+# MLflow's own HTTP retries default to 7 with a doubling backoff (minutes on a dead server): bound them
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+REACH_ATTEMPTS = 3
+CONTENT_TAG = "ddae.content_key"  # identifies what a model version holds, so it is registered once
+
+
+class TrackingUnavailable(ConnectionError):
+    """The MLflow tracking server does not answer; nothing was logged or registered."""
 
 
 def tracking_uri(root: Path) -> str:
@@ -23,10 +39,38 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+def check_reachable(root: Path, attempts: int = REACH_ATTEMPTS, delay_s: float = 0.5) -> None:
+    """For an http(s) tracking URI, ask its ``/health`` up to ``attempts`` times (backing off), else raise.
+
+    Local stores (sqlite, files) need no check. Also bounds MLflow's own HTTP retries for later calls.
+    """
+    uri = tracking_uri(root)
+    if not uri.startswith(("http://", "https://")):
+        return
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    error: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+                error = RuntimeError(f"/health answered {response.status}")
+        except (urllib.error.URLError, OSError) as err:
+            error = err
+        if attempt + 1 < attempts:
+            time.sleep(delay_s * 2**attempt)
+    raise TrackingUnavailable(
+        f"MLflow tracking server {uri} unreachable after {attempts} attempts ({error}); nothing was logged "
+        f"or registered. Start the server, or unset MLFLOW_TRACKING_URI to track in {root / 'mlflow.db'}"
+    )
+
+
 def configure(root: Path) -> str:
     """Point MLflow at the tracking store and make sure the experiment exists; return its id."""
     import mlflow
 
+    check_reachable(root)
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -96,3 +140,29 @@ def dvc_output_hashes(root: Path) -> dict[str, str]:
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     return {f"dvc.{out['path']}": out["md5"] for stage in stages.values()
             for out in stage.get("outs", []) if "md5" in out}
+
+
+def content_key(sources: Sequence[Path], extra: str = "") -> str:
+    """sha256 over every file under ``sources`` (relative names and bytes, sorted) plus ``extra``."""
+    digest = hashlib.sha256(extra.encode())
+    for source in sources:
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        for path in files:
+            digest.update(str(path.relative_to(source.parent)).encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def register_once(model_uri: str, name: str, tags: dict[str, str], key: str) -> Any:
+    """Register ``model_uri`` as a version of ``name`` unless a version with content ``key`` exists.
+
+    A register stage retried after a failure (the tracking server dropped mid-way) returns the version
+    it registered before instead of a duplicate.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    existing = MlflowClient().search_model_versions(f"name='{name}' and tags.`{CONTENT_TAG}`='{key}'")
+    if existing:
+        return min(existing, key=lambda v: int(v.version))
+    return mlflow.register_model(model_uri, name, tags={**tags, CONTENT_TAG: key})

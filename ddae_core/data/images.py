@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 Fit = Literal["pad", "resize"]
 _FITS = ("pad", "resize")
@@ -65,7 +65,12 @@ class PreprocessSpec:
 
 def open_image(data: bytes) -> Image.Image:
     """Decode encoded image bytes fully (truncated or non-image data raise here, not later)."""
-    img = Image.open(io.BytesIO(data))
+    if not data:
+        raise UnidentifiedImageError("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"not an image Pillow can decode (file starts with {data[:8]!r})") from None
     img.load()
     return img
 
