@@ -34,6 +34,7 @@ import probes  # noqa: E402
 import speed  # noqa: E402
 
 from ddae_core.config import PipelineConfig  # noqa: E402
+from ddae_core.precision import resolve_mixed_precision  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench")
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # a. + b. training speed against diffusers, FLOPs, matmul peak
     shape = (config.data.channels, config.data.image_size, config.data.image_size)
     batch = 32 if args.quick else config.pretrain.train.batch_size
-    precision = config.pretrain.train.mixed_precision
+    precision = resolve_mixed_precision(config.pretrain.train.mixed_precision, device)
     log.info("a. training images/s: %s vs diffusers UNet2DModel, batch %d, %s", config.pretrain.network.name, batch, precision)
     training = speed.compare_training(config.pretrain.network.name, shape, batch=batch, precision=precision,
                                       rounds=2 if args.quick else args.rounds, steps=1 if args.quick else args.steps,

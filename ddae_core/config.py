@@ -179,7 +179,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max grad norm; 0 disables
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay ramps as min(decay, (1+s)/(10+s)) so short runs are not all init
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: bf16 where native (precision.py)
     hflip: bool = True  # random horizontal flip, as in the paper
     checkpoint_every: int = 200  # steps between resumable checkpoints
     keep_last: int = 2  # checkpoints kept on disk

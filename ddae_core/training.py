@@ -27,6 +27,7 @@ from ddae_core.checkpoint import latest_checkpoint, load_training_state, save_tr
 from ddae_core.config import TrainConfig, as_dict
 from ddae_core.data import to_model_input
 from ddae_core.ema import EMA
+from ddae_core.precision import resolve_mixed_precision
 from ddae_core.schedules import ema_decay_at, warmup_lr_factor
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def _make_accelerator(config: TrainConfig) -> Any:
     from accelerate import Accelerator
 
     return Accelerator(
-        mixed_precision=config.mixed_precision,
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
         gradient_accumulation_steps=config.grad_accum,
         cpu=not torch.cuda.is_available(),
     )

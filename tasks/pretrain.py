@@ -19,6 +19,7 @@ from ddae_core.config import PipelineConfig, as_dict
 from ddae_core.data import load_prepared, save_image_grid, to_uint8_images
 from ddae_core.diffusion import SAMPLERS, build_denoiser, build_loss, default_sampler
 from ddae_core.nn import build_unet, count_parameters
+from ddae_core.precision import resolve_mixed_precision
 from ddae_core.training import TrainingInterrupted, train
 from tasks.common import Paths, StageError, stage_main, write_json_atomic
 from tasks.plots import save_loss_curve
@@ -57,7 +58,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             if stale.name != fingerprint:
                 shutil.rmtree(stale, ignore_errors=True)
 
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision), cpu=not torch.cuda.is_available())
     if not accelerator.is_main_process:  # other ranks train; only the main process logs and saves
         train(denoiser, loss_fn, splits["train"].images, cfg.train, out_dir=run_dir,
               accelerator=accelerator, progress=False)

@@ -1,0 +1,34 @@
+"""`mixed_precision: auto` picks bf16 only where the hardware has it; explicit choices pass through."""
+
+import pytest
+import torch
+
+from ddae_core.config import ConfigError, TrainConfig, section_from_dict
+from ddae_core.precision import native_bf16, resolve_mixed_precision
+
+
+@pytest.mark.parametrize("requested", ["no", "bf16", "fp16"])
+def test_explicit_precision_is_kept(requested):
+    assert resolve_mixed_precision(requested, "cpu") == requested
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
+    (True, False, "bf16"), (False, True, "bf16"), (False, False, "no"),
+])
+def test_auto_on_cpu_follows_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert native_bf16("cpu") is (expected == "bf16")
+    assert resolve_mixed_precision("auto", "cpu") == expected
+
+
+@pytest.mark.parametrize(("bf16_card", "expected"), [(True, "bf16"), (False, "fp16")])
+def test_auto_on_cuda_prefers_bf16_then_fp16(monkeypatch, bf16_card, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_card)
+    assert resolve_mixed_precision("auto", "cuda") == expected
+
+
+def test_train_config_accepts_auto_and_names_a_bad_value():
+    assert TrainConfig(mixed_precision="auto").mixed_precision == "auto"
+    with pytest.raises(ConfigError, match="pretrain.train.mixed_precision"):
+        section_from_dict(TrainConfig, {"mixed_precision": "bf17"}, "pretrain.train")
