@@ -74,7 +74,9 @@ def dotted_keys(data: dict, prefix: str = "") -> set[str]:
 
 def resolve_profile(data: dict, root: Path) -> dict:
     """params.yaml's mapping with its selected profile applied (``profile`` missing = ``base``)."""
-    name = data.get("profile", BASE_PROFILE) if isinstance(data, dict) else BASE_PROFILE
+    if not isinstance(data, dict):
+        return data  # not a mapping: PipelineConfig.from_dict reports it
+    name = data.get("profile", BASE_PROFILE)
     if name in (None, "", BASE_PROFILE) and not (root / PROFILES_DIR / f"{BASE_PROFILE}.yaml").is_file():
         return data
     return merge(data, read_profile(root, name or BASE_PROFILE))
@@ -88,6 +90,8 @@ def source_name(params_path: Path, data: dict) -> str:
 
 def check_overrides(data: dict, root: Path, overrides: dict[str, Any]) -> None:
     """Reject overrides of keys the selected profile sets: written to params.yaml they would not apply."""
+    if not isinstance(data, dict):
+        return  # not a mapping: PipelineConfig.from_dict reports it
     name = overrides.get("profile", data.get("profile", BASE_PROFILE)) or BASE_PROFILE
     if name == BASE_PROFILE and not (root / PROFILES_DIR / f"{BASE_PROFILE}.yaml").is_file():
         return
