@@ -41,11 +41,12 @@ def test_two_process_pretrain_logs_once_to_an_mlflow_server_and_one_process_resu
                         "--artifacts-destination", str(artifact_store)],
                        cwd=tmp_path, env=h.project_env(root), log=tmp_path / "mlflow-server.log")  # fmt: skip
     try:
-        h.wait_healthy(url, server)
         # CPU DDP over gloo: `--cpu` alone would start one process, so --multi_gpu with ACCELERATE_USE_CPU
         env = h.project_env(root, MLFLOW_TRACKING_URI=url, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-        prepare = h.run([sys.executable, "-m", "tasks.prepare"], root, env=env)
+        local = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'prepare.db'}"}
+        prepare = h.run([sys.executable, "-m", "tasks.prepare"], root, env=local)  # while the server starts
         assert prepare.returncode == 0, prepare.stdout[-3000:]
+        h.wait_healthy(url, server)
         two = h.run([h.tool("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                      "-m", "tasks.pretrain"], root, env=env)  # fmt: skip
@@ -68,6 +69,8 @@ def test_two_process_pretrain_logs_once_to_an_mlflow_server_and_one_process_resu
         assert all(r["info"]["artifact_uri"].startswith("mlflow-artifacts:") for r in runs)  # proxied by the server
         logged = sorted(p.name for p in artifact_store.rglob("*.png"))
         assert logged == ["loss.png", "loss.png", "samples.png", "samples.png"]
-        assert not (root / "mlartifacts").exists() and not (root / "mlflow.db").exists()
+        in_project = sorted(p.relative_to(root).as_posix() for p in root.rglob("loss.png"))
+        assert in_project == ["outputs/pretrain/loss.png"]  # the logged copies went to the store only
+        assert not (root / "mlflow.db").exists()
     finally:
         server.stop()
