@@ -295,6 +295,7 @@ class PipelineConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    profile: str = "base"  # profiles/<name>.yaml, already layered over the sections above when loaded
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "params.yaml") -> "PipelineConfig":

@@ -109,8 +109,12 @@ def read_params_file(path: Path) -> dict:
 
 def load_params(path: Path) -> PipelineConfig:
     """Read and validate params.yaml (each section, then how they fit); ConfigError names the key."""
-    config = PipelineConfig.from_dict(read_params_file(path), source=str(path.name))
-    validate_pipeline(config, source=str(path.name))
+    from tasks.profiles import resolve_profile, source_name
+
+    data = read_params_file(path)
+    source = source_name(path, data)
+    config = PipelineConfig.from_dict(resolve_profile(data, path.parent), source=source)
+    validate_pipeline(config, source=source)
     return config
 
 

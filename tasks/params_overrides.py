@@ -32,11 +32,14 @@ def overridden_params(params_path: Path, overrides: dict[str, Any]) -> tuple[dic
     Raises:
         ConfigError naming the offending key.
     """
+    from tasks.profiles import check_overrides, resolve_profile, source_name
+
     data = read_params_file(params_path)
+    check_overrides(data, params_path.parent, overrides)
     for key, value in overrides.items():
         set_dotted(data, key, value)
-    source = f"{params_path.name} (with overrides)"
-    config = PipelineConfig.from_dict(data, source=source)
+    source = f"{source_name(params_path, data)} (with overrides)"
+    config = PipelineConfig.from_dict(resolve_profile(data, params_path.parent), source=source)
     validate_pipeline(config, source=source)
     return data, config
 

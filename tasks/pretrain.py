@@ -51,14 +51,15 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     denoiser = build_denoiser(cfg.diffusion, unet)
     loss_fn = build_loss(cfg.diffusion)
 
-    fingerprint = run_fingerprint(config, manifest["checksum"])
+    fingerprint = run_fingerprint(config, manifest["checksum"])  # independent of the process count
     run_dir = paths.checkpoints / fingerprint
-    if paths.checkpoints.is_dir():  # checkpoints of other configurations can never be resumed
-        for stale in paths.checkpoints.iterdir():
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+                              cpu=not torch.cuda.is_available())
+    if accelerator.is_main_process and paths.checkpoints.is_dir():
+        for stale in paths.checkpoints.iterdir():  # checkpoints of other configurations can never be resumed
             if stale.name != fingerprint:
                 shutil.rmtree(stale, ignore_errors=True)
-
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision), cpu=not torch.cuda.is_available())
+    accelerator.wait_for_everyone()
     if not accelerator.is_main_process:  # other ranks train; only the main process logs and saves
         train(denoiser, loss_fn, splits["train"].images, cfg.train, out_dir=run_dir,
               accelerator=accelerator, progress=False)

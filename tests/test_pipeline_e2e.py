@@ -424,3 +424,31 @@ def test_imagefolder_zip_pipeline_skips_corrupt_file(image_tree, tmp_path):
     probe = json.loads((root / "metrics/probe.json").read_text())
     assert probe["test_acc"] > 0.6, probe  # three distinct patterns; chance is 1/3
     assert json.loads((root / "metrics/register.json").read_text())["promoted"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. A DVC remote and the run-cache: a second machine reuses what the first one computed
+
+
+def test_second_clone_with_the_remote_and_run_cache_skips_every_stage(pipeline, tmp_path):
+    remote, clone = tmp_path / "dvc-remote", tmp_path / "clone"
+    assert h.dvc(pipeline.root, "remote", "add", "--local", "shared", str(remote)).returncode == 0
+    push = h.dvc(pipeline.root, "push", "--run-cache", "-r", "shared")
+    assert push.returncode == 0, push.stdout[-3000:]
+
+    h.git(tmp_path, "clone", "-q", str(pipeline.root), str(clone))  # code only: no dvc.lock, no outputs
+    shutil.copy2(pipeline.root / "params.yaml", clone / "params.yaml")  # the params the outputs were made with
+    assert not (clone / "dvc.lock").exists() and not (clone / "outputs").exists()
+    assert h.dvc(clone, "remote", "add", "--local", "--default", "shared", str(remote)).returncode == 0
+    repro = h.dvc(clone, "repro", "--pull", timeout=300)
+    assert repro.returncode == 0, repro.stdout[-4000:]
+    assert not h.ran_stages(repro.stdout), repro.stdout[-4000:]  # nothing recomputed
+    restored = {s for s in h.STAGES if f"Stage '{s}' is cached - skipping run" in repro.stdout}
+    assert restored == set(h.STAGES), repro.stdout[-4000:]
+    for output in ("metrics/probe.json", "outputs/pretrain/network/network.safetensors"):
+        assert (clone / output).read_bytes() == (pipeline.root / output).read_bytes(), output
+
+    h.set_params(clone, {"profile": "cifar10-ddpm"})  # one key selects another profile: every stage is stale
+    status = h.dvc(clone, "status", "--json")
+    assert status.returncode == 0, status.stdout[-3000:]
+    assert set(json.loads(status.stdout[status.stdout.index("{"):])) == set(h.STAGES)
