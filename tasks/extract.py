@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ddae_core.checkpoint import load_network, network_hash, read_network_config
 from ddae_core.config import PipelineConfig, as_dict
@@ -109,6 +110,8 @@ def build_features(config: PipelineConfig, paths: Paths, *, process_index: int =
     pending = [u for u in mine if unit_rows(work / u.file_name) != u.stop - u.start]
     log.info("process %d/%d: %d of its %d units already finished, %d to extract (%s)", process_index,
              num_processes, len(mine) - len(pending), len(mine), len(pending), work)
+    bar = tqdm(total=sum(u.stop - u.start for u in pending), unit="img", dynamic_ncols=True,
+               desc=f"extract ({len(keys)} features, process {process_index})")
     for unit in pending:
         data = splits[unit.split]
         ids = data.sample_ids[unit.start:unit.stop]
@@ -121,6 +124,8 @@ def build_features(config: PipelineConfig, paths: Paths, *, process_index: int =
                 chunks.setdefault(k, []).append(value)
         features = [np.concatenate(chunks[(k.tap, k.level, k.pool)]) for k in keys]
         write_unit(work / unit.file_name, ids, data.labels[unit.start:unit.stop], features, metadata)
+        bar.update(unit.stop - unit.start)
+    bar.close()
     summary = {"keys": len(keys), "levels": list(levels), "taps": list(taps), "units": len(units),
                "units_done": len(pending), "units_reused": len(mine) - len(pending)}
     barrier()
