@@ -307,6 +307,7 @@ class DiagnosticsConfig:
     pool: int = 1  # pooling grid of the per-tap features studied (1 = global average, the paper)
     knn_k: int = 20  # neighbours voting in the kNN probe
     knn_temperature: float = 0.07  # votes weigh exp(cosine similarity / temperature)
+    knn_queries: int = 2000  # test images the kNN probe classifies (class-balanced; 0 = all)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -314,6 +315,7 @@ class DiagnosticsConfig:
         _require(self.pool >= 1, "pool", f"must be >= 1, got {self.pool}")
         _require(self.knn_k >= 1, "knn_k", f"must be >= 1, got {self.knn_k}")
         _require(self.knn_temperature > 0, "knn_temperature", f"must be > 0, got {self.knn_temperature}")
+        _require(self.knn_queries >= 0, "knn_queries", f"must be >= 0, got {self.knn_queries}")
 
 
 @dataclass(frozen=True)
