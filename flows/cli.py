@@ -78,7 +78,7 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
 
 SUBCOMMANDS = {
     **core_cli.SUBCOMMANDS,
-    "run": core_cli.Subcommand(help="run the whole pipeline (prepare, pretrain, extract, probe, register)",
+    "run": core_cli.Subcommand(help="run the whole pipeline (prepare, pretrain, extract, probe, finetune, evaluate, register)",
                                configure=_configure_run, run=_run_run),
 }
 

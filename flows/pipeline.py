@@ -1,4 +1,4 @@
-"""The Prefect flow: the five stages through DVC, one MLflow parent run, a results artifact.
+"""The Prefect flow: the stages through DVC, one MLflow parent run, a results artifact.
 
 Deployed by prefect.yaml as ``ddae-pipeline/default`` and ``ddae-pipeline/weekly-retrain``; called
 directly by ``ddae run``. It shares DVC's cache with ``dvc repro``: nothing is computed twice.

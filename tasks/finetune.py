@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from ddae_core.checkpoint import load_network, network_hash, read_network_config, save_network
 from ddae_core.config import PipelineConfig
@@ -23,7 +23,7 @@ from ddae_core.features import extract_all
 from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, zero_head
 from ddae_core.label_efficiency import balanced_subset, fraction_label, label_subsets
 from ddae_core.nn.unet import UNet, UNetConfig
-from ddae_core.probe import fit_logistic
+from ddae_core.probe import LinearProbe, fit_logistic
 from ddae_core.probe_online import readout_matrix
 from tasks.cached_readout import Readout, load_index, load_selection, read_readout
 from tasks.common import Paths, StageError, atomic_directory, stage_main, write_json_atomic
@@ -53,6 +53,14 @@ def scratch_head(denoiser, split, rows: np.ndarray, readout: Readout, num_classe
                         taps=readout.taps, levels=[readout.level], pools=[readout.pool], seed=readout.seed,
                         progress=False)
     return zero_head(readout_matrix(feats, readout.taps, readout.level, readout.pool), num_classes)
+
+
+def probe_head(paths: Paths, x_train: np.ndarray, y_train: np.ndarray, rows: np.ndarray, readout: Readout,
+               num_classes: int, max_iter: int) -> LinearProbe:
+    """The pretrained model's head: a probe on the cached features of ``rows`` (all rows: the probe stage's)."""
+    if len(rows) == len(y_train):
+        return LinearProbe.from_state_dict(load_file(str(paths.probe / "probe.safetensors")))
+    return fit_logistic(x_train[rows], y_train[rows], num_classes=num_classes, l2=readout.l2, max_iter=max_iter)
 
 
 def disabled(paths: Paths) -> dict:
@@ -85,8 +93,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         for model_name in MODELS if cfg.scratch else MODELS[:1]:
             if model_name == "ddae_finetune":
                 denoiser = load_network(paths.network)
-                head = fit_logistic(x_train[rows], y_train[rows], num_classes=num_classes, l2=readout.l2,
-                                    max_iter=config.probe.max_iter)
+                head = probe_head(paths, x_train, y_train, rows, readout, num_classes, config.probe.max_iter)
             else:
                 denoiser = random_denoiser(paths.network, cfg.seed)
                 head = scratch_head(denoiser, splits["train"], rows, readout, num_classes, cfg.seed)
