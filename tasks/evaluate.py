@@ -1,4 +1,4 @@
-"""Stage 6, evaluate: label efficiency and representation diagnostics, from the cached features.
+"""The evaluate stage: label efficiency and representation diagnostics, from the cached features.
 
 Label efficiency: the probe's chosen readout and raw pixels, probed on class-balanced fractions of
 the train labels (L2 chosen on validation, test once; the 100% cells are the probe stage's own),
@@ -50,7 +50,11 @@ def probe_accuracy(x: dict[str, np.ndarray], y: dict[str, np.ndarray], rows: np.
 
 
 def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> list[dict]:
-    """One row per (method, fraction): labels used, validation and test accuracy."""
+    """One row per (method, fraction): labels used, validation and test accuracy.
+
+    Fractions below 100% use the plain (copy 0) features of their rows; the 100% cells are the probe
+    stage's fits (with the extract stage's augmented copies, when it made any).
+    """
     readout = load_selection(paths)
     probe_metrics = json.loads((paths.metrics / "probe.json").read_text())
     x, y = {}, {}
@@ -85,8 +89,8 @@ def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> l
     finetune_path = paths.metrics / "finetune.json"
     finetune = json.loads(finetune_path.read_text()) if finetune_path.is_file() else {"enabled": False}
     for cell in finetune.get("cells", []):
-        rows.append({key: cell[key] for key in ("method", "fraction", "labels", "val_acc", "test_acc")
-                     if key in cell} | {"method": cell["model"], "test_images": finetune["test_images"]})
+        rows.append({key: cell[key] for key in ("fraction", "labels", "val_acc", "test_acc")}
+                    | {"method": cell["model"], "test_images": finetune["test_images"]})
     return rows
 
 
@@ -117,7 +121,7 @@ def diagnostics(config: PipelineConfig, paths: Paths, index: dict, checkpoint: s
         if views:
             first, second = views[1][(key.tap, key.level, key.pool)], views[2][(key.tap, key.level, key.pool)]
             row["alignment"] = alignment(first, second)
-            row["uniformity"] = uniformity(np.concatenate([first, second]))
+            row["uniformity"] = (uniformity(first) + uniformity(second)) / 2  # per view, as Wang & Isola
         rows.append(row)
         log.info("diagnostics %s: %s", key.label, row)
     return rows

@@ -1,4 +1,4 @@
-"""Stage 5, finetune: the network up to the probe's readout + a head, trained end to end.
+"""The finetune stage: the network up to the probe's readout + a head, trained end to end.
 
 Per label fraction (``label_efficiency.fractions``, the same class-balanced rows as the probe study):
 the pretrained EMA network (head initialised by a probe fit on the cached features of those rows),
