@@ -287,6 +287,71 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True)
+class LabelEfficiencyConfig:
+    """Probe (and fine-tune) on class-balanced, seeded, nested fractions of the train labels."""
+
+    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # shares of the train labels; 1.0 reuses the probe stage
+    seed: int = 0  # which rows each fraction keeps (the same rows for every model compared)
+    raw_pixels: bool = True  # raw pixels through the same probe at the same label counts
+
+    def __post_init__(self) -> None:
+        _require(len(self.fractions) > 0, "fractions", "list at least one fraction")
+        for i, fraction in enumerate(self.fractions):
+            _require(0.0 < fraction <= 1.0, f"fractions[{i}]", f"must be in (0, 1], got {fraction}")
+        _require(len(set(self.fractions)) == len(self.fractions), "fractions", f"repeats a value: {list(self.fractions)}")
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Alignment/uniformity of two augmented views and a kNN probe, per tap and noise level."""
+
+    pairs: int = 512  # train images whose two augmented views are compared (0 disables alignment/uniformity)
+    pool: int = 1  # pooling grid of the per-tap features studied (1 = global average, the paper)
+    knn_k: int = 20  # neighbours voting in the kNN probe
+    knn_temperature: float = 0.07  # votes weigh exp(cosine similarity / temperature)
+    knn_queries: int = 2000  # test images the kNN probe classifies (class-balanced; 0 = all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.pairs == 0 or self.pairs >= 2, "pairs", f"must be 0 or >= 2, got {self.pairs}")
+        _require(self.pool >= 1, "pool", f"must be >= 1, got {self.pool}")
+        _require(self.knn_k >= 1, "knn_k", f"must be >= 1, got {self.knn_k}")
+        _require(self.knn_temperature > 0, "knn_temperature", f"must be > 0, got {self.knn_temperature}")
+        _require(self.knn_queries >= 0, "knn_queries", f"must be >= 0, got {self.knn_queries}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """End-to-end fine-tuning of the network up to the probe's readout, plus a from-scratch baseline."""
+
+    enabled: bool = False  # off in the CPU profile: the stage then only records that it did not run
+    scratch: bool = True  # also train the same architecture from random weights (the baseline)
+    lr: float = 1e-3  # head learning rate (AdamW)
+    backbone_lr_scale: float = 0.1  # the network's learning rate is lr x this
+    weight_decay: float = 0.05
+    warmup_steps: int = 10  # linear warm-up, then cosine decay to 0
+    epochs: int = 10  # passes over the labelled subset ...
+    max_steps: int = 0  # ... capped at this many optimizer steps per model (0 = no cap)
+    batch_size: int = 64
+    eval_every: int = 20  # steps between validation checks (early stopping keeps the best)
+    patience: int = 3  # validation checks without improvement before stopping
+    val_max: int = 1000  # validation images used for early stopping (0 = all)
+    test_max: int = 0  # test images scored once at the end (0 = all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.backbone_lr_scale >= 0, "backbone_lr_scale", f"must be >= 0, got {self.backbone_lr_scale}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for key in ("warmup_steps", "max_steps", "val_max", "test_max"):
+            value = getattr(self, key)
+            _require(value >= 0, key, f"must be >= 0, got {value}")
+        for key in ("epochs", "batch_size", "eval_every", "patience"):
+            value = getattr(self, key)
+            _require(value >= 1, key, f"must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """All of ``params.yaml``."""
 
@@ -295,6 +360,9 @@ class PipelineConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    label_efficiency: LabelEfficiencyConfig = field(default_factory=LabelEfficiencyConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     profile: str = "base"  # profiles/<name>.yaml, already layered over the sections above when loaded
 
     @classmethod

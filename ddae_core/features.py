@@ -171,15 +171,46 @@ def extract_batch(
     with _eval_mode(denoiser), torch.inference_mode():
         for level in levels:
             level = float(level)
-            noise = sample_noise(seed, sample_ids, level, tuple(x0.shape[1:])).to(x0.device, x0.dtype)
-            level_tensor = torch.full((x0.shape[0],), level, dtype=torch.float32, device=x0.device)  # (N,)
-            x_noisy = denoiser.add_noise(x0, level_tensor, noise)  # (N, C, H, W)
-            captured = _forward_taps(denoiser, x_noisy, level_tensor, taps)
+            captured = _noised_taps(denoiser, x0, sample_ids, level, taps, seed)
             for tap in taps:
                 for grid in pools:
                     pooled = pool(captured[tap].float(), grid)  # (N, D)
                     features[(tap, level, int(grid))] = pooled.cpu().numpy().astype(np.float32, copy=False)
     return features
+
+
+def _noised_taps(
+    denoiser: nn.Module, x0: torch.Tensor, sample_ids: Any, level: float, taps: Sequence[str], seed: int
+) -> dict[str, torch.Tensor]:
+    """Noise ``x0`` at ``level`` (keyed by seed and sample id) and return the taps' raw outputs."""
+    noise = sample_noise(seed, sample_ids, level, tuple(x0.shape[1:])).to(x0.device, x0.dtype)
+    level_tensor = torch.full((x0.shape[0],), level, dtype=torch.float32, device=x0.device)  # (N,)
+    x_noisy = denoiser.add_noise(x0, level_tensor, noise)  # (N, C, H, W)
+    return _forward_taps(denoiser, x_noisy, level_tensor, taps)
+
+
+def readout(
+    denoiser: nn.Module,
+    x0: torch.Tensor,
+    sample_ids: torch.Tensor | np.ndarray | Sequence[int],
+    *,
+    taps: Sequence[str],
+    level: float,
+    pool_grid: int,
+    seed: int,
+) -> torch.Tensor:
+    """Differentiable features (N, D) of ``x0``: taps at one level, pooled, concatenated in order.
+
+    The same noise, forward and pooling as ``extract_batch`` (so a fine-tuned network is read out
+    exactly as it was probed), but under the caller's grad mode and train/eval state: fine-tuning
+    back-propagates through it.
+    """
+    if x0.ndim != 4:
+        raise ValueError(f"x0 must be (N, C, H, W), got shape {tuple(x0.shape)}")
+    if len(sample_ids) != x0.shape[0]:
+        raise ValueError(f"{len(sample_ids)} sample ids for {x0.shape[0]} images")
+    captured = _noised_taps(denoiser, x0, sample_ids, float(level), taps, seed)
+    return torch.cat([pool(captured[tap].float(), pool_grid) for tap in taps], dim=1)
 
 
 def feature_dims(

@@ -51,5 +51,8 @@ def validate_pipeline(config: PipelineConfig, source: str = "params.yaml") -> No
             feature_levels(config.pretrain.diffusion, config.extract.levels, config.extract.sigma_indices)
         except ValueError as err:
             raise ConfigError(f"extract.{err}") from None
+        if config.diagnostics.pool not in config.extract.pools:
+            raise ConfigError(f"diagnostics.pool: {config.diagnostics.pool} is not in extract.pools "
+                              f"{list(config.extract.pools)} (diagnostics read the cached features)")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None

@@ -72,13 +72,16 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"test accuracy {100 * probe['test_acc']:.2f}% with {probe['best']['name']}"
                   + (f" (raw pixels {100 * probe['raw_pixels_test_acc']:.2f}%)" if "raw_pixels_test_acc" in probe else "")
                   + "\n")
+    efficiency = root / "plots" / "evaluate" / "label_efficiency.md"
+    if efficiency.is_file():
+        out.write(efficiency.read_text())
     out.write(json.dumps({"metrics": "metrics/probe.json", "model": "models:/ddae-classifier@champion"}) + "\n")
     return 0
 
 
 SUBCOMMANDS = {
     **core_cli.SUBCOMMANDS,
-    "run": core_cli.Subcommand(help="run the whole pipeline (prepare, pretrain, extract, probe, register)",
+    "run": core_cli.Subcommand(help="run the whole pipeline (prepare, pretrain, extract, probe, finetune, evaluate, register)",
                                configure=_configure_run, run=_run_run),
 }
 

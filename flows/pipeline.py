@@ -1,4 +1,4 @@
-"""The Prefect flow: the five stages through DVC, one MLflow parent run, a results artifact.
+"""The Prefect flow: the stages through DVC, one MLflow parent run, a results artifact.
 
 Deployed by prefect.yaml as ``ddae-pipeline/default`` and ``ddae-pipeline/weekly-retrain``; called
 directly by ``ddae run``. It shares DVC's cache with ``dvc repro``: nothing is computed twice.
@@ -37,6 +37,9 @@ def results_markdown(root: Path, stages: list[dict]) -> str:
         rows = [r.split(",") for r in table.read_text().strip().splitlines()]
         lines += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    efficiency = root / "plots" / "evaluate" / "label_efficiency.md"
+    if efficiency.is_file():
+        lines += ["", "**Label efficiency**", "", efficiency.read_text().strip()]
     register = root / "metrics" / "register.json"
     if register.is_file():
         decision = json.loads(register.read_text())
@@ -48,7 +51,7 @@ def results_markdown(root: Path, stages: list[dict]) -> str:
 @flow(name="ddae-pipeline", log_prints=True)
 def ddae_pipeline(dataset: str | None = None, overrides: dict[str, Any] | None = None,
                   repo: str | None = None) -> dict:
-    """Run prepare -> pretrain -> extract -> probe -> register.
+    """Run prepare -> pretrain -> extract -> probe -> finetune -> evaluate -> register.
 
     Args:
         dataset: shorthand for the ``data.dataset`` override (fashion-mnist, cifar10, imagefolder).

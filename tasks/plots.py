@@ -59,3 +59,19 @@ def save_heatmap(values: dict[tuple[str, str], float], rows: Sequence[str], cols
     fig.colorbar(image, ax=ax, label="validation accuracy (%)")
     ax.set_title(title)
     _save(fig, path)
+
+
+def save_label_efficiency(rows: Sequence[dict], methods: dict[str, str], path: Path) -> None:
+    """Test accuracy against the number of train labels (log scale), one line per method."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for method, title in methods.items():
+        points = sorted((r["labels"], 100.0 * r["test_acc"]) for r in rows if r["method"] == method)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=title)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled train images")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Label efficiency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -45,12 +45,53 @@ def score(model, frame: pd.DataFrame, labels: np.ndarray) -> float:
     return float((predicted == labels).mean())
 
 
+def log_classifier(paths: Paths, network: Path, probe: Path, preprocess: Path, example: pd.DataFrame, name: str):
+    """Log network + probe directory as a pyfunc model (from code) in the active run; returns its info."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from tasks.classifier_model import DDAEClassifierModel  # in-process copy, for the signature
+
+    artifacts = {"network": str(network), "probe": str(probe), "preprocess": str(preprocess)}
+    local = DDAEClassifierModel()
+    local.load_context(type("Context", (), {"artifacts": artifacts})())
+    signature = infer_signature(example, local.predict(None, example))
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=str(CLASSIFIER_CODE), artifacts=artifacts,
+        code_paths=[str(paths.root / "ddae_core")], pip_requirements=PIP_REQUIREMENTS,
+        signature=signature, input_example=example,
+    )
+
+
+def register_finetuned(paths: Paths, name: str, tags: dict, preprocess: Path, frame: pd.DataFrame,
+                       labels: np.ndarray) -> dict | None:
+    """When the finetune stage saved a model: a second version (tag ``ddae.kind=finetune``, alias ``finetune``).
+
+    It is the same pyfunc flavour (network + head as a probe directory); the champion gate stays
+    with the probe versions, so enabling fine-tuning never moves ``champion`` on its own.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    network, head = paths.root / "outputs" / "finetune" / "network", paths.root / "outputs" / "finetune" / "head"
+    if not (head / "selection.json").is_file():
+        return None
+    selection = json.loads((head / "selection.json").read_text())
+    info = log_classifier(paths, network, head, preprocess, frame.head(2), "finetune_model")
+    key = content_key([network, head], extra=preprocess.read_text())
+    version = register_once(info.model_uri, name, {  # a retried stage registers nothing twice
+        **tags, "ddae.network_hash": network_hash(network), "ddae.finetune_test_acc": f"{selection['test_acc']:.6f}"}, key)
+    MlflowClient().set_registered_model_alias(name, "finetune", version.version)
+    test_acc = score(mlflow.pyfunc.load_model(f"models:/{name}/{version.version}"), frame, labels)
+    MlflowClient().set_model_version_tag(name, version.version, "ddae.gate.test_acc", str(test_acc))
+    return {"version": int(version.version), "test_acc": test_acc}
+
+
 def run(config: PipelineConfig, paths: Paths) -> dict:
     """Log, register, alias and gate. Returns the decision written to metrics/register.json."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
 
     for required in (paths.network / "network.json", paths.probe / "selection.json"):
         if not required.is_file():
@@ -70,18 +111,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     with stage_run(paths.root, "register", tags) as run, tempfile.TemporaryDirectory() as tmp:
         preprocess = Path(tmp) / "preprocess.json"
         preprocess.write_text(json.dumps(manifest["preprocess"]))
-        artifacts = {"network": str(paths.network), "probe": str(paths.probe), "preprocess": str(preprocess)}
-        example = frame.head(2)
-        from tasks.classifier_model import DDAEClassifierModel  # in-process copy, for the signature
-
-        local = DDAEClassifierModel()
-        local.load_context(type("Context", (), {"artifacts": artifacts})())
-        signature = infer_signature(example, local.predict(None, example))
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(CLASSIFIER_CODE), artifacts=artifacts,
-            code_paths=[str(paths.root / "ddae_core")], pip_requirements=PIP_REQUIREMENTS,
-            signature=signature, input_example=example,
-        )
+        info = log_classifier(paths, paths.network, paths.probe, preprocess, frame.head(2), "model")
         key = content_key([paths.network, paths.probe], extra=json.dumps(manifest["preprocess"], sort_keys=True))
         version = register_once(info.model_uri, name, tags, key)  # a retried stage registers nothing twice
         client = MlflowClient()
@@ -106,6 +136,9 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             client.set_model_version_tag(name, version.version, f"ddae.gate.{key}", str(decision[key]))
         if promote:
             client.set_registered_model_alias(name, "champion", version.version)
+        finetuned = register_finetuned(paths, name, {**tags, "ddae.kind": "finetune"}, preprocess, frame, labels)
+        if finetuned is not None:
+            decision["finetune"] = finetuned
         mlflow.log_metrics({"registered_test_acc": new_acc, "promoted": float(promote)})
         mlflow.log_dict(decision, "decision.json")
         decision["run_id"] = run.info.run_id

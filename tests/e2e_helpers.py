@@ -35,7 +35,7 @@ FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 # What a pipeline checkout needs (README, tests and scripts are not part of a run).
 PROJECT_ITEMS = ("ddae_core", "tasks", "flows", "dvc.yaml", "params.yaml", ".dvc", ".dvcignore",
                  "prefect.yaml", ".gitignore", "profiles")
-STAGES = ("prepare", "pretrain", "extract", "probe", "register")
+STAGES = ("prepare", "pretrain", "extract", "probe", "finetune", "evaluate", "register")
 
 # The tiny profile: every stage runs for real, in well under a minute on two cores.
 TINY_PARAMS: dict[str, Any] = {

@@ -150,6 +150,33 @@ def test_features_are_partitioned_parquet_with_checkpoint_hash(pipeline):
     assert total == sum(manifest["splits"].values()) * len(keys)  # images x keys
 
 
+def test_label_efficiency_and_diagnostics_reuse_the_probe(pipeline):
+    from ddae_core.label_efficiency import subset_size
+
+    root = pipeline.root
+    assert json.loads((root / "metrics/finetune.json").read_text()) == {"enabled": False}
+    assert json.loads((root / "outputs/finetune/status.json").read_text()) == {"enabled": False}
+    probe = json.loads((root / "metrics/probe.json").read_text())
+    manifest = json.loads((root / "data/prepared/manifest.json").read_text())
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    table = metrics["label_efficiency"]
+    assert set(table) == {"ddae_probe", "ddae_knn", "raw_pixels"}
+    for method in table.values():
+        assert set(method) == {"1%", "10%", "100%"} and all(0.0 <= v <= 1.0 for v in method.values())
+    train, classes = manifest["splits"]["train"], len(manifest["class_names"])
+    assert metrics["labels"] == {"1%": subset_size(train, 0.01, classes), "10%": subset_size(train, 0.1, classes),
+                                 "100%": train}
+    assert table["ddae_probe"]["100%"] == probe["test_acc"]  # the probe stage's own fit, not redone
+    assert table["raw_pixels"]["100%"] == probe["raw_pixels_test_acc"]
+    assert set(metrics["diagnostics"]) == {"mid.res1@11/p1", "dec.16x16.res0@11/p1"}
+    for row in metrics["diagnostics"].values():
+        assert 0.0 <= row["alignment"] <= 4.0 and row["uniformity"] <= 0.0 and 0.0 <= row["knn_test_acc"] <= 1.0
+    markdown = (root / "plots/evaluate/label_efficiency.md").read_text()
+    assert "| DDAE, linear probe |" in markdown and "| raw pixels, linear probe |" in markdown
+    assert f"{100 * probe['test_acc']:.2f}%" in markdown
+    assert (root / "plots/evaluate/label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_second_repro_reruns_nothing(pipeline):
     root = pipeline.root
     watched = ("dvc.lock", "data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
@@ -159,6 +186,42 @@ def test_second_repro_reruns_nothing(pipeline):
     assert h.skipped_stages(result.stdout) == set(h.STAGES), result.stdout
     assert h.ran_stages(result.stdout) == set()
     assert h.tree_snapshot(root, *watched) == before
+
+
+def test_finetune_enabled_runs_cached_and_registers_a_second_flavour(pipeline, tmp_path):
+    """On a copy of the finished project: fine-tuning adds its cells to the table and a tagged version."""
+    from mlflow import MlflowClient
+
+    root = tmp_path / "project"
+    shutil.copytree(pipeline.root, root, symlinks=True)
+    for store in ("mlflow.db", "mlartifacts"):  # a fresh registry, so the copy never writes into the original
+        path = root / store
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    h.set_params(root, {"finetune.enabled": True, "finetune.max_steps": 4, "finetune.eval_every": 2,
+                        "finetune.val_max": 30, "finetune.test_max": 40, "finetune.batch_size": 16})
+    result = h.dvc(root, "repro", timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert h.ran_stages(result.stdout) == {"finetune", "evaluate", "register"}, result.stdout[-3000:]
+
+    finetune = json.loads((root / "metrics/finetune.json").read_text())
+    cells = {(c["model"], c["fraction"]): c for c in finetune["cells"]}
+    assert set(cells) == {(m, f) for m in ("ddae_finetune", "scratch_finetune") for f in (0.01, 0.1, 1.0)}
+    assert all(c["steps"] <= 4 and 0.0 <= c["test_acc"] <= 1.0 for c in cells.values())
+    assert finetune["test_images"] == 40
+    table = json.loads((root / "metrics/evaluate.json").read_text())["label_efficiency"]
+    assert table["ddae_finetune"]["100%"] == cells[("ddae_finetune", 1.0)]["test_acc"]
+    assert table["scratch_finetune"]["1%"] == cells[("scratch_finetune", 0.01)]["test_acc"]
+    assert "| same network from scratch |" in (root / "plots/evaluate/label_efficiency.md").read_text()
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    tuned = client.get_model_version_by_alias("ddae-classifier", "finetune")
+    champion = client.get_model_version_by_alias("ddae-classifier", "champion")
+    assert tuned.tags["ddae.kind"] == "finetune" and champion.tags["ddae.kind"] == "probe"
+    assert tuned.version != champion.version and "ddae.finetune_test_acc" in tuned.tags
+
+    again = h.dvc(root, "repro", timeout=300)
+    assert again.returncode == 0 and h.ran_stages(again.stdout) == set(), again.stdout[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +408,7 @@ def test_probe_params_change_reruns_only_probe_and_register(pipeline):
     h.set_params(root, {"probe.l2_grid": [0.05]})
     result = h.dvc(root, "repro")
     assert result.returncode == 0, result.stdout[-3000:]
-    assert h.ran_stages(result.stdout) == {"probe", "register"}, result.stdout[-3000:]
+    assert h.ran_stages(result.stdout) == {"probe", "finetune", "evaluate", "register"}, result.stdout[-3000:]
     assert h.skipped_stages(result.stdout) == {"prepare", "pretrain", "extract"}
     assert h.tree_snapshot(root, *upstream) == before
     assert json.loads((root / "metrics/probe.json").read_text())["best"]["l2"] == 0.05

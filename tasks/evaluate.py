@@ -1,0 +1,217 @@
+"""The evaluate stage: label efficiency and representation diagnostics, from the cached features.
+
+Label efficiency: the probe's chosen readout and raw pixels, probed on class-balanced fractions of
+the train labels (L2 chosen on validation, test once; the 100% cells are the probe stage's own),
+beside the fine-tune stage's cells when it ran. Diagnostics, per tap and noise level: kNN accuracy
+beside the linear one, and alignment/uniformity of two augmented views of a few train images.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+
+import numpy as np
+
+from ddae_core.checkpoint import load_network, network_hash
+from ddae_core.config import PipelineConfig
+from ddae_core.data import load_prepared
+from ddae_core.diagnostics import alignment, knn_accuracy, uniformity
+from ddae_core.features import extract_all
+from ddae_core.label_efficiency import balanced_subset, fraction_label, label_subsets
+from ddae_core.probe import select_probe
+from tasks.cached_readout import load_index, load_selection, read_readout
+from tasks.common import Paths, StageError, atomic_directory, stage_main, write_bytes_atomic, write_json_atomic
+from tasks.feature_store import FeatureKey
+from tasks.plots import save_label_efficiency
+from tasks.tracking import stage_run
+
+log = logging.getLogger("ddae")
+
+METHODS = {  # column -> what the table calls it
+    "ddae_probe": "DDAE, linear probe",
+    "ddae_knn": "DDAE, kNN",
+    "raw_pixels": "raw pixels, linear probe",
+    "ddae_finetune": "DDAE, fine-tuned",
+    "scratch_finetune": "same network from scratch",
+}
+
+
+def probe_accuracy(x: dict[str, np.ndarray], y: dict[str, np.ndarray], rows: np.ndarray, num_classes: int,
+                   config: PipelineConfig) -> dict[str, float]:
+    """Probe fitted on ``rows`` of train, L2 chosen on validation, scored once on test."""
+    _key, l2, probe, table = select_probe({"x": (x["train"][rows], x["val"])}, y["train"][rows], y["val"],
+                                          num_classes=num_classes, l2_grid=config.probe.l2_grid,
+                                          max_iter=config.probe.max_iter, progress=False)
+    val_acc = next(r["val_acc"] for r in table if r["l2"] == l2)
+    return {"val_acc": val_acc, "test_acc": float(probe.accuracy(x["test"], y["test"]))}
+
+
+def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> list[dict]:
+    """One row per (method, fraction): labels used, validation and test accuracy.
+
+    Fractions below 100% use the plain (copy 0) features of their rows; the 100% cells are the probe
+    stage's fits (with the extract stage's augmented copies, when it made any).
+    """
+    readout = load_selection(paths)
+    probe_metrics = json.loads((paths.metrics / "probe.json").read_text())
+    x, y = {}, {}
+    for split in ("train", "val", "test"):
+        x[split], y[split] = read_readout(paths.features, readout.taps, readout.level, readout.pool, split, checkpoint)
+    num_classes = len(readout.class_names)
+    cfg = config.label_efficiency
+    subsets = label_subsets(y["train"], cfg.fractions, cfg.seed)
+    pixels = None
+    if cfg.raw_pixels:
+        _manifest, splits = load_prepared(paths.prepared)
+        pixels = {s: np.asarray(splits[s].images, dtype=np.float32).reshape(len(splits[s]), -1) / 255.0
+                  for s in ("train", "val", "test")}
+    queries = knn_queries(y["test"], config)
+    rows = []
+    for fraction, subset in sorted(subsets.items()):
+        cell = {"fraction": fraction, "labels": int(len(subset)), "test_images": int(len(y["test"]))}
+        if len(subset) == len(y["train"]):  # all labels: exactly what the probe stage fitted
+            rows.append({**cell, "method": "ddae_probe", "val_acc": readout.val_acc, "test_acc": readout.test_acc})
+        else:
+            rows.append({**cell, "method": "ddae_probe", **probe_accuracy(x, y, subset, num_classes, config)})
+        if pixels is not None:
+            if len(subset) == len(y["train"]) and "raw_pixels_test_acc" in probe_metrics:
+                rows.append({**cell, "method": "raw_pixels", "val_acc": probe_metrics["raw_pixels_val_acc"],
+                             "test_acc": probe_metrics["raw_pixels_test_acc"]})
+            else:
+                rows.append({**cell, "method": "raw_pixels", **probe_accuracy(pixels, y, subset, num_classes, config)})
+        rows.append({**cell, "method": "ddae_knn", "test_images": int(len(queries)), "test_acc": knn_accuracy(
+            x["train"][subset], y["train"][subset], x["test"][queries], y["test"][queries], num_classes=num_classes,
+            k=config.diagnostics.knn_k, temperature=config.diagnostics.knn_temperature)})
+        log.info("label efficiency %s: %s", fraction_label(fraction), rows[-3:])
+    finetune_path = paths.metrics / "finetune.json"
+    finetune = json.loads(finetune_path.read_text()) if finetune_path.is_file() else {"enabled": False}
+    for cell in finetune.get("cells", []):
+        rows.append({key: cell[key] for key in ("fraction", "labels", "val_acc", "test_acc")}
+                    | {"method": cell["model"], "test_images": finetune["test_images"]})
+    return rows
+
+
+def knn_queries(test_labels: np.ndarray, config: PipelineConfig) -> np.ndarray:
+    """The class-balanced test rows the kNN probe classifies (all when ``knn_queries`` is 0)."""
+    cap = config.diagnostics.knn_queries or len(test_labels)
+    return balanced_subset(test_labels, min(cap, len(test_labels)), config.diagnostics.seed)
+
+
+def diagnostics(config: PipelineConfig, paths: Paths, index: dict, checkpoint: str) -> list[dict]:
+    """Per (tap, level) at ``diagnostics.pool``: kNN test accuracy, alignment and uniformity."""
+    cfg = config.diagnostics
+    keys = [FeatureKey(k["tap"], k["level"], k["pool"]) for k in index["keys"] if k["pool"] == cfg.pool]
+    if not keys:
+        raise StageError(f"params.yaml: diagnostics.pool: {cfg.pool} is not in extract.pools "
+                         f"({sorted({k['pool'] for k in index['keys']})})")
+    num_classes = len(index["class_names"])
+    views = two_views(config, paths, index, keys) if cfg.pairs else {}
+    rows = []
+    for key in keys:
+        train, y_train = read_readout(paths.features, (key.tap,), key.level, key.pool, "train", checkpoint)
+        test, y_test = read_readout(paths.features, (key.tap,), key.level, key.pool, "test", checkpoint)
+        queries = knn_queries(y_test, config)
+        test, y_test = test[queries], y_test[queries]
+        row = {"tap": key.tap, "level": key.level, "pool": key.pool,
+               "knn_test_acc": knn_accuracy(train, y_train, test, y_test, num_classes=num_classes,
+                                            k=cfg.knn_k, temperature=cfg.knn_temperature)}
+        if views:
+            first, second = views[1][(key.tap, key.level, key.pool)], views[2][(key.tap, key.level, key.pool)]
+            row["alignment"] = alignment(first, second)
+            row["uniformity"] = (uniformity(first) + uniformity(second)) / 2  # per view, as Wang & Isola
+        rows.append(row)
+        log.info("diagnostics %s: %s", key.label, row)
+    return rows
+
+
+def two_views(config: PipelineConfig, paths: Paths, index: dict, keys: list[FeatureKey]) -> dict[int, dict]:
+    """Features of augmented copies 1 and 2 (flip/crop + their own noise) of a few train images."""
+    _manifest, splits = load_prepared(paths.prepared)
+    train = splits["train"]
+    rows = balanced_subset(train.labels, min(config.diagnostics.pairs, len(train)), config.diagnostics.seed)
+    denoiser = load_network(paths.network).eval()
+    taps = list(dict.fromkeys(k.tap for k in keys))
+    levels = sorted({k.level for k in keys})
+    return {copy: extract_all(denoiser, np.asarray(train.images[rows]), np.asarray(train.sample_ids)[rows],
+                              taps=taps, levels=levels, pools=[config.diagnostics.pool], seed=index["seed"],
+                              batch_size=config.extract.batch_size, copy=copy, progress=False)
+            for copy in (1, 2)}
+
+
+def write_csv(path, header: list[str], rows: list[list]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_bytes_atomic(path, buffer.getvalue().encode())
+
+
+def wide_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """One line per fraction, one test-accuracy column per method (what ``dvc plots`` draws)."""
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    fractions = sorted({r["fraction"] for r in rows})
+    lines = []
+    for fraction in fractions:
+        cells = {r["method"]: r for r in rows if r["fraction"] == fraction}
+        labels = next(r["labels"] for r in rows if r["fraction"] == fraction)
+        lines.append([fraction_label(fraction), labels] + [f"{cells[m]['test_acc']:.4f}" if m in cells else ""
+                                                          for m in methods])
+    return ["fraction", "labels", *methods], lines
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The headline table: test accuracy (%) per method and label fraction."""
+    fractions = sorted({r["fraction"] for r in rows})
+    lines = ["| test accuracy | " + " | ".join(f"{fraction_label(f)} labels" for f in fractions) + " |",
+             "|---|" + "---|" * len(fractions)]
+    for method, title in METHODS.items():
+        cells = {r["fraction"]: r for r in rows if r["method"] == method}
+        if cells:
+            lines.append(f"| {title} | " + " | ".join(
+                f"{100 * cells[f]['test_acc']:.2f}%" if f in cells else "" for f in fractions) + " |")
+    sizes = sorted({(METHODS[r["method"]], r["test_images"]) for r in rows if "test_images" in r})
+    lines += ["", "Test images scored: " + "; ".join(f"{title} {count}" for title, count in sizes) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def summary_metrics(efficiency: list[dict], study: list[dict]) -> dict:
+    """``{"label_efficiency": {method: {"1%": test_acc}}, "diagnostics": {"tap@level": {...}}}`` for DVC."""
+    table: dict[str, dict[str, float]] = {}
+    for row in efficiency:
+        table.setdefault(row["method"], {})[fraction_label(row["fraction"])] = row["test_acc"]
+    labels = {fraction_label(r["fraction"]): r["labels"] for r in efficiency}
+    per_tap = {f"{r['tap']}@{r['level']:g}/p{r['pool']}": {k: v for k, v in r.items() if k not in ("tap", "level", "pool")}
+               for r in study}
+    return {"label_efficiency": table, "labels": labels, "diagnostics": per_tap}
+
+
+def run(config: PipelineConfig, paths: Paths) -> dict:
+    """Label efficiency and diagnostics; returns the metrics written to metrics/evaluate.json."""
+    index = load_index(paths)
+    checkpoint = network_hash(paths.network)
+    efficiency = label_efficiency(config, paths, checkpoint)
+    study = diagnostics(config, paths, index, checkpoint)
+    header, lines = wide_table(efficiency)
+    with atomic_directory(paths.plots / "evaluate") as plots:
+        write_csv(plots / "label_efficiency.csv", header, lines)
+        write_csv(plots / "diagnostics.csv", list(study[0]), [list(r.values()) for r in study])
+        write_bytes_atomic(plots / "label_efficiency.md", markdown_table(efficiency).encode())
+        save_label_efficiency(efficiency, METHODS, plots / "label_efficiency.png")
+    write_json_atomic(paths.metrics / "evaluate.json", summary_metrics(efficiency, study))
+    with stage_run(paths.root, "evaluate", {"ddae.network_hash": checkpoint,
+                                            "ddae.data_checksum": index["data_checksum"]}):
+        import mlflow
+
+        mlflow.log_metrics({f"{r['method']}.{fraction_label(r['fraction']).rstrip('%')}pct.test_acc": r["test_acc"]
+                            for r in efficiency})
+        mlflow.log_metrics({f"knn.{r['tap']}.level{r['level']:g}.test_acc": r["knn_test_acc"] for r in study})
+        for name in ("label_efficiency.csv", "label_efficiency.md", "label_efficiency.png", "diagnostics.csv"):
+            mlflow.log_artifact(str(paths.plots / "evaluate" / name))
+    return {"label_efficiency": markdown_table(efficiency), "diagnostics": len(study)}
+
+
+if __name__ == "__main__":
+    stage_main("evaluate", run)

@@ -1,0 +1,124 @@
+"""Fine-tuning through the one feature path, on a tiny network and a separable toy problem."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddae_core.config import DiffusionConfig, FinetuneConfig
+from ddae_core.diffusion import build_denoiser
+from ddae_core.features import extract_batch, readout
+from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, lr_factor, total_steps, zero_head
+from ddae_core.nn import build_unet
+from ddae_core.probe_online import ImageSet, readout_matrix
+
+RES = 16
+TAPS = ("mid.res1", "dec.8x8.res0")
+
+
+def _brightness_split(n: int, first_id: int, seed: int) -> ImageSet:
+    """Images whose class (0..2) is their mean brightness, plus texture noise: uint8 (n, RES, RES, 1)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % 3
+    base = np.array([50.0, 128.0, 205.0])[labels][:, None, None, None]
+    images = np.clip(base + rng.normal(0, 20, size=(n, RES, RES, 1)), 0, 255).astype(np.uint8)
+    return ImageSet(images=images, labels=labels, sample_ids=np.arange(first_id, first_id + n, dtype=np.int64))
+
+
+@pytest.fixture(scope="module")
+def denoiser() -> torch.nn.Module:
+    torch.manual_seed(0)
+    unet = build_unet("ddpm-tiny", in_channels=1, resolution=RES, zero_init_output=False)
+    return build_denoiser(DiffusionConfig(framework="ddpm"), unet).eval()
+
+
+@pytest.fixture(scope="module")
+def splits() -> tuple[ImageSet, ImageSet]:
+    return _brightness_split(48, 0, 1), _brightness_split(30, 1000, 2)
+
+
+def _model(denoiser, split: ImageSet) -> ReadoutClassifier:
+    """A fresh copy of the network with a zero head standardised on ``split``'s features."""
+    from ddae_core.data import to_model_input
+
+    net = copy.deepcopy(denoiser)
+    feats = extract_batch(net, to_model_input(split.images), split.sample_ids, taps=TAPS, levels=[11.0],
+                          pools=[1], seed=3)
+    head = zero_head(readout_matrix(feats, TAPS, 11.0, 1), num_classes=3)
+    return ReadoutClassifier(net, head, taps=TAPS, level=11.0, pool=1, seed=3)
+
+
+def _config(**overrides) -> FinetuneConfig:
+    values = dict(lr=3e-2, backbone_lr_scale=0.1, weight_decay=0.0, warmup_steps=2, epochs=4, batch_size=16,
+                  eval_every=3, patience=10, seed=0)
+    return FinetuneConfig(**{**values, **overrides})
+
+
+def test_readout_equals_cached_features_and_is_differentiable(denoiser, splits) -> None:
+    from ddae_core.data import to_model_input
+
+    train = splits[0]
+    x0 = to_model_input(train.images[:6])
+    cached = readout_matrix(extract_batch(denoiser, x0, train.sample_ids[:6], taps=TAPS, levels=[11.0],
+                                          pools=[2], seed=3), TAPS, 11.0, 2)
+    net = copy.deepcopy(denoiser)
+    live = readout(net, x0, train.sample_ids[:6], taps=TAPS, level=11.0, pool_grid=2, seed=3)
+    np.testing.assert_allclose(live.detach().numpy(), cached, rtol=1e-5, atol=1e-6)
+    live.square().sum().backward()
+    first = next(net.unet.parameters())
+    assert first.grad is not None and float(first.grad.abs().sum()) > 0
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    assert lr_factor(0, 4, 20) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 20) == pytest.approx(1.0)
+    assert lr_factor(4, 4, 20) == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20) == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20) == pytest.approx(0.0, abs=1e-12)
+    assert total_steps(100, _config(epochs=3, batch_size=16)) == 3 * math.ceil(100 / 16)
+    assert total_steps(100, _config(epochs=3, batch_size=16, max_steps=5)) == 5
+
+
+def test_finetune_learns_keeps_best_state_and_moves_the_network(denoiser, splits) -> None:
+    train, val = splits
+    model = _model(denoiser, train)
+    before = copy.deepcopy(model.denoiser.state_dict())
+    result = finetune(model, train, np.arange(len(train.labels)), val, np.arange(len(val.labels)), _config(),
+                      progress=False)
+    assert result.steps == total_steps(len(train.labels), _config())
+    assert result.val_acc > 0.6  # chance is 1/3; the zero head starts at chance
+    assert accuracy(result.model, val) == pytest.approx(result.val_acc)  # the kept state is the best one
+    moved = [name for name, value in result.model.denoiser.state_dict().items()
+             if not torch.equal(value, before[name])]
+    assert moved, "the network's weights should be fine-tuned too"
+
+
+def test_backbone_lr_zero_freezes_network_and_runs_are_deterministic(denoiser, splits) -> None:
+    train, val = splits
+    config = _config(backbone_lr_scale=0.0, epochs=1)
+    runs = [finetune(_model(denoiser, train), train, np.arange(24), val, np.arange(12), config, progress=False)
+            for _ in range(2)]
+    for name, value in runs[0].model.denoiser.state_dict().items():
+        assert torch.equal(value, denoiser.state_dict()[name]), name
+    assert torch.equal(runs[0].model.head.weight, runs[1].model.head.weight)
+
+
+def test_finetuned_model_serves_as_network_plus_probe(denoiser, splits) -> None:
+    """What the register stage logs: the fine-tuned network + ``to_probe()`` gives the model's predictions."""
+    from ddae_core.classifier import Classifier
+    from ddae_core.data import to_model_input
+
+    train, val = splits
+    result = finetune(_model(denoiser, train), train, np.arange(24), val, np.arange(12), _config(epochs=1),
+                      progress=False)
+    served = Classifier(denoiser=result.model.denoiser, probe=result.model.to_probe(), taps=TAPS, level=11.0,
+                        pool=1, seed=3, preprocess=None, class_names=["a", "b", "c"])  # type: ignore[arg-type]
+    with torch.no_grad():
+        logits = result.model(to_model_input(val.images), val.sample_ids).numpy()
+    probs = served.probe.predict_proba(served.features(val.images, val.sample_ids))
+    np.testing.assert_array_equal(probs.argmax(1), logits.argmax(1))
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(logits), 1).numpy(), atol=1e-5)
