@@ -16,7 +16,7 @@ from typing import Callable
 
 from tasks.common import TRANSIENT_MARKER, apply_offline_env
 
-STAGES = ("prepare", "pretrain", "extract", "probe", "register")
+STAGES = ("snapshot", "prepare", "pretrain", "extract", "probe", "register")
 
 
 class StageFailed(RuntimeError):

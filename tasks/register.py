@@ -3,6 +3,7 @@
 The new version always gets alias ``challenger``; ``champion`` moves to it only when there is no
 champion yet or the new test accuracy beats the champion's by more than ``register.min_improvement``,
 both measured on the same test split (the champion is re-scored when its data version differs).
+The decision (both scores, margin, data version, git commit) is tagged on both versions.
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ def score(model, frame: pd.DataFrame, labels: np.ndarray) -> float:
     """Accuracy of a pyfunc model on encoded images."""
     predicted = model.predict(frame)["class_id"].to_numpy()
     return float((predicted == labels).mean())
+
+
+def decision_tags(decision: dict) -> dict[str, str]:
+    """The gate decision as tags set on both versions it compared (the champion's keep its latest)."""
+    return {
+        "ddae.gate.challenger_version": str(decision["version"]),
+        "ddae.gate.challenger_test_acc": str(decision["test_acc"]),
+        "ddae.gate.champion_version": str(decision["champion_version"]),
+        "ddae.gate.champion_test_acc": str(decision["champion_test_acc"]),
+        "ddae.gate.margin": str(decision["margin"]),
+        "ddae.gate.promoted": str(decision["promoted"]),
+        "ddae.gate.data_version": decision["data_checksum"],
+        "ddae.gate.git_commit": decision["git_commit"],
+    }
 
 
 def run(config: PipelineConfig, paths: Paths) -> dict:
@@ -103,6 +118,9 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         }
         for key in ("test_acc", "champion_test_acc", "promoted", "margin"):
             client.set_model_version_tag(name, version.version, f"ddae.gate.{key}", str(decision[key]))
+        for tagged in [version.version] + ([champion.version] if champion is not None else []):
+            for key, value in decision_tags(decision).items():
+                client.set_model_version_tag(name, tagged, key, value)
         if promote:
             client.set_registered_model_alias(name, "champion", version.version)
         mlflow.log_metrics({"registered_test_acc": new_acc, "promoted": float(promote)})

@@ -152,13 +152,14 @@ def test_features_are_partitioned_parquet_with_checkpoint_hash(pipeline):
 
 def test_second_repro_reruns_nothing(pipeline):
     root = pipeline.root
-    watched = ("dvc.lock", "data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
-    before = h.tree_snapshot(root, *watched)
+    watched = ("data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
+    before, lock = h.tree_snapshot(root, *watched), (root / "dvc.lock").read_text()
     result = h.dvc(root, "repro")
     assert result.returncode == 0, result.stdout[-3000:]
     assert h.skipped_stages(result.stdout) == set(h.STAGES), result.stdout
     assert h.ran_stages(result.stdout) == set()
     assert h.tree_snapshot(root, *watched) == before
+    assert (root / "dvc.lock").read_text() == lock  # rewritten by DVC (snapshot always runs), unchanged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +198,10 @@ def test_prefect_deployment_run_recomputes_nothing(pipeline, prefect_server, tmp
     assert deployed.returncode == 0, deployed.stdout[-3000:]
     deployments = {d["name"]: d for d in h.api(url, "/deployments/filter", {})}
     assert set(deployments) >= {"default", "weekly-retrain"}
-    for deployment in deployments.values():
-        assert deployment["entrypoint"] == "flows/pipeline.py:ddae_pipeline"
+    entrypoints = {"default": "flows/pipeline.py:ddae_pipeline", "weekly-retrain": "flows/retrain.py:ddae_retrain",
+                   "batch": "flows/predict.py:ddae_predict"}
+    for name, deployment in deployments.items():
+        assert deployment["entrypoint"] == entrypoints[name]
         assert deployment["work_pool_name"] == "ddae-process"
         [step] = deployment["pull_steps"]
         directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
@@ -208,8 +211,8 @@ def test_prefect_deployment_run_recomputes_nothing(pipeline, prefect_server, tmp
     assert schedules[0]["schedule"]["timezone"] == "UTC" and schedules[0]["active"]
     assert deployments["default"]["schedules"] == []
 
-    watched = ("dvc.lock", "data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
-    before = h.tree_snapshot(root, *watched)
+    watched = ("data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
+    before, lock = h.tree_snapshot(root, *watched), (root / "dvc.lock").read_text()
     worker_dir = tmp_path_factory.mktemp("worker-cwd")
     worker_env = {**env, "PWD": str(worker_dir), "PREFECT_WORKER_QUERY_SECONDS": "2"}
     worker = h.Service([prefect, "worker", "start", "--pool", "ddae-process"], cwd=worker_dir,
@@ -231,8 +234,9 @@ def test_prefect_deployment_run_recomputes_nothing(pipeline, prefect_server, tmp
         "key": {"any_": ["ddae-results"]}, "flow_run_id": {"any_": [flow_run["id"]]}}})
     assert len(artifacts) == 1, artifacts
     rows = dict(re.findall(r"^\| (\w+) \| (True|False) \|", artifacts[0]["data"], flags=re.M))
-    assert rows == {stage: "True" for stage in h.STAGES}, artifacts[0]["data"]
+    assert rows == {"snapshot": "False", **{stage: "True" for stage in h.STAGES}}, artifacts[0]["data"]
     assert h.tree_snapshot(root, *watched) == before, "the deployment run rewrote pipeline outputs"
+    assert (root / "dvc.lock").read_text() == lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,8 +353,8 @@ def test_probe_params_change_reruns_only_probe_and_register(pipeline):
     assert h.skipped_stages(result.stdout) == {"prepare", "pretrain", "extract"}
     assert h.tree_snapshot(root, *upstream) == before
     assert json.loads((root / "metrics/probe.json").read_text())["best"]["l2"] == 0.05
-    status = h.dvc(root, "status")
-    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+    status = h.dvc(root, "status")  # the snapshot stage always runs (it checksums the source)
+    assert status.returncode == 0 and status.stdout.split() == ["snapshot:", "always", "changed"], status.stdout
 
 
 # ---------------------------------------------------------------------------------------------
