@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Sequence, TextIO
 
@@ -126,10 +127,10 @@ SUBCOMMANDS = {
                                configure=_configure_run, run=_run_run),
     "predict": core_cli.Subcommand(
         help="batch inference: a folder or archive of images -> a Parquet file of predictions",
-        configure=lambda p: _configure_batch(p, predict=True), run=lambda a, o: _run_batch(a, o, predict=True)),
+        configure=partial(_configure_batch, predict=True), run=partial(_run_batch, predict=True)),
     "embed": core_cli.Subcommand(
         help="the registered model's features for a folder or archive of images (Parquet, as extract writes)",
-        configure=lambda p: _configure_batch(p, predict=False), run=lambda a, o: _run_batch(a, o, predict=False)),
+        configure=partial(_configure_batch, predict=False), run=partial(_run_batch, predict=False)),
 }
 
 

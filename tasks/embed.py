@@ -56,6 +56,9 @@ def run_embed(root: Path, source: str, output: str, *, model: str | None = None,
               batch_size: int | None = None, progress: bool = True) -> dict:
     """Write the readout features of every image of ``source`` to ``output``; returns a summary."""
     settings = load_params(root / "params.yaml")
+    size = batch_size or settings.predict.batch_size
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
     total = count_images(source)
     loaded = load_model(root, model_uri(settings.register.model_name, model, version))
     classifier = loaded.classifier
@@ -67,7 +70,7 @@ def run_embed(root: Path, source: str, output: str, *, model: str | None = None,
     start = time.perf_counter()
     try:
         with tqdm(total=total, unit="img", desc="embed", disable=not progress) as bar:
-            for batch in batches(source, batch_size or settings.predict.batch_size):
+            for batch in batches(source, size):
                 names, payloads, pixels, bad = decode([n for n, _ in batch], [b for _, b in batch],
                                                       classifier.preprocess)
                 skipped += bad

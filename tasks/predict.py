@@ -119,6 +119,8 @@ def run_predict(root: Path, source: str, output: str, *, model: str | None = Non
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"review threshold must be in [0, 1], got {threshold}")
     size = batch_size or settings.predict.batch_size
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
     total = count_images(source)  # also checks that the source exists and is readable
     loaded: LoadedModel = load_model(root, model_uri(settings.register.model_name, model, version))
     class_names = list(loaded.classifier.class_names)

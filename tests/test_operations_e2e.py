@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import e2e_helpers as h
@@ -31,7 +32,7 @@ def project(tmp_path_factory) -> Path:
     source = h.make_image_tree(base / "shapes", per_class=40)
     params = {**h.TINY_PARAMS, "data.dataset": "imagefolder", "data.source": str(source), "data.channels": 3,
               "data.max_train": 0, "data.max_test": 0, "pretrain.train.batch_size": 16,
-              "probe.raw_pixels": False, "predict.target_accuracy": 0.9}
+              "pretrain.train.steps": 10, "probe.raw_pixels": False, "predict.target_accuracy": 0.9}
     root = h.copy_project(base / "project", params)
     result = h.dvc(root, "repro", timeout=600)
     assert result.returncode == 0, result.stdout[-6000:]
@@ -44,7 +45,7 @@ def _pyfunc(root: Path, monkeypatch):
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setattr("sys.path", list(__import__("sys").path))  # loading a model prepends its code
+    monkeypatch.setattr(sys, "path", list(sys.path))  # loading a model prepends its code path
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
@@ -131,25 +132,29 @@ def test_embed_writes_extract_schema_and_probe_inputs(project, tmp_path, monkeyp
     assert set(table.column("tap").to_pylist()) == {"+".join(selection["taps"])}
     features = np.stack(table.column("feature").to_numpy(zero_copy_only=False))
     probe = LinearProbe.from_state_dict(load_file(str(project / "outputs/probe/probe.safetensors")))
-    frame = __import__("pandas").DataFrame({"image": [p.read_bytes() for p in paths]})
+    frame = pd.DataFrame({"image": [p.read_bytes() for p in paths]})
     expected_probs = np.array(_pyfunc(project, monkeypatch).predict(frame)["probabilities"].tolist())
     assert table.column("path").to_pylist() == [p.name for p in paths]
     assert np.allclose(probe.predict_proba(features), expected_probs, atol=1e-5)
 
 
-def _readme_serving_commands() -> tuple[str, list[str]]:
-    """The README's `mlflow models serve` line and the commands that query it, as written."""
+def _readme_commands() -> list[str]:
+    """Every command line of the README's bash blocks, continuation lines joined, comments dropped."""
     text = (h.REPO / "README.md").read_text()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if "/invocations" in b)
-    lines = [line for line in block.splitlines() if line and not line.startswith("#")]
-    joined = "\n".join(lines).replace("\\\n", " ")
-    commands = [c.strip() for c in joined.splitlines()]
-    serve = next(c for c in commands if "models serve" in c)
-    return serve, [c for c in commands if c.startswith(("python", "curl"))]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = block.replace("\\\n", " ")
+        commands += [line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+    return commands
 
 
 def test_mlflow_models_serve_answers_like_the_pyfunc(project, tmp_path, monkeypatch):
-    serve, queries = _readme_serving_commands()
+    commands = _readme_commands()
+    samples = next(c for c in commands if c.startswith("python -c") and "samples" in c)
+    serve = next(c for c in commands if "mlflow models serve" in c)
+    query = next(c for c in commands if c.startswith("curl") and "/invocations" in c)
+    made = h.run(["bash", "-c", samples], project, timeout=120)
+    assert made.returncode == 0, made.stdout[-3000:]
     assert serve.endswith("&") and "--env-manager local" in serve and "127.0.0.1" in serve
     port = h.free_port()
     command = serve.rstrip("&").strip().replace("5001", str(port))
@@ -165,15 +170,14 @@ def test_mlflow_models_serve_answers_like_the_pyfunc(project, tmp_path, monkeypa
                 assert server.process.poll() is None, server.log()[-3000:]
                 assert time.monotonic() < deadline, server.log()[-3000:]
                 time.sleep(0.5)
-        script = " && ".join(q.replace("5001", str(port)) for q in queries)
-        answered = h.run(["bash", "-c", script], project, timeout=120)
+        answered = h.run(["bash", "-c", query.replace("5001", str(port))], project, timeout=120)
     finally:
         server.stop()
     assert answered.returncode == 0, answered.stdout[-3000:]
     predictions = json.loads(answered.stdout.strip().splitlines()[-1])["predictions"]
-    pngs = sorted(project.glob("test[01].png"))
+    pngs = [project / "samples/test0.png", project / "samples/test1.png"]
     assert len(pngs) == 2 and len(predictions) == 2
-    frame = __import__("pandas").DataFrame({"image": [p.read_bytes() for p in pngs]})
+    frame = pd.DataFrame({"image": [p.read_bytes() for p in pngs]})
     local = _pyfunc(project, monkeypatch).predict(frame)
     assert [p["class_id"] for p in predictions] == local["class_id"].tolist()
     assert np.allclose([p["confidence"] for p in predictions], local["confidence"], atol=1e-6)
@@ -230,7 +234,7 @@ def test_retrain_deployment_picks_up_new_images_and_gates(project, tmp_path):
                 for score in ("challenger_test_acc", "champion_test_acc"):
                     assert 0.0 <= float(tags[f"ddae.gate.{score}"]) <= 1.0
             promoted = v2.tags["ddae.gate.promoted"] == "True"
-            champion = client.get_model_version_by_alias(MODEL, "champion").version
+            champion = str(client.get_model_version_by_alias(MODEL, "champion").version)
             assert champion == ("2" if promoted else "1")
             assert f"| challenger | v2 |" in decision and manifest["checksum"] in decision
             assert f"Promoted: **{promoted}**" in decision
@@ -240,8 +244,8 @@ def test_retrain_deployment_picks_up_new_images_and_gates(project, tmp_path):
             rows = dict(re.findall(r"^\| (\w+) \| (True|False) \|", results, flags=re.M))
             assert rows == {"snapshot": "False", **{stage: "True" for stage in h.STAGES}}, results
             assert "Nothing new" in decision
-            assert [v.version for v in client.search_model_versions(f"name='{MODEL}'")] in (["2", "1"], ["1", "2"])
-            assert client.get_model_version_by_alias(MODEL, "champion").version == champion
-            assert client.get_model_version_by_alias(MODEL, "challenger").version == "2"
+            assert sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == ["1", "2"]
+            assert str(client.get_model_version_by_alias(MODEL, "champion").version) == champion
+            assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
         finally:
             worker.stop()

@@ -323,6 +323,12 @@ def test_registry_champion_predicts_and_gate(pipeline, tmp_path, monkeypatch):
         assert int(client.get_model_version_by_alias(name, "champion").version) == int(champion.version)
         assert int(client.get_model_version_by_alias(name, "challenger").version) == worse["version"]
         assert json.loads((root / "metrics/register.json").read_text())["promoted"] is False
+        for tagged in (str(worse["version"]), champion.version):  # the decision, on both versions
+            tags = client.get_model_version(name, tagged).tags
+            assert float(tags["ddae.gate.challenger_test_acc"]) == pytest.approx(worse["test_acc"])
+            assert float(tags["ddae.gate.champion_test_acc"]) == pytest.approx(worse["champion_test_acc"])
+            assert tags["ddae.gate.champion_version"] == champion.version
+            assert tags["ddae.gate.promoted"] == "False" and tags["ddae.gate.data_version"] == worse["data_checksum"]
 
         # With that worse model as champion, the good probe registered again must take over.
         client.set_registered_model_alias(name, "champion", str(worse["version"]))
@@ -332,6 +338,10 @@ def test_registry_champion_predicts_and_gate(pipeline, tmp_path, monkeypatch):
         assert better["champion_version"] == worse["version"]
         assert better["test_acc"] > better["champion_test_acc"]
         assert int(client.get_model_version_by_alias(name, "champion").version) == better["version"]
+        for tagged in (str(better["version"]), str(worse["version"])):
+            tags = client.get_model_version(name, tagged).tags
+            assert tags["ddae.gate.promoted"] == "True" and tags["ddae.gate.challenger_version"] == str(better["version"])
+            assert float(tags["ddae.gate.champion_test_acc"]) == pytest.approx(better["champion_test_acc"])
     finally:
         _replace_file(probe_file, good_probe)
         _replace_file(root / "metrics/register.json", good_register)
