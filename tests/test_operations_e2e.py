@@ -190,17 +190,24 @@ def _artifact(url: str, key: str, flow_run_ids: list[str]) -> str:
     return found[0]["data"]
 
 
-def _deployment_run(url: str, env: dict, project: Path) -> tuple[dict, str, str]:
-    """Run ddae-retrain/weekly-retrain to completion; the (flow run, results table, decision) it made."""
-    ran = h.run([h.tool("prefect"), "deployment", "run", "ddae-retrain/weekly-retrain", "--watch",
-                 "--watch-timeout", "400"], project, env=env, timeout=450)
+def _deployment_run(url: str, env: dict, project: Path, name: str, params: dict | None = None) -> str:
+    """Run a deployment to completion (``prefect deployment run --watch``); returns the flow run id."""
+    extra = ["--params", json.dumps(params)] if params else []
+    ran = h.run([h.tool("prefect"), "deployment", "run", name, *extra, "--watch", "--watch-timeout", "400"],
+                project, env=env, timeout=450)
     assert ran.returncode == 0, ran.stdout[-4000:]
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", ran.stdout).group(1)
-    flow_run = h.api(url, f"/flow_runs/{run_id}")
-    assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
+    assert h.api(url, f"/flow_runs/{run_id}")["state"]["type"] == "COMPLETED"
+    return run_id
+
+
+def _retrain(url: str, env: dict, project: Path) -> tuple[dict[str, str], str]:
+    """Run ddae-retrain/weekly-retrain; (stage -> skipped, from the pipeline subflow; decision markdown)."""
+    run_id = _deployment_run(url, env, project, "ddae-retrain/weekly-retrain")
     children = h.api(url, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}})
     results = _artifact(url, "ddae-results", [c["id"] for c in children])
-    return flow_run, results, _artifact(url, "ddae-retrain-decision", [run_id])
+    rows = dict(re.findall(r"^\| (\w+) \| (True|False) \|", results, flags=re.M))
+    return rows, _artifact(url, "ddae-retrain-decision", [run_id])
 
 
 def test_retrain_deployment_picks_up_new_images_and_gates(project, tmp_path):
@@ -219,11 +226,18 @@ def test_retrain_deployment_picks_up_new_images_and_gates(project, tmp_path):
         worker = h.Service([prefect, "worker", "start", "--pool", "ddae-process"], cwd=project,
                            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, log=logs / "worker.log")
         try:
+            # The batch-inference deployment: same output as `ddae predict`, summary as an artifact.
+            images = h.make_loose_images(tmp_path / "batch", 5, corrupt="broken.png")
+            run_id = _deployment_run(url, env, project, "ddae-predict/batch",
+                                     {"source": str(images[0].parent), "output": "predictions/deployed.parquet"})
+            assert "predicted 6 images (1 unreadable)" in _artifact(url, "ddae-predictions", [run_id])
+            deployed = pd.read_parquet(project / "predictions/deployed.parquet")
+            assert len(deployed) == 6 and deployed["error"].notna().sum() == 1
+
             # New images arrive: a new data version reruns every stage that reads the data.
             h.make_image_tree(source, per_class=6, start=40)
-            _run, results, decision = _deployment_run(url, env, project)
-            rows = dict(re.findall(r"^\| (\w+) \| (True|False) \|", results, flags=re.M))
-            assert rows == {"snapshot": "False", **{stage: "False" for stage in h.STAGES}}, results
+            rows, decision = _retrain(url, env, project)
+            assert rows == {"snapshot": "False", **{stage: "False" for stage in h.STAGES}}, rows
             v2 = client.get_model_version(MODEL, "2")
             manifest = json.loads((project / "data/prepared/manifest.json").read_text())
             assert sum(manifest["splits"].values()) == 138
@@ -236,13 +250,12 @@ def test_retrain_deployment_picks_up_new_images_and_gates(project, tmp_path):
             promoted = v2.tags["ddae.gate.promoted"] == "True"
             champion = str(client.get_model_version_by_alias(MODEL, "champion").version)
             assert champion == ("2" if promoted else "1")
-            assert f"| challenger | v2 |" in decision and manifest["checksum"] in decision
+            assert "| challenger | v2 |" in decision and manifest["checksum"] in decision
             assert f"Promoted: **{promoted}**" in decision
 
             # Nothing new: the second run reruns nothing, registers nothing, moves no alias.
-            _run, results, decision = _deployment_run(url, env, project)
-            rows = dict(re.findall(r"^\| (\w+) \| (True|False) \|", results, flags=re.M))
-            assert rows == {"snapshot": "False", **{stage: "True" for stage in h.STAGES}}, results
+            rows, decision = _retrain(url, env, project)
+            assert rows == {"snapshot": "False", **{stage: "True" for stage in h.STAGES}}, rows
             assert "Nothing new" in decision
             assert sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == ["1", "2"]
             assert str(client.get_model_version_by_alias(MODEL, "champion").version) == champion
