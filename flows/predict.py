@@ -37,7 +37,7 @@ def ddae_predict(source: str, output: str, model: str | None = None, version: in
     """Predict a folder or archive of images with the champion (or ``model`` / ``version``).
 
     Args:
-        source: folder of images (any depth) or .zip/.tar/.tar.gz archive.
+        source: folder of images (any depth) or .zip/.tar/.tar.gz archive (relative to the repository).
         output: Parquet file to write (relative paths are relative to the repository).
         model: model URI; default models:/<register.model_name>@champion.
         version: a registered version instead of the champion.
@@ -46,7 +46,7 @@ def ddae_predict(source: str, output: str, model: str | None = None, version: in
     """
     apply_offline_env()
     root = Path(repo or os.environ.get("DDAE_REPO") or repo_root()).resolve()
-    summary = predict_task(str(root), source, str(root / output), model, version, review_threshold)
+    summary = predict_task(str(root), str(root / source), str(root / output), model, version, review_threshold)
     print(summary["line"])
     create_markdown_artifact(key="ddae-predictions", description="batch inference summary",
                              markdown=f"# ddae batch inference\n\n{summary['line']}\n")
