@@ -323,11 +323,11 @@ def test_registry_champion_predicts_and_gate(pipeline, tmp_path, monkeypatch):
         assert int(client.get_model_version_by_alias(name, "champion").version) == int(champion.version)
         assert int(client.get_model_version_by_alias(name, "challenger").version) == worse["version"]
         assert json.loads((root / "metrics/register.json").read_text())["promoted"] is False
-        for tagged in (str(worse["version"]), champion.version):  # the decision, on both versions
+        for tagged in (str(worse["version"]), str(champion.version)):  # the decision, on both versions
             tags = client.get_model_version(name, tagged).tags
             assert float(tags["ddae.gate.challenger_test_acc"]) == pytest.approx(worse["test_acc"])
             assert float(tags["ddae.gate.champion_test_acc"]) == pytest.approx(worse["champion_test_acc"])
-            assert tags["ddae.gate.champion_version"] == champion.version
+            assert tags["ddae.gate.champion_version"] == str(champion.version)
             assert tags["ddae.gate.promoted"] == "False" and tags["ddae.gate.data_version"] == worse["data_checksum"]
 
         # With that worse model as champion, the good probe registered again must take over.
