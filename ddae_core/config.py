@@ -352,6 +352,22 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class PredictConfig:
+    """Batch inference and human review of uncertain predictions (``ddae predict``, the probe's curve)."""
+
+    review_threshold: float = 0.5  # a prediction with confidence below this is flagged needs_review
+    target_accuracy: float = 0.95  # the probe suggests the threshold whose accepted predictions reach this
+    batch_size: int = 256  # images per model call in ddae predict / ddae embed
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.review_threshold <= 1.0, "review_threshold",
+                 f"must be in [0, 1], got {self.review_threshold}")
+        _require(0.0 < self.target_accuracy <= 1.0, "target_accuracy",
+                 f"must be in (0, 1], got {self.target_accuracy}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """All of ``params.yaml``."""
 
@@ -363,6 +379,7 @@ class PipelineConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     label_efficiency: LabelEfficiencyConfig = field(default_factory=LabelEfficiencyConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     profile: str = "base"  # profiles/<name>.yaml, already layered over the sections above when loaded
 
     @classmethod

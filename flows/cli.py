@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Sequence, TextIO
 
@@ -79,10 +80,60 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _configure_batch(parser: argparse.ArgumentParser, *, predict: bool) -> None:
+    parser.add_argument("source", help="a folder of images (any depth) or a .zip/.tar/.tar.gz archive")
+    parser.add_argument("-o", "--output", required=True, help="the Parquet file to write")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None,
+                       help="model URI (default: models:/<register.model_name>@champion)")
+    which.add_argument("--version", type=int, default=None, help="a registered version of the model instead")
+    if predict:
+        parser.add_argument("--review-threshold", type=float, default=None,
+                            help="flag predictions below this confidence (default: predict.review_threshold)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: predict.batch_size)")
+    parser.add_argument("--repo", default=None, help="repository root (default: found from the working directory)")
+
+
+def _run_batch(args: argparse.Namespace, out: TextIO, *, predict: bool) -> int:
+    """``ddae predict`` / ``ddae embed``: errors (bad source, unknown model, bad params) exit 2."""
+    from ddae_core.data import DatasetError
+    from tasks.common import StageError, apply_offline_env, repo_root
+
+    apply_offline_env()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        root = Path(args.repo).resolve() if args.repo else repo_root()
+        if predict:
+            from tasks.predict import run_predict
+
+            summary = run_predict(root, args.source, args.output, model=args.model, version=args.version,
+                                  review_threshold=args.review_threshold, batch_size=args.batch_size)
+            out.write(summary.line() + "\n")
+        else:
+            from tasks.embed import run_embed
+
+            result = run_embed(root, args.source, args.output, model=args.model, version=args.version,
+                               batch_size=args.batch_size)
+            out.write(f"embedded {result['images']} images ({result['unreadable']} unreadable) with "
+                      f"{result['tap']} ({result['dim']} features) in {result['seconds']} s: "
+                      f"{result['images_per_s']} images/s; model {result['model_uri']} "
+                      f"(version {result['model_version'] or '-'}) -> {result['output']}\n")
+    except (ConfigError, FileNotFoundError, DatasetError, StageError, ValueError) as err:
+        out.write(f"error: {err}\n")
+        return 2
+    return 0
+
+
 SUBCOMMANDS = {
     **core_cli.SUBCOMMANDS,
     "run": core_cli.Subcommand(help="run the whole pipeline (prepare, pretrain, extract, probe, finetune, evaluate, register)",
                                configure=_configure_run, run=_run_run),
+    "predict": core_cli.Subcommand(
+        help="batch inference: a folder or archive of images -> a Parquet file of predictions",
+        configure=partial(_configure_batch, predict=True), run=partial(_run_batch, predict=True)),
+    "embed": core_cli.Subcommand(
+        help="the registered model's features for a folder or archive of images (Parquet, as extract writes)",
+        configure=partial(_configure_batch, predict=False), run=partial(_run_batch, predict=False)),
 }
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 from tasks.common import TRANSIENT_MARKER, apply_offline_env
 
-STAGES = ("prepare", "pretrain", "extract", "probe", "finetune", "evaluate", "register")
+STAGES = ("snapshot", "prepare", "pretrain", "extract", "probe", "finetune", "evaluate", "register")
 DVC_LOCK_ERROR = "Unable to acquire lock"  # what DVC prints when another DVC command holds the repo
 LOCKED_MESSAGE = ("another DVC command holds this repository's lock (a second pipeline run?); "
                   "wait for it to finish and rerun")

@@ -21,6 +21,7 @@ from ddae_core.probe import screen_and_select, select_probe
 from tasks.common import Paths, StageError, atomic_directory, stage_main, write_bytes_atomic, write_json_atomic
 from tasks.feature_store import FeatureKey, read_split
 from tasks.plots import save_heatmap
+from tasks.selective import selective_report
 from tasks.tracking import stage_run
 
 
@@ -154,6 +155,9 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     with atomic_directory(paths.plots / "probe") as plots:
         write_table(plots / "table.csv", per_candidate, finalist_rows(table), candidates)
         heatmaps = [p.name for p in write_heatmaps(plots, per_candidate, candidates)]
+        metrics["selective"], selective_files = selective_report(plots, best_probe, feats, labels,
+                                                                 config.predict.target_accuracy)
+        heatmaps += [p.name for p in selective_files]  # logged to MLflow with the heatmaps
     write_json_atomic(paths.metrics / "probe.json", metrics)
 
     with stage_run(paths.root, "probe", {"ddae.network_hash": checkpoint,

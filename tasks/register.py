@@ -3,6 +3,7 @@
 The new version always gets alias ``challenger``; ``champion`` moves to it only when there is no
 champion yet or the new test accuracy beats the champion's by more than ``register.min_improvement``,
 both measured on the same test split (the champion is re-scored when its data version differs).
+The decision (both scores, margin, data version, git commit) is tagged on both versions.
 """
 
 from __future__ import annotations
@@ -87,6 +88,20 @@ def register_finetuned(paths: Paths, name: str, tags: dict, preprocess: Path, fr
     return {"version": int(version.version), "test_acc": test_acc}
 
 
+def decision_tags(decision: dict) -> dict[str, str]:
+    """The gate decision as tags set on both versions it compared (the champion's keep its latest)."""
+    return {
+        "ddae.gate.challenger_version": str(decision["version"]),
+        "ddae.gate.challenger_test_acc": str(decision["test_acc"]),
+        "ddae.gate.champion_version": str(decision["champion_version"]),
+        "ddae.gate.champion_test_acc": str(decision["champion_test_acc"]),
+        "ddae.gate.margin": str(decision["margin"]),
+        "ddae.gate.promoted": str(decision["promoted"]),
+        "ddae.gate.data_version": decision["data_checksum"],
+        "ddae.gate.git_commit": decision["git_commit"],
+    }
+
+
 def run(config: PipelineConfig, paths: Paths) -> dict:
     """Log, register, alias and gate. Returns the decision written to metrics/register.json."""
     import mlflow
@@ -134,6 +149,9 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         }
         for key in ("test_acc", "champion_test_acc", "promoted", "margin"):
             client.set_model_version_tag(name, version.version, f"ddae.gate.{key}", str(decision[key]))
+        for tagged in [version.version] + ([champion.version] if champion is not None else []):
+            for key, value in decision_tags(decision).items():
+                client.set_model_version_tag(name, tagged, key, value)
         if promote:
             client.set_registered_model_alias(name, "champion", version.version)
         finetuned = register_finetuned(paths, name, {**tags, "ddae.kind": "finetune"}, preprocess, frame, labels)

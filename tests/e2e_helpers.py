@@ -211,14 +211,14 @@ CLASSES = ("checks", "disc", "stripes")  # sorted, as the reader orders class fo
 _KIND = {"stripes": 0, "checks": 1, "disc": 2}
 
 
-def make_image_tree(root: Path, per_class: int = 40, corrupt: str | None = None) -> Path:
-    """``root/<class>/<i>.png`` for 3 classes; ``corrupt`` = relative path of a broken .png to add."""
+def make_image_tree(root: Path, per_class: int = 40, corrupt: str | None = None, start: int = 0) -> Path:
+    """``root/<class>/<i>.png`` for 3 classes, i from ``start``; ``corrupt`` = a broken .png to add."""
     from PIL import Image
 
     for name in CLASSES:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
+        for i in range(start, start + per_class):
             Image.fromarray(_pattern(_KIND[name], i)).save(folder / f"{i:03d}.png")
     if corrupt:
         (root / corrupt).write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
@@ -300,3 +300,33 @@ def api(url: str, path: str, body: dict | None = None, method: str | None = None
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read() or b"null")
+
+
+def make_loose_images(folder: Path, count: int, corrupt: str | None = None, start: int = 0) -> list[Path]:
+    """``count`` PNGs of the three generated classes, straight in ``folder`` (for batch inference)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        path = folder / f"img-{i:05d}.png"
+        Image.fromarray(_pattern(i % 3, i)).save(path)
+        paths.append(path)
+    if corrupt:
+        (folder / corrupt).write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    return paths
+
+
+@contextlib.contextmanager
+def prefect_server(root: Path, logs: Path):
+    """A Prefect server on a free loopback port for the project at ``root``; yields (api url, env)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = project_env(root, PREFECT_API_URL=url)
+    server = Service([tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                     cwd=root, env=env, log=logs / "server.log")
+    try:
+        wait_healthy(url, server)
+        yield url, env
+    finally:
+        server.stop()

@@ -179,13 +179,14 @@ def test_label_efficiency_and_diagnostics_reuse_the_probe(pipeline):
 
 def test_second_repro_reruns_nothing(pipeline):
     root = pipeline.root
-    watched = ("dvc.lock", "data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
-    before = h.tree_snapshot(root, *watched)
+    watched = ("data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
+    before, lock = h.tree_snapshot(root, *watched), (root / "dvc.lock").read_text()
     result = h.dvc(root, "repro")
     assert result.returncode == 0, result.stdout[-3000:]
     assert h.skipped_stages(result.stdout) == set(h.STAGES), result.stdout
     assert h.ran_stages(result.stdout) == set()
     assert h.tree_snapshot(root, *watched) == before
+    assert (root / "dvc.lock").read_text() == lock  # rewritten by DVC (snapshot always runs), unchanged
 
 
 def test_finetune_enabled_runs_cached_and_registers_a_second_flavour(pipeline, tmp_path):
@@ -260,8 +261,10 @@ def test_prefect_deployment_run_recomputes_nothing(pipeline, prefect_server, tmp
     assert deployed.returncode == 0, deployed.stdout[-3000:]
     deployments = {d["name"]: d for d in h.api(url, "/deployments/filter", {})}
     assert set(deployments) >= {"default", "weekly-retrain"}
-    for deployment in deployments.values():
-        assert deployment["entrypoint"] == "flows/pipeline.py:ddae_pipeline"
+    entrypoints = {"default": "flows/pipeline.py:ddae_pipeline", "weekly-retrain": "flows/retrain.py:ddae_retrain",
+                   "batch": "flows/predict.py:ddae_predict"}
+    for name, deployment in deployments.items():
+        assert deployment["entrypoint"] == entrypoints[name]
         assert deployment["work_pool_name"] == "ddae-process"
         [step] = deployment["pull_steps"]
         directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
@@ -271,8 +274,8 @@ def test_prefect_deployment_run_recomputes_nothing(pipeline, prefect_server, tmp
     assert schedules[0]["schedule"]["timezone"] == "UTC" and schedules[0]["active"]
     assert deployments["default"]["schedules"] == []
 
-    watched = ("dvc.lock", "data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
-    before = h.tree_snapshot(root, *watched)
+    watched = ("data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
+    before, lock = h.tree_snapshot(root, *watched), (root / "dvc.lock").read_text()
     worker_dir = tmp_path_factory.mktemp("worker-cwd")
     worker_env = {**env, "PWD": str(worker_dir), "PREFECT_WORKER_QUERY_SECONDS": "2"}
     worker = h.Service([prefect, "worker", "start", "--pool", "ddae-process"], cwd=worker_dir,
@@ -294,8 +297,9 @@ def test_prefect_deployment_run_recomputes_nothing(pipeline, prefect_server, tmp
         "key": {"any_": ["ddae-results"]}, "flow_run_id": {"any_": [flow_run["id"]]}}})
     assert len(artifacts) == 1, artifacts
     rows = dict(re.findall(r"^\| (\w+) \| (True|False) \|", artifacts[0]["data"], flags=re.M))
-    assert rows == {stage: "True" for stage in h.STAGES}, artifacts[0]["data"]
+    assert rows == {"snapshot": "False", **{stage: "True" for stage in h.STAGES}}, artifacts[0]["data"]
     assert h.tree_snapshot(root, *watched) == before, "the deployment run rewrote pipeline outputs"
+    assert (root / "dvc.lock").read_text() == lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +386,12 @@ def test_registry_champion_predicts_and_gate(pipeline, tmp_path, monkeypatch):
         assert int(client.get_model_version_by_alias(name, "champion").version) == int(champion.version)
         assert int(client.get_model_version_by_alias(name, "challenger").version) == worse["version"]
         assert json.loads((root / "metrics/register.json").read_text())["promoted"] is False
+        for tagged in (str(worse["version"]), str(champion.version)):  # the decision, on both versions
+            tags = client.get_model_version(name, tagged).tags
+            assert float(tags["ddae.gate.challenger_test_acc"]) == pytest.approx(worse["test_acc"])
+            assert float(tags["ddae.gate.champion_test_acc"]) == pytest.approx(worse["champion_test_acc"])
+            assert tags["ddae.gate.champion_version"] == str(champion.version)
+            assert tags["ddae.gate.promoted"] == "False" and tags["ddae.gate.data_version"] == worse["data_checksum"]
 
         # With that worse model as champion, the good probe registered again must take over.
         client.set_registered_model_alias(name, "champion", str(worse["version"]))
@@ -391,6 +401,10 @@ def test_registry_champion_predicts_and_gate(pipeline, tmp_path, monkeypatch):
         assert better["champion_version"] == worse["version"]
         assert better["test_acc"] > better["champion_test_acc"]
         assert int(client.get_model_version_by_alias(name, "champion").version) == better["version"]
+        for tagged in (str(better["version"]), str(worse["version"])):
+            tags = client.get_model_version(name, tagged).tags
+            assert tags["ddae.gate.promoted"] == "True" and tags["ddae.gate.challenger_version"] == str(better["version"])
+            assert float(tags["ddae.gate.champion_test_acc"]) == pytest.approx(better["champion_test_acc"])
     finally:
         _replace_file(probe_file, good_probe)
         _replace_file(root / "metrics/register.json", good_register)
@@ -412,8 +426,8 @@ def test_probe_params_change_reruns_only_probe_and_register(pipeline):
     assert h.skipped_stages(result.stdout) == {"prepare", "pretrain", "extract"}
     assert h.tree_snapshot(root, *upstream) == before
     assert json.loads((root / "metrics/probe.json").read_text())["best"]["l2"] == 0.05
-    status = h.dvc(root, "status")
-    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+    status = h.dvc(root, "status")  # the snapshot stage always runs (it checksums the source)
+    assert status.returncode == 0 and status.stdout.split() == ["snapshot:", "always", "changed"], status.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""A content checksum of a dataset's source files: the data version that decides whether to rerun.
+
+The pipeline's first stage writes it to a small file that ``prepare`` depends on, so new or changed
+images (in a folder, or a new archive) rerun the pipeline while an unchanged source reruns nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from ddae_core.config import DataConfig
+from ddae_core.data.errors import DatasetNotFoundError
+from ddae_core.data.sources import _hidden, find_fashion_mnist, locate_cifar10
+
+_CHUNK = 1 << 20
+
+
+def _source_files(config: DataConfig) -> tuple[Path, list[Path]]:
+    """The folder the source lives in and every file whose bytes define it, in a fixed order."""
+    if config.dataset == "fashion-mnist":
+        files = sorted(find_fashion_mnist(config.source).values())
+        return files[0].parent, files
+    if config.dataset == "cifar10":
+        path = locate_cifar10(config.source, download=False)
+    else:
+        if not config.source:
+            raise DatasetNotFoundError("data.source must name an image folder or a .zip/.tar/.tar.gz archive")
+        path = Path(config.source).expanduser()
+        if not path.exists():
+            raise DatasetNotFoundError(f"image folder or archive {path} does not exist (data.source)")
+    if path.is_file():
+        return path.parent, [path]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        files += [Path(dirpath, name) for name in sorted(filenames) if not _hidden(name)]
+    return path, sorted(files, key=lambda p: p.relative_to(path).as_posix())
+
+
+def source_snapshot(config: DataConfig) -> dict:
+    """``{"dataset", "location", "files", "checksum"}``: sha256 over each file's relative path and bytes.
+
+    A CIFAR-10 that is not downloaded yet snapshots as ``"not downloaded"`` (prepare fetches it).
+    """
+    try:
+        base, files = _source_files(config)
+    except DatasetNotFoundError:
+        if config.dataset == "cifar10" and not config.source:
+            return {"dataset": "cifar10", "location": "", "files": 0, "checksum": "not downloaded"}
+        raise
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(base).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+        digest.update(b"\0")
+    location = str(Path(config.source).expanduser().resolve()) if config.source else str(base)
+    return {"dataset": config.dataset, "location": location, "files": len(files), "checksum": digest.hexdigest()}

@@ -1,0 +1,72 @@
+"""The scheduled retraining flow: rerun what new data changed, then report the champion gate.
+
+Runs the pipeline flow (every stage through DVC, so an unchanged dataset reruns nothing and registers
+nothing). When new images arrived, the register stage has registered the new model as ``challenger``,
+scored it and the champion on the new test split, moved ``champion`` only on a gain larger than
+``register.min_improvement``, and tagged both versions; this flow publishes that decision as a
+Prefect markdown artifact. Deployed by prefect.yaml as ``ddae-retrain/weekly-retrain``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.pipeline import ddae_pipeline
+from tasks.common import apply_offline_env, repo_root
+
+
+def _accuracy(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def decision_markdown(decision: dict | None, data_version: str) -> str:
+    """The gate decision as markdown (or why there was none)."""
+    if decision is None:
+        return ("# ddae retraining\n\nNothing new: the data version "
+                f"`{data_version}` and the code are unchanged, so no model was registered and the "
+                "champion did not move.\n")
+    champion = decision["champion_version"]
+    moved = "moved to" if decision["promoted"] else "stays at"
+    lines = [
+        "# ddae retraining decision", "",
+        "| role | version | test accuracy |", "|---|---|---|",
+        f"| challenger | v{decision['version']} | {_accuracy(decision['test_acc'])} |",
+        f"| champion before | {'v' + str(champion) if champion else 'none'} | "
+        f"{_accuracy(decision['champion_test_acc'])} |", "",
+        f"Margin required: {decision['margin']:g}. Promoted: **{decision['promoted']}**; champion {moved} "
+        f"v{decision['version'] if decision['promoted'] else champion}.", "",
+        f"Data version `{decision['data_checksum']}`, git commit `{decision['git_commit']}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="ddae-retrain", log_prints=True)
+def ddae_retrain(repo: str | None = None) -> dict:
+    """Retrain on the current dataset and gate the champion.
+
+    Args:
+        repo: repository root; default: $DDAE_REPO, else the working directory (searched upward).
+
+    Returns:
+        {"stages", "registered", "decision"}: decision is None when nothing was registered.
+    """
+    apply_offline_env()
+    logger = get_run_logger()
+    root = Path(repo or os.environ.get("DDAE_REPO") or repo_root()).resolve()
+    result = ddae_pipeline(repo=str(root))
+    registered = not next(s for s in result["stages"] if s["stage"] == "register")["skipped"]
+    decision = json.loads((root / "metrics" / "register.json").read_text()) if registered else None
+    manifest = json.loads((root / "data" / "prepared" / "manifest.json").read_text())
+    markdown = decision_markdown(decision, manifest["checksum"])
+    logger.info(markdown)
+    create_markdown_artifact(markdown=markdown, key="ddae-retrain-decision", description="champion gate decision")
+    return {"stages": result["stages"], "registered": registered, "decision": decision}
+
+
+if __name__ == "__main__":
+    ddae_retrain()

@@ -1,0 +1,110 @@
+"""Feature service: the registered model's readout for a folder or archive of images, as Parquet.
+
+The rows have the extract stage's columns (``tasks.feature_store.FEATURE_COLUMNS``) plus ``path``:
+``sample_id`` is the image's content id (the id the deployed model draws its feature noise from),
+``split`` is ``"embed"``, ``label`` is -1, ``tap`` the readout (taps joined by ``+`` when the probe
+chose a concatenation), and ``feature`` exactly the vector the classifier's probe reads. Images that
+cannot be decoded are left out and listed in the file's metadata and the summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from ddae_core.classifier import content_ids
+from ddae_core.data import preprocess_image
+from ddae_core.data.image_files import count_images
+from tasks.common import load_params
+from tasks.model_source import load_model, model_uri
+from tasks.predict import batches
+
+
+def feature_schema(dim: int, metadata: dict) -> pa.Schema:
+    """The extract stage's columns and types, plus the image's path."""
+    return pa.schema([
+        pa.field("sample_id", pa.int64()), pa.field("split", pa.string()), pa.field("label", pa.int64()),
+        pa.field("tap", pa.string()), pa.field("level", pa.float64()), pa.field("pool", pa.int32()),
+        pa.field("copy", pa.int32()), pa.field("feature", pa.list_(pa.float32(), dim)),
+        pa.field("path", pa.string()),
+    ], metadata={b"ddae": json.dumps(metadata, sort_keys=True).encode()})
+
+
+def decode(names: list[str], payloads: list[bytes], spec) -> tuple[list[str], list[bytes], list[np.ndarray], list[dict]]:
+    """Preprocess each image; unreadable ones go to the skipped list with their error."""
+    kept_names, kept_payloads, pixels, skipped = [], [], [], []
+    for name, payload in zip(names, payloads):
+        try:
+            pixels.append(preprocess_image(payload, spec))
+        except Exception as err:  # noqa: BLE001 - reported, never fatal
+            skipped.append({"path": name, "error": f"{type(err).__name__}: {err}"})
+            continue
+        kept_names.append(name)
+        kept_payloads.append(payload)
+    return kept_names, kept_payloads, pixels, skipped
+
+
+def run_embed(root: Path, source: str, output: str, *, model: str | None = None, version: int | None = None,
+              batch_size: int | None = None, progress: bool = True) -> dict:
+    """Write the readout features of every image of ``source`` to ``output``; returns a summary."""
+    settings = load_params(root / "params.yaml")
+    size = batch_size or settings.predict.batch_size
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    total = count_images(source)
+    loaded = load_model(root, model_uri(settings.register.model_name, model, version))
+    classifier = loaded.classifier
+    tap = "+".join(classifier.taps)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tables, skipped = [], []
+    start = time.perf_counter()
+    try:
+        with tqdm(total=total, unit="img", desc="embed", disable=not progress) as bar:
+            for batch in batches(source, size):
+                names, payloads, pixels, bad = decode([n for n, _ in batch], [b for _, b in batch],
+                                                      classifier.preprocess)
+                skipped += bad
+                bar.update(len(batch))
+                if not names:
+                    continue
+                ids = content_ids(payloads)
+                features = classifier.features(np.stack(pixels), ids)  # (n, D) float32
+                tables.append((names, ids, features))
+        dim = tables[0][2].shape[1] if tables else 0
+        metadata = {"model_uri": loaded.uri, "model_version": loaded.version, "source": str(source),
+                    "taps": list(classifier.taps),
+                    "level": classifier.level, "pool": classifier.pool, "skipped": skipped}
+        schema = feature_schema(dim, metadata)
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for names, ids, features in tables:
+                n = len(names)
+                writer.write_table(pa.table({
+                    "sample_id": pa.array(ids, type=pa.int64()), "split": ["embed"] * n,
+                    "label": pa.array(np.full(n, -1), type=pa.int64()), "tap": [tap] * n,
+                    "level": pa.array(np.full(n, classifier.level), type=pa.float64()),
+                    "pool": pa.array(np.full(n, classifier.pool), type=pa.int32()),
+                    "copy": pa.array(np.zeros(n), type=pa.int32()),
+                    "feature": pa.FixedSizeListArray.from_arrays(
+                        pa.array(np.ascontiguousarray(features, dtype=np.float32).reshape(-1)), dim),
+                    "path": names,
+                }, schema=schema))
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    seconds = time.perf_counter() - start
+    embedded = sum(len(t[0]) for t in tables)
+    return {"output": str(out), "images": embedded, "unreadable": len(skipped), "tap": tap, "dim": dim,
+            "seconds": round(seconds, 2), "images_per_s": round(embedded / seconds, 1) if seconds > 0 else 0.0,
+            "model_uri": loaded.uri, "model_version": loaded.version}

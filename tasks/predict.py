@@ -1,0 +1,155 @@
+"""Batch inference: a folder or archive of images -> one Parquet file of predictions.
+
+Streams the images in batches through the registered pyfunc model (the champion, or a version the
+user names), with a progress bar. Each row: path, class, class id, confidence, ``needs_review``
+(confidence below the review threshold, or the image could not be read), one probability column per
+class, the model version, and the error for an unreadable image (which never stops the run).
+The file is written under a temporary name and renamed at the end: no half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from ddae_core.data.image_files import count_images, iter_images
+from tasks.common import load_params
+from tasks.model_source import LoadedModel, load_model, model_uri
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    """What a batch run did; ``line()`` is the one-line report ``ddae predict`` prints."""
+
+    output: str
+    images: int
+    unreadable: int
+    needs_review: int
+    review_threshold: float
+    seconds: float
+    images_per_s: float
+    model_uri: str
+    model_version: str
+
+    def line(self) -> str:
+        return (f"predicted {self.images} images ({self.unreadable} unreadable) in {self.seconds:.1f} s: "
+                f"{self.images_per_s:.1f} images/s; {self.needs_review} need review (confidence < "
+                f"{self.review_threshold:g} or unreadable); model {self.model_uri} (version {self.model_version or '-'}) "
+                f"-> {self.output}")
+
+
+def probability_column(class_name: str) -> str:
+    return f"prob_{class_name}"
+
+
+def prediction_schema(class_names: list[str], metadata: dict) -> pa.Schema:
+    """Columns of the predictions file; ``metadata`` (model, threshold, source) goes in the footer."""
+    fields = [
+        pa.field("path", pa.string()), pa.field("class_name", pa.string()), pa.field("class_id", pa.int64()),
+        pa.field("confidence", pa.float64()), pa.field("needs_review", pa.bool_()),
+        *(pa.field(probability_column(c), pa.float64()) for c in class_names),
+        pa.field("model_version", pa.string()), pa.field("error", pa.string()),
+    ]
+    return pa.schema(fields, metadata={b"ddae": json.dumps(metadata, sort_keys=True).encode()})
+
+
+def batches(source: str, size: int) -> Iterator[list[tuple[str, bytes]]]:
+    images = iter_images(source)
+    while batch := list(islice(images, size)):
+        yield batch
+
+
+def predict_batch(pyfunc, payloads: list[bytes]) -> tuple[list[dict | None], list[str | None]]:
+    """Model outputs per image; when the batch fails, image by image, so one bad file costs one row."""
+    def rows(frame: pd.DataFrame) -> list[dict]:
+        return frame.to_dict("records")
+
+    try:
+        return rows(pyfunc.predict(pd.DataFrame({"image": payloads}))), [None] * len(payloads)
+    except Exception:  # noqa: BLE001 - find the unreadable images one by one
+        pass
+    outputs: list[dict | None] = []
+    errors: list[str | None] = []
+    for payload in payloads:
+        try:
+            outputs += rows(pyfunc.predict(pd.DataFrame({"image": [payload]})))
+            errors.append(None)
+        except Exception as err:  # noqa: BLE001 - reported in the row, never fatal
+            outputs.append(None)
+            errors.append(f"{type(err).__name__}: {err}")
+    return outputs, errors
+
+
+def batch_table(names: list[str], outputs: list[dict | None], errors: list[str | None], class_names: list[str],
+                threshold: float, version: str, schema: pa.Schema) -> pa.Table:
+    """One batch as rows of the predictions file."""
+    probs = np.array([o["probabilities"] if o else [np.nan] * len(class_names) for o in outputs], dtype=np.float64)
+    confidence = [o["confidence"] if o else None for o in outputs]
+    columns = {
+        "path": names,
+        "class_name": [o["class_name"] if o else None for o in outputs],
+        "class_id": [int(o["class_id"]) if o else None for o in outputs],
+        "confidence": confidence,
+        "needs_review": [c is None or c < threshold for c in confidence],
+        **{probability_column(c): pa.array(probs[:, k], from_pandas=True) for k, c in enumerate(class_names)},
+        "model_version": [version] * len(names),
+        "error": errors,
+    }
+    return pa.table(columns, schema=schema)
+
+
+def run_predict(root: Path, source: str, output: str, *, model: str | None = None, version: int | None = None,
+                review_threshold: float | None = None, batch_size: int | None = None,
+                progress: bool = True) -> PredictSummary:
+    """Predict every image of ``source`` into ``output`` (Parquet); returns the summary."""
+    settings = load_params(root / "params.yaml")
+    threshold = settings.predict.review_threshold if review_threshold is None else review_threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"review threshold must be in [0, 1], got {threshold}")
+    size = batch_size or settings.predict.batch_size
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    total = count_images(source)  # also checks that the source exists and is readable
+    loaded: LoadedModel = load_model(root, model_uri(settings.register.model_name, model, version))
+    class_names = list(loaded.classifier.class_names)
+    schema = prediction_schema(class_names, {"model_uri": loaded.uri, "model_version": loaded.version,
+                                             "review_threshold": threshold, "source": str(source),
+                                             "class_names": class_names})
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    counts = {"images": 0, "unreadable": 0, "needs_review": 0}
+    start = time.perf_counter()
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer, \
+                tqdm(total=total, unit="img", desc="predict", disable=not progress) as bar:
+            for batch in batches(source, size):
+                names, payloads = [n for n, _ in batch], [b for _, b in batch]
+                outputs, errors = predict_batch(loaded.pyfunc, payloads)
+                table = batch_table(names, outputs, errors, class_names, threshold, loaded.version, schema)
+                writer.write_table(table)
+                counts["images"] += len(names)
+                counts["unreadable"] += sum(e is not None for e in errors)
+                counts["needs_review"] += sum(table.column("needs_review").to_pylist())
+                bar.update(len(names))
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    seconds = time.perf_counter() - start
+    return PredictSummary(output=str(out), review_threshold=threshold, seconds=seconds,
+                          images_per_s=counts["images"] / seconds if seconds > 0 else 0.0,
+                          model_uri=loaded.uri, model_version=loaded.version, **counts)
