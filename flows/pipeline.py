@@ -1,7 +1,7 @@
 """The Prefect flow: the stages through DVC, one MLflow parent run, a results artifact.
 
-Deployed by prefect.yaml as ``ddae-pipeline/default`` and ``ddae-pipeline/weekly-retrain``; called
-directly by ``ddae run``. It shares DVC's cache with ``dvc repro``: nothing is computed twice.
+Deployed by prefect.yaml as ``ddae-pipeline/default`` (the scheduled ``weekly-retrain`` wraps it in
+flows/retrain.py); called directly by ``ddae run``. It shares DVC's cache with ``dvc repro``: nothing is computed twice.
 """
 
 from __future__ import annotations
