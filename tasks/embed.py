@@ -9,9 +9,7 @@ cannot be decoded are left out and listed in the file's metadata and the summary
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from tqdm import tqdm
 from ddae_core.classifier import content_ids
 from ddae_core.data import preprocess_image
 from ddae_core.data.image_files import count_images
-from tasks.common import load_params
+from tasks.common import atomic_file, load_params
 from tasks.model_source import load_model, model_uri
 from tasks.predict import batches
 
@@ -65,10 +63,9 @@ def run_embed(root: Path, source: str, output: str, *, model: str | None = None,
     tap = "+".join(classifier.taps)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tables, skipped = [], []
     start = time.perf_counter()
-    try:
+    with atomic_file(out) as tmp:  # readers never see a partial file
         with tqdm(total=total, unit="img", desc="embed", disable=not progress) as bar:
             for batch in batches(source, size):
                 names, payloads, pixels, bad = decode([n for n, _ in batch], [b for _, b in batch],
@@ -98,11 +95,6 @@ def run_embed(root: Path, source: str, output: str, *, model: str | None = None,
                         pa.array(np.ascontiguousarray(features, dtype=np.float32).reshape(-1)), dim),
                     "path": names,
                 }, schema=schema))
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     seconds = time.perf_counter() - start
     embedded = sum(len(t[0]) for t in tables)
     return {"output": str(out), "images": embedded, "unreadable": len(skipped), "tap": tap, "dim": dim,

@@ -9,9 +9,7 @@ The file is written under a temporary name and renamed at the end: no half-writt
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from itertools import islice
@@ -25,7 +23,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ddae_core.data.image_files import count_images, iter_images
-from tasks.common import load_params
+from tasks.common import atomic_file, load_params
 from tasks.model_source import LoadedModel, load_model, model_uri
 
 
@@ -129,10 +127,9 @@ def run_predict(root: Path, source: str, output: str, *, model: str | None = Non
                                              "class_names": class_names})
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     counts = {"images": 0, "unreadable": 0, "needs_review": 0}
     start = time.perf_counter()
-    try:
+    with atomic_file(out) as tmp:  # readers never see a partial file
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer, \
                 tqdm(total=total, unit="img", desc="predict", disable=not progress) as bar:
             for batch in batches(source, size):
@@ -144,11 +141,6 @@ def run_predict(root: Path, source: str, output: str, *, model: str | None = Non
                 counts["unreadable"] += sum(e is not None for e in errors)
                 counts["needs_review"] += sum(table.column("needs_review").to_pylist())
                 bar.update(len(names))
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     seconds = time.perf_counter() - start
     return PredictSummary(output=str(out), review_threshold=threshold, seconds=seconds,
                           images_per_s=counts["images"] / seconds if seconds > 0 else 0.0,

@@ -9,36 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from ddae_core.config import DiffusionConfig, FinetuneConfig
-from ddae_core.diffusion import build_denoiser
+from ddae_core.config import FinetuneConfig
 from ddae_core.features import extract_batch, readout
 from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, lr_factor, total_steps, zero_head
-from ddae_core.nn import build_unet
 from ddae_core.probe_online import ImageSet, readout_matrix
+from toy_images import brightness_split, random_tiny_denoiser
 
-RES = 16
 TAPS = ("mid.res1", "dec.8x8.res0")
-
-
-def _brightness_split(n: int, first_id: int, seed: int) -> ImageSet:
-    """Images whose class (0..2) is their mean brightness, plus texture noise: uint8 (n, RES, RES, 1)."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n, dtype=np.int64) % 3
-    base = np.array([50.0, 128.0, 205.0])[labels][:, None, None, None]
-    images = np.clip(base + rng.normal(0, 20, size=(n, RES, RES, 1)), 0, 255).astype(np.uint8)
-    return ImageSet(images=images, labels=labels, sample_ids=np.arange(first_id, first_id + n, dtype=np.int64))
-
 
 @pytest.fixture(scope="module")
 def denoiser() -> torch.nn.Module:
-    torch.manual_seed(0)
-    unet = build_unet("ddpm-tiny", in_channels=1, resolution=RES, zero_init_output=False)
-    return build_denoiser(DiffusionConfig(framework="ddpm"), unet).eval()
+    return random_tiny_denoiser()
 
 
 @pytest.fixture(scope="module")
 def splits() -> tuple[ImageSet, ImageSet]:
-    return _brightness_split(48, 0, 1), _brightness_split(30, 1000, 2)
+    return brightness_split(48, 0, 1), brightness_split(30, 1000, 2)
 
 
 def _model(denoiser, split: ImageSet) -> ReadoutClassifier:
