@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 import e2e_helpers as h
 from ddae_core.checkpoint import save_network
+from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared, prepare_dataset
 from ddae_core.diffusion import build_denoiser, build_loss
 from ddae_core.nn import build_unet
@@ -142,7 +143,7 @@ def test_pretrain_sigkilled_three_times_resumes_to_the_uninterrupted_weights(tmp
 @pytest.fixture()
 def extract_project(tmp_path) -> Paths:
     """A tiny project with prepared images and a (randomly initialised) network: ready to extract."""
-    tree = h.make_image_tree(tmp_path / "images", per_class=60)
+    tree = h.make_image_tree(tmp_path / "images", per_class=120)
     root = h.copy_project(tmp_path / "project", {
         **h.TINY_PARAMS, "data.dataset": "imagefolder", "data.source": str(tree), "data.channels": 3,
         "data.max_train": 0, "data.max_test": 0, "extract.part_rows": 6, "extract.batch_size": 6,
@@ -154,6 +155,14 @@ def extract_project(tmp_path) -> Paths:
     unet = build_unet(config.pretrain.network.name, in_channels=3, resolution=32)
     save_network(paths.network, build_denoiser(config.pretrain.diffusion, unet), {"diffusion": config.pretrain.diffusion})
     return paths
+
+
+def single_process_reference(paths: Paths, dest: Path) -> tuple[PipelineConfig, dict]:
+    """Extract in one uninterrupted process and move the result to ``dest``: what every variant must equal."""
+    config = load_params(paths.params)
+    summary = build_features(config, paths)
+    shutil.move(paths.features, dest)
+    return config, summary
 
 
 def done_summaries(log: str) -> list[dict]:
@@ -183,10 +192,8 @@ def assert_same_features(actual: Path, expected: Path) -> None:
 
 def test_extract_sigkilled_three_times_and_sigtermed_ends_with_every_row_once(extract_project, tmp_path):
     paths = extract_project
-    config = load_params(paths.params)
-    reference = build_features(config, paths)
+    _, reference = single_process_reference(paths, tmp_path / "reference")
     assert reference["units_reused"] == 0 and reference["units_done"] == reference["units"]
-    shutil.move(paths.features, tmp_path / "reference")
     units = reference["units"]
 
     def finished_units() -> list[Path]:
@@ -230,9 +237,7 @@ def test_extract_sigkilled_three_times_and_sigtermed_ends_with_every_row_once(ex
 
 def test_two_shards_equal_one_process_row_for_row(extract_project, tmp_path):
     paths = extract_project
-    config = load_params(paths.params)
-    build_features(config, paths)
-    shutil.move(paths.features, tmp_path / "single")
+    config, _ = single_process_reference(paths, tmp_path / "single")
 
     second = build_features(config, paths, process_index=1, num_processes=2)
     assert not paths.features.exists()  # only the main process assembles
@@ -248,9 +253,7 @@ def test_two_shards_equal_one_process_row_for_row(extract_project, tmp_path):
 
 def test_two_processes_under_accelerate_launch_equal_one_process(extract_project, tmp_path):
     paths = extract_project
-    config = load_params(paths.params)
-    build_features(config, paths)
-    shutil.move(paths.features, tmp_path / "single")
+    single_process_reference(paths, tmp_path / "single")
     env = h.project_env(paths.root, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     result = h.run([h.tool("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tasks.extract"],
