@@ -57,6 +57,12 @@ def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
+def capped_subset(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Sorted indices of a class-balanced subset of at most ``cap`` rows (``cap`` 0 = every row)."""
+    labels = np.asarray(labels)
+    return balanced_subset(labels, min(cap or len(labels), len(labels)), seed)
+
+
 def label_subsets(labels: np.ndarray, fractions: Sequence[float], seed: int) -> dict[float, np.ndarray]:
     """``{fraction: sorted row indices}`` for each fraction of the labelled rows, nested and seeded."""
     labels = np.asarray(labels)

@@ -20,7 +20,7 @@ from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.diagnostics import alignment, knn_accuracy, uniformity
 from ddae_core.features import extract_all
-from ddae_core.label_efficiency import balanced_subset, fraction_label, label_subsets
+from ddae_core.label_efficiency import balanced_subset, capped_subset, fraction_label, label_subsets
 from ddae_core.probe import select_probe
 from tasks.cached_readout import load_index, load_selection, read_readout
 from tasks.common import Paths, StageError, atomic_directory, stage_main, write_bytes_atomic, write_json_atomic
@@ -96,8 +96,7 @@ def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> l
 
 def knn_queries(test_labels: np.ndarray, config: PipelineConfig) -> np.ndarray:
     """The class-balanced test rows the kNN probe classifies (all when ``knn_queries`` is 0)."""
-    cap = config.diagnostics.knn_queries or len(test_labels)
-    return balanced_subset(test_labels, min(cap, len(test_labels)), config.diagnostics.seed)
+    return capped_subset(test_labels, config.diagnostics.knn_queries, config.diagnostics.seed)
 
 
 def diagnostics(config: PipelineConfig, paths: Paths, index: dict, checkpoint: str) -> list[dict]:

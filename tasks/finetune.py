@@ -21,7 +21,7 @@ from ddae_core.data import load_prepared
 from ddae_core.diffusion import build_denoiser
 from ddae_core.features import extract_all
 from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, zero_head
-from ddae_core.label_efficiency import balanced_subset, fraction_label, label_subsets
+from ddae_core.label_efficiency import capped_subset, fraction_label, label_subsets
 from ddae_core.nn.unet import UNet, UNetConfig
 from ddae_core.probe import LinearProbe, fit_logistic
 from ddae_core.probe_online import readout_matrix
@@ -86,8 +86,8 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     if not np.array_equal(y_train, splits["train"].labels):
         raise StageError(f"{paths.features}: train features do not match {paths.prepared}; rerun the extract stage")
     subsets = label_subsets(y_train, config.label_efficiency.fractions, config.label_efficiency.seed)
-    val_rows = balanced_subset(splits["val"].labels, min(cfg.val_max or len(splits["val"]), len(splits["val"])), cfg.seed)
-    test_rows = balanced_subset(splits["test"].labels, min(cfg.test_max or len(splits["test"]), len(splits["test"])), cfg.seed)
+    val_rows = capped_subset(splits["val"].labels, cfg.val_max, cfg.seed)
+    test_rows = capped_subset(splits["test"].labels, cfg.test_max, cfg.seed)
     cells, best_model = [], None
     for fraction, rows in sorted(subsets.items()):
         for model_name in MODELS if cfg.scratch else MODELS[:1]:
