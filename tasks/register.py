@@ -147,8 +147,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             "champion_test_acc": champion_acc, "margin": config.register.min_improvement,
             "promoted": promote, "data_checksum": manifest["checksum"], "git_commit": tags["ddae.git_commit"],
         }
-        for key in ("test_acc", "champion_test_acc", "promoted", "margin"):
-            client.set_model_version_tag(name, version.version, f"ddae.gate.{key}", str(decision[key]))
+        client.set_model_version_tag(name, version.version, "ddae.gate.test_acc", str(new_acc))
         for tagged in [version.version] + ([champion.version] if champion is not None else []):
             for key, value in decision_tags(decision).items():
                 client.set_model_version_tag(name, tagged, key, value)
