@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tasks.common import write_bytes_atomic  # noqa: E402
 
 
-def _save(fig: "plt.Figure", path: Path) -> None:
+def save_figure(fig: "plt.Figure", path: Path) -> None:
+    """Write ``fig`` to ``path`` as a PNG through a temporary file, and close it."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -37,7 +38,7 @@ def save_loss_curve(history: Sequence[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title("Pretraining loss")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_heatmap(values: dict[tuple[str, str], float], rows: Sequence[str], cols: Sequence[str],
@@ -58,7 +59,7 @@ def save_heatmap(values: dict[tuple[str, str], float], rows: Sequence[str], cols
                 ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
     fig.colorbar(image, ax=ax, label="validation accuracy (%)")
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_label_efficiency(rows: Sequence[dict], methods: dict[str, str], path: Path) -> None:
@@ -74,4 +75,4 @@ def save_label_efficiency(rows: Sequence[dict], methods: dict[str, str], path: P
     ax.set_title("Label efficiency")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ddae_core.selective import SelectiveCurve, at_threshold, selective_curve, suggest_threshold
 from tasks.common import write_bytes_atomic
-from tasks.plots import _save, plt
+from tasks.plots import plt, save_figure
 
 COVERAGE_STEPS = np.linspace(0.05, 1.0, 20)
 
@@ -53,7 +53,7 @@ def save_curve_plot(curves: dict[str, SelectiveCurve], threshold: float | None, 
     title = f"threshold {threshold:.3f}" if threshold is not None else "target not reachable"
     ax.set_title(f"Selective classification ({title})")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def selective_report(directory: Path, probe, feats: dict[str, np.ndarray], labels: dict[str, np.ndarray],
