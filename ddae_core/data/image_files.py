@@ -6,10 +6,12 @@ depth, in a fixed order (sorted relative paths; archive member order for tar fil
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from ddae_core.data.errors import DatasetLayoutError, DatasetNotFoundError
@@ -39,41 +41,45 @@ def _checked(source: str | os.PathLike[str]) -> Path:
 
 
 def count_images(source: str | os.PathLike[str]) -> int:
-    """How many image files ``iter_images`` will yield (for a progress bar's total)."""
+    """How many image files ``iter_images`` will yield (for a progress bar's total); reads no image."""
     path = _checked(source)
-    try:
-        return sum(1 for _ in _names(path))
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
-        raise DatasetLayoutError(f"{path}: cannot read archive ({err})") from err
-
-
-def _names(source: Path) -> Iterator[str]:
-    if source.is_dir():
-        yield from _folder_names(source)
-    elif source.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(source) as zf:
-            yield from sorted(i.filename for i in zf.infolist() if not i.is_dir() and _wanted(i.filename))
-    else:
-        with tarfile.open(source, "r:*") as tar:
-            yield from (m.name for m in tar if m.isfile() and _wanted(m.name))
+    with _archive_errors(path):
+        return sum(1 for _ in _entries(path))
 
 
 def iter_images(source: str | os.PathLike[str]) -> Iterator[tuple[str, bytes]]:
     """``(relative path, file bytes)`` for every image file in a folder or a .zip/.tar(.gz) archive."""
     path = _checked(source)
+    with _archive_errors(path):
+        for name, read in _entries(path):
+            yield name, read()
+
+
+def _entries(source: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """``(relative path, reader of its bytes)`` per image file, in order; a reader is valid until the next."""
+    if source.is_dir():
+        for name in _folder_names(source):
+            yield name, (source / name).read_bytes
+    elif source.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(source) as zf:
+            for name in sorted(i.filename for i in zf.infolist() if not i.is_dir() and _wanted(i.filename)):
+                yield name, functools.partial(zf.read, name)
+    else:
+        with tarfile.open(source, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and _wanted(member.name):
+                    yield member.name, functools.partial(_read_member, tar, member)
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    with tar.extractfile(member) as handle:
+        return handle.read()
+
+
+@contextlib.contextmanager
+def _archive_errors(path: Path) -> Iterator[None]:
+    """A broken archive, while listed or read, becomes a ``DatasetLayoutError`` naming ``path``."""
     try:
-        if path.is_dir():
-            for name in _folder_names(path):
-                yield name, (path / name).read_bytes()
-        elif path.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(path) as zf:
-                for name in sorted(i.filename for i in zf.infolist() if not i.is_dir() and _wanted(i.filename)):
-                    yield name, zf.read(name)
-        else:
-            with tarfile.open(path, "r:*") as tar:
-                for member in tar:
-                    if member.isfile() and _wanted(member.name):
-                        with tar.extractfile(member) as handle:
-                            yield member.name, handle.read()
+        yield
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
         raise DatasetLayoutError(f"{path}: cannot read archive ({err})") from err
