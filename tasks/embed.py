@@ -22,18 +22,25 @@ from ddae_core.classifier import content_ids
 from ddae_core.data import preprocess_image
 from ddae_core.data.image_files import count_images
 from tasks.common import atomic_file, load_params
+from tasks.feature_store import FeatureKey, feature_table
 from tasks.model_source import load_model, model_uri
 from tasks.predict import batches
 
 
 def feature_schema(dim: int, metadata: dict) -> pa.Schema:
-    """The extract stage's columns and types, plus the image's path."""
+    """The columns ``embed_table`` writes, declared for a writer that may get no rows (dim 0 when so)."""
     return pa.schema([
         pa.field("sample_id", pa.int64()), pa.field("split", pa.string()), pa.field("label", pa.int64()),
         pa.field("tap", pa.string()), pa.field("level", pa.float64()), pa.field("pool", pa.int32()),
         pa.field("copy", pa.int32()), pa.field("feature", pa.list_(pa.float32(), dim)),
         pa.field("path", pa.string()),
     ], metadata={b"ddae": json.dumps(metadata, sort_keys=True).encode()})
+
+
+def embed_table(key: FeatureKey, names: list[str], ids: np.ndarray, features: np.ndarray) -> pa.Table:
+    """The extract stage's columns for these images (split "embed", label -1, copy 0), plus their paths."""
+    table = feature_table(key, "embed", 0, ids, np.full(len(names), -1), features)
+    return table.append_column(pa.field("path", pa.string()), pa.array(names, type=pa.string()))
 
 
 def decode(names: list[str], payloads: list[bytes], spec) -> tuple[list[str], list[bytes], list[np.ndarray], list[dict]]:
@@ -81,20 +88,11 @@ def run_embed(root: Path, source: str, output: str, *, model: str | None = None,
         metadata = {"model_uri": loaded.uri, "model_version": loaded.version, "source": str(source),
                     "taps": list(classifier.taps),
                     "level": classifier.level, "pool": classifier.pool, "skipped": skipped}
+        key = FeatureKey(tap, float(classifier.level), int(classifier.pool))
         schema = feature_schema(dim, metadata)
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for names, ids, features in tables:
-                n = len(names)
-                writer.write_table(pa.table({
-                    "sample_id": pa.array(ids, type=pa.int64()), "split": ["embed"] * n,
-                    "label": pa.array(np.full(n, -1), type=pa.int64()), "tap": [tap] * n,
-                    "level": pa.array(np.full(n, classifier.level), type=pa.float64()),
-                    "pool": pa.array(np.full(n, classifier.pool), type=pa.int32()),
-                    "copy": pa.array(np.zeros(n), type=pa.int32()),
-                    "feature": pa.FixedSizeListArray.from_arrays(
-                        pa.array(np.ascontiguousarray(features, dtype=np.float32).reshape(-1)), dim),
-                    "path": names,
-                }, schema=schema))
+                writer.write_table(embed_table(key, names, ids, features))
     seconds = time.perf_counter() - start
     embedded = sum(len(t[0]) for t in tables)
     return {"output": str(out), "images": embedded, "unreadable": len(skipped), "tap": tap, "dim": dim,

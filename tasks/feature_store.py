@@ -45,11 +45,11 @@ def part_path(root: Path, key: FeatureKey, split: str, copy: int) -> Path:
     return key.directory(root) / f"{split}-copy{copy}.parquet"
 
 
-def write_part(path: Path, key: FeatureKey, split: str, copy: int, sample_ids: np.ndarray,
-               labels: np.ndarray, features: np.ndarray, metadata: dict) -> None:
-    """Write one (key, split, copy) part through a temporary name (readers never see half a file)."""
+def feature_table(key: FeatureKey, split: str, copy: int, sample_ids: np.ndarray, labels: np.ndarray,
+                  features: np.ndarray) -> pa.Table:
+    """One block of rows (features (N, D)) in the extract stage's columns, ``FEATURE_COLUMNS``."""
     n = len(features)
-    table = pa.table({
+    return pa.table({
         "sample_id": pa.array(sample_ids, type=pa.int64()),
         "split": pa.array([split] * n, type=pa.string()),
         "label": pa.array(labels, type=pa.int64()),
@@ -59,6 +59,12 @@ def write_part(path: Path, key: FeatureKey, split: str, copy: int, sample_ids: n
         "copy": pa.array(np.full(n, copy), type=pa.int32()),
         "feature": _feature_column(features),
     })
+
+
+def write_part(path: Path, key: FeatureKey, split: str, copy: int, sample_ids: np.ndarray,
+               labels: np.ndarray, features: np.ndarray, metadata: dict) -> None:
+    """Write one (key, split, copy) part through a temporary name (readers never see half a file)."""
+    table = feature_table(key, split, copy, sample_ids, labels, features)
     write_table_atomic(table, path, metadata, use_dictionary=["split", "tap"])
 
 
