@@ -135,11 +135,19 @@ def read_params_file(path: Path) -> dict:
 
 def load_params(path: Path) -> PipelineConfig:
     """Read and validate params.yaml (each section, then how they fit); ConfigError names the key."""
-    from tasks.profiles import resolve_profile, source_name
+    return config_from_params(read_params_file(path), source=path.name)
 
-    data = read_params_file(path)
-    source = source_name(path, data)
-    config = PipelineConfig.from_dict(resolve_profile(data, path.parent), source=source)
+
+def config_from_params(data: Any, source: str = "params.yaml") -> PipelineConfig:
+    """Validate parsed params: the one check stages, overrides and profiles share."""
+    if isinstance(data, dict) and "profile" in data:
+        # what `dvc exp run -S +profile=NAME` (or the old layout of this file) leaves behind
+        name = data["profile"] if isinstance(data["profile"], str) and data["profile"] else "NAME"
+        raise ConfigError(
+            f"{source}: profile: {data['profile']!r}: params.yaml does not select a profile by key; a profile "
+            f"is written into it: run `ddae profile {name}` (which also drops this key), then `dvc exp run` "
+            f"or `ddae run`")
+    config = PipelineConfig.from_dict(data, source=source)
     validate_pipeline(config, source=source)
     return config
 
