@@ -1,14 +1,13 @@
 """params.yaml edited in place: its comments, key order and layout kept (a ruamel.yaml round trip).
 
 ddae writes params.yaml for ``ddae run --set``, a deployment's ``overrides`` and ``ddae profile``. An
-edit is planned on the text, checked to read back (with PyYAML, as the stages read it) as exactly the
+edit is planned on the text, checked to read back (as the stages and DVC read it) as exactly the
 intended values, validated by the caller, and only then written atomically: a refused edit leaves the
 file byte-identical.
 """
 
 from __future__ import annotations
 
-import copy
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from ruamel.yaml.representer import RoundTripRepresenter
 from ruamel.yaml.tokens import CommentToken
 
 from ddae_core.config import ConfigError
-from tasks.common import write_bytes_atomic
+from tasks.common import parse_params, write_bytes_atomic
 
 T = TypeVar("T")
 _STR = "tag:yaml.org,2002:str"
@@ -40,7 +39,7 @@ class Setting:
     key: str
     value: Any
     comment: str | None = None
-    column: int = 29
+    column: int = 29  # where params.yaml's comments start
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -90,18 +89,19 @@ def edit_params(path: Path, settings: Iterable[Setting], validate: Callable[[dic
 
 def planned_text(text: str, settings: list[Setting], remove: tuple[str, ...] = (),
                  source: str = "params.yaml") -> tuple[str, dict]:
-    """(the edited text, its values as PyYAML reads them); ConfigError if it cannot be written faithfully."""
-    try:
-        expected = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    """(the edited text, its values as the stages and DVC read them).
+
+    Raises:
+        ConfigError: the text is not a params mapping, a setting needs a section where a value is, or
+            the edited text would not read back as exactly the values set.
+    """
+    expected = parse_params(text, source)
     if not isinstance(expected, dict):
         raise ConfigError(f"{source}: expected a mapping of params sections, got {type(expected).__name__}")
-    expected = copy.deepcopy(expected)
     rt = _round_trip()
     try:
         doc = rt.load(text)
-    except RuamelYAMLError as err:  # e.g. a duplicated key, which PyYAML silently accepts
+    except RuamelYAMLError as err:  # YAML the safe loader above took but the round trip cannot keep
         raise ConfigError(f"{source}: cannot be edited in place: {err}") from None
     if doc is None:
         doc = CommentedMap()
@@ -116,8 +116,8 @@ def planned_text(text: str, settings: list[Setting], remove: tuple[str, ...] = (
     rt.dump(doc, out)
     new_text = out.getvalue()
     try:
-        read_back = yaml.safe_load(new_text) or {}
-    except yaml.YAMLError:
+        read_back = parse_params(new_text, source)
+    except ConfigError:
         read_back = None
     if read_back != expected:
         got, want = flatten(read_back) if isinstance(read_back, dict) else {}, flatten(expected)
@@ -127,12 +127,32 @@ def planned_text(text: str, settings: list[Setting], remove: tuple[str, ...] = (
     return new_text, read_back
 
 
+def end_of_line_comments(text: str) -> dict[str, tuple[str, int]]:
+    """Dotted key -> (its end-of-line comment, the comment's column) for each commented leaf of ``text``."""
+    found: dict[str, tuple[str, int]] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, CommentedMap) and len(value):
+                walk(value, dotted)
+                continue
+            comment, _ = _split(_token((node, key, 2)))
+            if comment.startswith("#"):
+                found[dotted] = (comment.rstrip(), _token((node, key, 2)).column)
+
+    doc = _round_trip().load(text)
+    if isinstance(doc, CommentedMap):
+        walk(doc, "")
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # The ruamel.yaml side: where values, comments and the blank lines between sections live
 
 
 class _Representer(RoundTripRepresenter):
-    """New values written so that PyYAML (YAML 1.1, what the stages use) reads them back unchanged."""
+    """New values written so that YAML 1.1 readers (PyYAML) read them as YAML 1.2 ones (DVC, stages) do."""
 
     def represent_str(self, data: str) -> Any:
         if yaml.resolver.Resolver().resolve(yaml.ScalarNode, data, (True, False)) != _STR:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ddae_core.config import ConfigError, PipelineConfig
-from tasks.params_file import Setting, edit_params, flatten
+from tasks.common import config_from_params, parse_params, read_params_file
+from tasks.params_file import Setting, edit_params, end_of_line_comments, flatten
 
 PROFILES_DIR = "profiles"
 PROFILE_KEY = "profile"  # the override that names a profile; never a key of params.yaml
@@ -45,39 +46,16 @@ def profile_source(params_path: Path, name: str) -> str:
 
 def profile_settings(root: Path, name: str) -> list[Setting]:
     """The profile's leaves, in file order, each with its end-of-line comment; errors name the file."""
-    import yaml
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError as RuamelYAMLError
-
     path = profile_path(root, name)
     text = path.read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-        commented = YAML(typ="rt").load(text) or {}
-    except (yaml.YAMLError, RuamelYAMLError) as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = parse_params(text, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of params sections, got {type(data).__name__}")
     if PROFILE_KEY in data:
         raise ConfigError(f"{path}: profile: a profile cannot select another profile")
-    settings = []
-    for key, value in flatten(data).items():
-        comment, column = _comment(commented, key)
-        settings.append(Setting(key, value, comment, column) if comment else Setting(key, value))
-    return settings
-
-
-def _comment(commented: Any, dotted: str) -> tuple[str | None, int]:
-    """The end-of-line comment of a leaf in a ruamel round-trip document (first line only)."""
-    *parents, last = dotted.split(".")
-    node = commented
-    for part in parents:
-        node = node.get(part) if hasattr(node, "get") else None
-    entry = node.ca.items.get(last) if hasattr(node, "ca") else None
-    token = entry[2] if entry and len(entry) > 2 else None
-    if token is None or not token.value.startswith("#"):
-        return None, 0
-    return token.value.split("\n", 1)[0].rstrip(), token.column
+    comments = end_of_line_comments(text)
+    return [Setting(key, value, *comments[key]) if key in comments else Setting(key, value)
+            for key, value in flatten(data).items()]
 
 
 def with_profile(params_path: Path, overrides: dict[str, Any]) -> tuple[list[Setting], str]:
@@ -105,8 +83,6 @@ def apply_profile(params_path: Path, name: str) -> tuple[PipelineConfig, dict[st
     A leftover ``profile`` key (from ``dvc exp run -S +profile=NAME``) is dropped. The caller holds
     the repository's run lock (tasks/run_lock.py): params.yaml never changes under a pipeline run.
     """
-    from tasks.common import config_from_params, read_params_file
-
     before = read_params_file(params_path)
     source = profile_source(params_path, name)
     settings = profile_settings(params_path.parent, name)

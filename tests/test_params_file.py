@@ -94,13 +94,29 @@ def test_an_equal_value_keeps_its_spelling(params):
     assert params.read_text() == before  # `source: ""` and `[0.00001, ...]` untouched, nothing rewritten
 
 
-def test_a_file_that_cannot_be_edited_in_place_is_refused_unchanged(tmp_path):
+def test_a_duplicated_key_is_refused_naming_it_and_nothing_is_written(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("data:\n  max_train: 1\n  max_train: 2\n")  # PyYAML takes the last; in-place editing cannot
+    path.write_text("data:\n  max_train: 1\n  max_train: 2\n")  # PyYAML would silently take the last; DVC refuses
     before = path.read_bytes()
-    with pytest.raises(ConfigError, match=r"params.yaml: cannot be edited in place"):
+    with pytest.raises(ConfigError, match=r"(?s)params.yaml: not valid YAML: .*duplicate key \"max_train\""):
         apply_overrides(path, {"data.max_test": 5})
     assert path.read_bytes() == before
+
+
+def test_stages_read_params_as_dvc_does_even_after_dvc_rewrites_them(params):
+    """`dvc exp run -S` rewrites params.yaml with YAML 1.2 (``'no'`` loses its quotes): still the string."""
+    from dvc.utils.serialize import load_yaml, modify_yaml
+
+    apply_overrides(params, {"pretrain.train.mixed_precision": "no"})
+    with modify_yaml(params) as data:  # what `dvc exp run -S pretrain.train.lr=0.0001` does to the file
+        data["pretrain"]["train"]["lr"] = 0.0001
+    assert "    mixed_precision: no " in params.read_text()  # unquoted now: YAML 1.1 would read false
+    config = load_params(params)
+    assert (config.pretrain.train.mixed_precision, config.pretrain.train.lr) == ("no", 0.0001)
+    dvc_view = load_yaml(params)["pretrain"]["train"]
+    assert (dvc_view["mixed_precision"], dvc_view["lr"]) == ("no", 0.0001)
+    params.write_text(params.read_text().replace("lr: 0.0001", "lr: 1e-4"))  # a number in YAML 1.2, as DVC reads it
+    assert load_params(params).pretrain.train.lr == 0.0001
 
 
 def test_setting_comments_and_a_new_section(tmp_path):
