@@ -36,7 +36,7 @@ class Holder:
 
     def describe(self) -> str:
         if self.pid is None:
-            return "another pipeline run (it has not recorded itself yet)"
+            return "it has not recorded its pid yet"
         return f"pid {self.pid}, since {self.since}: {self.command}"
 
 
@@ -58,6 +58,8 @@ def _read_holder(fd: int) -> Holder:
     try:
         record = json.loads(os.pread(fd, 65536, 0) or b"{}")
     except (OSError, ValueError):
+        record = {}
+    if not isinstance(record, dict):
         record = {}
     pid = record.get("pid")
     return Holder(pid if isinstance(pid, int) else None, str(record.get("since", "")), str(record.get("command", "")))
