@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 import e2e_helpers as h
+import stage_code as sc
 
 pytestmark = pytest.mark.slow
 
@@ -187,6 +188,81 @@ def test_second_repro_reruns_nothing(pipeline):
     assert h.ran_stages(result.stdout) == set()
     assert h.tree_snapshot(root, *watched) == before
     assert (root / "dvc.lock").read_text() == lock  # rewritten by DVC (snapshot always runs), unchanged
+
+
+# One process edits each project file in turn and asks DVC's Python API what is stale: each stage's
+# status (stale when more than "always changed"), and the plan `dvc repro --downstream` makes from the
+# stale stages (them and their descendants); each file is restored before the next. One Repo, lock
+# held throughout: a `dvc status` process per file would spend most of its time starting.
+_EDIT_EACH_FILE = """
+import json, sys
+from pathlib import Path
+from dvc.repo import Repo
+from dvc.repo.reproduce import get_active_graph, plan_repro
+
+root, report = Path(sys.argv[1]), {}
+with Repo(str(root)) as repo, repo.lock:
+    stages, graph = repo.index.stages, get_active_graph(repo.index.graph)
+
+    def stale():
+        return [s for s in stages if [why for why in s.status().get(s.addressing, []) if why != "always changed"]]
+
+    for rel in json.loads(sys.argv[2]):
+        path = root / rel
+        original = path.read_bytes()
+        path.write_bytes(original + b"\\n# an edit: DVC hashes content, so a bare touch would change nothing\\n")
+        try:
+            targets = stale()
+        finally:
+            path.write_bytes(original)
+        rerun = plan_repro(graph, targets, downstream=True) if targets else []
+        report[rel] = {"stale": sorted(s.addressing for s in targets), "rerun": sorted(s.addressing for s in rerun)}
+print(json.dumps(report))
+"""
+
+
+def _dvc_status(root: Path) -> dict:
+    status = h.dvc(root, "status", "--json")
+    assert status.returncode == 0, status.stdout[-3000:]
+    return json.loads(status.stdout[status.stdout.index("{"):])
+
+
+def test_stale_stages_are_exactly_those_that_run_the_edited_file(pipeline):
+    """Bytecode changes nothing; an edited project file makes stale exactly the stages that import it.
+
+    DVC's status lists a stage whose own deps changed; its descendants rerun after it when its outputs
+    change (DVC's repro plan): both sets must be what the imports and dvc.yaml's graph say.
+    """
+    root = pipeline.root
+    assert h.dvc(root, "repro").returncode == 0
+    assert _dvc_status(root) == {"snapshot": ["always changed"]}  # nothing else to rerun
+
+    caches = [root / "ddae_core" / "__pycache__", root / "tasks" / "__pycache__"]
+    for cache in caches:
+        shutil.rmtree(cache, ignore_errors=True)
+    imported = h.run([sys.executable, "-c", "import ddae_core, tasks.probe"], root)
+    assert imported.returncode == 0, imported.stdout[-3000:]
+    assert all(any(cache.glob("*.pyc")) for cache in caches)  # bytecode really was written
+    assert _dvc_status(root) == {"snapshot": ["always changed"]}  # importing wrote bytecode; no dep changed
+
+    stages = sc.dvc_stages(root)
+    runs = {name: sc.stage_code(name, root) for name in stages}
+    files = sorted(p.relative_to(root).as_posix() for package in sc.PACKAGES for p in (root / package).rglob("*.py")
+                   if "__pycache__" not in p.parts)
+    assert set().union(*runs.values()) < set(files)  # every imported module, and some no stage imports
+    result = h.run([sys.executable, "-c", _EDIT_EACH_FILE, str(root), json.dumps(files)], root, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    wrong = []
+    for rel in files:
+        importers = {name for name in stages if rel in runs[name]
+                     or any(rel.startswith(f"{folder}/") for folder in sc.WHOLE_DIRECTORY_DEPS.get(name, ()))}
+        expected = {"stale": sorted(importers), "rerun": sorted(sc.downstream(stages, importers))}
+        if report[rel] != expected:
+            wrong.append(f"{rel}: expected {expected}, DVC says {report[rel]}")
+    assert not wrong, "\n".join(wrong)
+    assert _dvc_status(root) == {"snapshot": ["always changed"]}  # every file restored: nothing to rerun
 
 
 def test_finetune_enabled_runs_cached_and_registers_a_second_flavour(pipeline, tmp_path):
