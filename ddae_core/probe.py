@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddae_core.sampling import balanced_subset
+
 logger = logging.getLogger(__name__)
 
 _CHUNK = 16384  # rows per chunk when standardising or scoring, to bound temporary memory
@@ -272,21 +274,6 @@ def select_probe(
     return best[1], best[2], best[3], table
 
 
-def balanced_indices(labels: ArrayLike, size: int, seed: int = 0) -> np.ndarray:
-    """A seeded, class-balanced subset of ``size`` row indices (sorted), or all rows if fewer."""
-    labels = np.asarray(labels)
-    if size >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    quota = size // len(classes)
-    chosen = [idx[:quota] for idx in per_class]
-    leftovers = np.concatenate([idx[quota:] for idx in per_class])
-    extra = rng.permutation(leftovers)[: size - sum(len(c) for c in chosen)]
-    return np.sort(np.concatenate(chosen + [extra]))
-
-
 def screen_and_select(
     candidates: Mapping[Hashable, tuple[ArrayLike, ArrayLike]],
     y_train: ArrayLike,
@@ -303,8 +290,8 @@ def screen_and_select(
     """Two-phase selection: every candidate on a ``screen_size`` train subset, the best few on all.
 
     Phase 1 ranks all (candidate, L2) fits by validation accuracy using a class-balanced subset of
-    train; phase 2 refits the ``finalists`` best candidates on the full train split and selects among
-    them on validation. ``screen_size`` 0 (or >= the train size) is plain ``select_probe``. Rows carry
+    train (``sampling.balanced_subset`` drawn from ``default_rng(seed)``); phase 2 refits the
+    ``finalists`` best candidates on the full train split and selects among them on validation. ``screen_size`` 0 (or >= the train size) is plain ``select_probe``. Rows carry
     ``phase`` ("screen" or "full"). Selection never looks at test.
     """
     y_train = np.asarray(y_train)
@@ -312,7 +299,7 @@ def screen_and_select(
         key, l2, probe, table = select_probe(candidates, y_train, y_val, num_classes=num_classes,
                                              l2_grid=l2_grid, max_iter=max_iter, progress=progress)
         return key, l2, probe, [{**row, "phase": "full"} for row in table]
-    subset = balanced_indices(y_train, screen_size, seed)
+    subset = balanced_subset(y_train, screen_size, np.random.default_rng(seed))
     screened = {key: (np.asarray(x_train)[subset], x_val) for key, (x_train, x_val) in candidates.items()}
     _key, _l2, _probe, screen_table = select_probe(screened, y_train[subset], y_val, num_classes=num_classes,
                                                    l2_grid=l2_grid, max_iter=max_iter, progress=progress)

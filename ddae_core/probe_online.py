@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ddae_core.features import FeatureKey, extract
 from ddae_core.probe import LinearProbe
+from ddae_core.sampling import balanced_subset
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +131,11 @@ class _Permuted:
 
 
 def _subset(split: ImageSplit, limit: int | None, seed: int, stream: int) -> ImageSet:
-    """The whole split, or a seeded random subset of ``limit`` rows kept in their original order."""
+    """The whole split, or a seeded class-balanced subset of ``limit`` rows kept in their original order."""
     n = len(split.labels)
     rows = np.arange(n)
     if limit is not None and limit < n:
-        rows = np.sort(np.random.default_rng([seed, stream]).choice(n, size=limit, replace=False))
+        rows = balanced_subset(np.asarray(split.labels), limit, np.random.default_rng([seed, stream]))
     images = split.images if len(rows) == n else np.asarray(split.images[rows])
     return ImageSet(images=images, labels=np.asarray(split.labels, np.int64)[rows],
                     sample_ids=np.asarray(split.sample_ids, np.int64)[rows])
@@ -186,8 +187,8 @@ def online_probe(
     ``seed`` keys the features' noise and augmentation (use the extract stage's seed to share its
     val/test features), the epoch orders and the layer's initialisation; the result is
     deterministic given it (and the thread count). ``max_train`` / ``max_eval`` cap the train and
-    each of the val/test splits to a seeded random subset (quick runs, tests). The denoiser must
-    live on ``device``; the probe itself trains on the CPU.
+    each of the val/test splits to a seeded class-balanced subset (``sampling.balanced_subset``;
+    quick runs, tests). The denoiser must live on ``device``; the probe itself trains on the CPU.
     """
     if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
         raise ValueError(f"epochs, batch_size and eval_batch_size must be >= 1, "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddae_core.config import DiffusionConfig
-from ddae_core.probe_online import ImageSet, cosine_lr, online_probe, readout_matrix
+from ddae_core.probe_online import ImageSet, _subset, cosine_lr, online_probe, readout_matrix
 from toy_images import brightness_split, random_tiny_denoiser
 
 
@@ -58,6 +58,15 @@ def test_limits_and_batching(denoiser, splits) -> None:
         _run(denoiser, splits, num_classes=2, epochs=1)
     with pytest.raises(KeyError):
         _run(denoiser, splits, taps=["no.such.block"], epochs=1)
+
+
+def test_caps_take_class_balanced_rows_in_order(splits) -> None:
+    train = splits[0]
+    capped = _subset(train, 20, 5, 0)
+    assert sorted(np.bincount(capped.labels, minlength=3).tolist()) == [6, 7, 7]
+    assert np.all(np.diff(capped.sample_ids) > 0)  # original order kept
+    assert np.array_equal(capped.images, train.images[capped.sample_ids - train.sample_ids[0]])
+    assert _subset(train, None, 5, 0).images is train.images  # no cap: the split itself, not a copy
 
 
 def test_cosine_lr_and_readout_matrix() -> None:
