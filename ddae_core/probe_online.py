@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ddae_core.features import FeatureKey, extract
 from ddae_core.probe import LinearProbe
 from ddae_core.sampling import balanced_subset
+from ddae_core.schedules import lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,6 @@ def readout_matrix(
     """The readout's feature matrix: ``(tap, level, pool)`` blocks concatenated in ``taps`` order, (N, D)."""
     blocks = [features[(tap, float(level), int(pool))] for tap in taps]
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
-
-
-def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
-    """Cosine annealing from ``base_lr`` at step 0 towards 0 at ``total_steps`` (per optimizer step)."""
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
 
 
 class _RunningMoments:
@@ -253,7 +249,7 @@ def online_probe(
                     moments.update(x)
                     mean, std = moments.mean_std()
                 for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(step, total_steps, lr)
+                    group["lr"] = lr * lr_factor(step, warmup_steps=0, total_steps=total_steps)
                 with torch.enable_grad():
                     logits = linear((x - mean) / std)
                     loss = F.cross_entropy(logits, y)
@@ -266,7 +262,8 @@ def online_probe(
                 bar.update(1)
             assert linear is not None
             row = {"epoch": epoch + 1, "loss": loss_sum / n_train, "train_acc": hits / n_train,
-                   "val_acc": _accuracy(x_val, y_val, linear, mean, std), "lr": cosine_lr(step, total_steps, lr)}
+                   "val_acc": _accuracy(x_val, y_val, linear, mean, std),
+                   "lr": lr * lr_factor(step, warmup_steps=0, total_steps=total_steps)}
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row['val_acc']:.3f}")
             logger.info("online probe epoch %d loss=%.4f train_acc=%.4f val_acc=%.4f",
@@ -288,4 +285,4 @@ def online_probe(
     )
 
 
-__all__ = ["ImageSet", "ImageSplit", "OnlineProbeResult", "cosine_lr", "online_probe", "readout_matrix"]
+__all__ = ["ImageSet", "ImageSplit", "OnlineProbeResult", "online_probe", "readout_matrix"]

@@ -28,20 +28,6 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int | None = None) -
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
-def warmup_lr_factor(step: int, warmup_steps: int) -> float:
-    """Multiplier of the base lr for optimizer step ``step`` (0-based): linear warm-up, then 1.
-
-    As in the paper (linear warm-up, then constant). Step ``s`` uses ``(s + 1) / warmup_steps``, so
-    the first step already moves the weights and step ``warmup_steps - 1`` reaches the full lr.
-    ``warmup_steps <= 0`` disables the warm-up. Range: (0, 1].
-    """
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
-
-
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     """EMA decay used after optimizer step ``step`` (0-based): ``decay``, or ramped when ``warmup``.
 

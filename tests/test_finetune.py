@@ -11,7 +11,7 @@ import torch
 
 from ddae_core.config import FinetuneConfig
 from ddae_core.features import extract_batch, readout
-from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, lr_factor, total_steps, zero_head
+from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, total_steps, zero_head
 from ddae_core.probe_online import ImageSet, readout_matrix
 from toy_images import brightness_split, random_tiny_denoiser
 
@@ -59,12 +59,7 @@ def test_readout_equals_cached_features_and_is_differentiable(denoiser, splits) 
     assert first.grad is not None and float(first.grad.abs().sum()) > 0
 
 
-def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
-    assert lr_factor(0, 4, 20) == pytest.approx(0.25)
-    assert lr_factor(3, 4, 20) == pytest.approx(1.0)
-    assert lr_factor(4, 4, 20) == pytest.approx(1.0)
-    assert lr_factor(12, 4, 20) == pytest.approx(0.5)
-    assert lr_factor(20, 4, 20) == pytest.approx(0.0, abs=1e-12)
+def test_total_steps_counts_epochs_and_caps_at_max_steps() -> None:
     assert total_steps(100, _config(epochs=3, batch_size=16)) == 3 * math.ceil(100 / 16)
     assert total_steps(100, _config(epochs=3, batch_size=16, max_steps=5)) == 5
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddae_core.config import DiffusionConfig
-from ddae_core.probe_online import ImageSet, _subset, cosine_lr, online_probe, readout_matrix
+from ddae_core.probe_online import ImageSet, _subset, online_probe, readout_matrix
 from toy_images import brightness_split, random_tiny_denoiser
 
 
@@ -69,10 +69,7 @@ def test_caps_take_class_balanced_rows_in_order(splits) -> None:
     assert _subset(train, None, 5, 0).images is train.images  # no cap: the split itself, not a copy
 
 
-def test_cosine_lr_and_readout_matrix() -> None:
-    assert cosine_lr(0, 10, 1e-3) == pytest.approx(1e-3)
-    assert cosine_lr(5, 10, 1e-3) == pytest.approx(5e-4)
-    assert cosine_lr(10, 10, 1e-3) == pytest.approx(0.0, abs=1e-12)
+def test_readout_matrix() -> None:
     feats = {("a", 11.0, 1): np.ones((2, 3), np.float32), ("b", 11.0, 1): np.zeros((2, 2), np.float32)}
     assert readout_matrix(feats, ["b", "a"], 11, 1).tolist() == [[0, 0, 1, 1, 1]] * 2
 
