@@ -27,7 +27,7 @@ from ddae_core.config import FinetuneConfig
 from ddae_core.data import to_model_input
 from ddae_core.features import readout
 from ddae_core.noise import augment, copy_seed
-from ddae_core.probe import LinearProbe
+from ddae_core.probe import STD_EPS, LinearProbe, Standardizer
 from ddae_core.probe_online import ImageSplit
 from ddae_core.schedules import lr_factor
 
@@ -63,14 +63,12 @@ class ReadoutClassifier(nn.Module):
                            mean=self.mean.cpu().numpy().copy(), std=self.std.cpu().numpy().copy())
 
 
-def zero_head(features: np.ndarray, num_classes: int, eps: float = 1e-6) -> LinearProbe:
+def zero_head(features: np.ndarray, num_classes: int, eps: float = STD_EPS) -> LinearProbe:
     """A head that predicts uniformly, standardising with the mean/std of ``features`` (N, D)."""
-    x = np.asarray(features, dtype=np.float64)
-    std = x.std(0)
-    std = np.where(std < eps, 1.0, std)
-    dim = x.shape[1]
+    scaler = Standardizer.fit(features, eps)
+    dim = scaler.mean.shape[0]
     return LinearProbe(weight=np.zeros((num_classes, dim), np.float32), bias=np.zeros(num_classes, np.float32),
-                       mean=x.mean(0).astype(np.float32), std=std.astype(np.float32))
+                       mean=scaler.mean, std=scaler.std)
 
 
 def total_steps(rows: int, config: FinetuneConfig) -> int:

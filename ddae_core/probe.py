@@ -20,6 +20,7 @@ from ddae_core.sampling import balanced_subset
 logger = logging.getLogger(__name__)
 
 _CHUNK = 16384  # rows per chunk when standardising or scoring, to bound temporary memory
+STD_EPS = 1e-6  # a feature whose std is below this counts as constant
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -46,6 +47,11 @@ def _as_labels(y: ArrayLike, num_classes: int, rows: int) -> torch.Tensor:
     return labels
 
 
+def unit_std(std: torch.Tensor, eps: float = STD_EPS) -> torch.Tensor:
+    """``std`` with 1 wherever it is below ``eps``: a near-constant feature is centred, not blown up."""
+    return torch.where(std < eps, torch.ones_like(std), std)
+
+
 @dataclass
 class Standardizer:
     """Per-feature mean and std fitted on train; near-constant features (std < eps) keep std 1."""
@@ -54,7 +60,7 @@ class Standardizer:
     std: np.ndarray  # (D,) float32, > 0
 
     @classmethod
-    def fit(cls, x: ArrayLike, eps: float = 1e-6) -> "Standardizer":
+    def fit(cls, x: ArrayLike, eps: float = STD_EPS) -> "Standardizer":
         """Fit on ``x`` (N, D), accumulating in float64 chunk by chunk for accuracy and memory."""
         data = _as_float_tensor(x)
         rows = data.shape[0]
@@ -67,8 +73,7 @@ class Standardizer:
         squares = torch.zeros_like(mean)
         for start in range(0, rows, _CHUNK):
             squares += (data[start : start + _CHUNK].double() - mean).square().sum(0)
-        std = (squares / rows).sqrt()
-        std = torch.where(std < eps, torch.ones_like(std), std)
+        std = unit_std((squares / rows).sqrt(), eps)
         return cls(mean=mean.float().numpy(), std=std.float().numpy())
 
     def transform(self, x: ArrayLike) -> torch.Tensor:

@@ -36,13 +36,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddae_core.features import FeatureKey, extract
-from ddae_core.probe import LinearProbe
+from ddae_core.probe import LinearProbe, Standardizer, unit_std
 from ddae_core.sampling import balanced_subset
 from ddae_core.schedules import lr_factor
 
 logger = logging.getLogger(__name__)
-
-_EPS = 1e-6  # std below this counts as constant (same rule as probe.Standardizer)
 
 
 class ImageSplit(Protocol):
@@ -106,11 +104,10 @@ class _RunningMoments:
         self.m2 += m2_b + delta.square() * (self.count * n_b / total)
         self.count = total
 
-    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 (D,) mean and std (std 1 where the feature is near-constant)."""
-        std = (self.m2 / max(self.count, 1)).sqrt()
-        std = torch.where(std < _EPS, torch.ones_like(std), std)
-        return self.mean.float(), std.float()
+    def standardizer(self) -> Standardizer:
+        """The statistics so far as float32 (D,) mean and std (``probe.unit_std``: 1 where near-constant)."""
+        std = unit_std((self.m2 / max(self.count, 1)).sqrt())
+        return Standardizer(mean=self.mean.float().numpy(), std=std.float().numpy())
 
 
 class _Permuted:
@@ -247,7 +244,8 @@ def online_probe(
                 assert optimizer is not None and moments is not None
                 if epoch == 0:
                     moments.update(x)
-                    mean, std = moments.mean_std()
+                    scaler = moments.standardizer()
+                    mean, std = torch.from_numpy(scaler.mean), torch.from_numpy(scaler.std)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * lr_factor(step, warmup_steps=0, total_steps=total_steps)
                 with torch.enable_grad():
