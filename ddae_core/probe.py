@@ -296,8 +296,9 @@ def screen_and_select(
 
     Phase 1 ranks all (candidate, L2) fits by validation accuracy using a class-balanced subset of
     train (``sampling.balanced_subset`` drawn from ``default_rng(seed)``); phase 2 refits the
-    ``finalists`` best candidates on the full train split and selects among them on validation. ``screen_size`` 0 (or >= the train size) is plain ``select_probe``. Rows carry
-    ``phase`` ("screen" or "full"). Selection never looks at test.
+    ``finalists`` best candidates on the full train split and selects among them on validation.
+    ``screen_size`` 0 (or >= the train size) is plain ``select_probe``. Rows carry ``phase``
+    ("screen" or "full"). Selection never looks at test.
     """
     y_train = np.asarray(y_train)
     if screen_size <= 0 or screen_size >= len(y_train) or len(candidates) <= finalists:
