@@ -152,7 +152,7 @@ def test_features_are_partitioned_parquet_with_checkpoint_hash(pipeline):
 
 
 def test_label_efficiency_and_diagnostics_reuse_the_probe(pipeline):
-    from ddae_core.label_efficiency import subset_size
+    from ddae_core.sampling import subset_size
 
     root = pipeline.root
     assert json.loads((root / "metrics/finetune.json").read_text()) == {"enabled": False}
