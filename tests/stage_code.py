@@ -152,3 +152,67 @@ def downstream(stages: dict[str, dict], names: set[str]) -> set[str]:
                 result.add(name)
                 changed = True
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewriting dvc.yaml's code deps from the imports (`python tests/stage_code.py --write`)
+
+_DEP_LINE = re.compile(r"^(\s+- )([\w./-]+)(\s*#.*)?$")
+
+
+def _canonical(path: str) -> tuple[int, str]:
+    """dvc.yaml's order of code deps: tasks/ first, then ddae_core/, each sorted."""
+    return (0 if path.startswith("tasks/") else 1, path)
+
+
+def rewrite_code_deps(text: str, root: Path = REPO) -> str:
+    """``text`` (dvc.yaml) with each stage's code-file deps replaced by the files the stage runs.
+
+    Other deps, comments on kept lines and whole-folder deps stay; files under a whole-folder dep are
+    not listed. The derived lines take the place of the stage's first code-file dep.
+    """
+    stages = yaml.safe_load(text)["stages"]
+    lines, out, stage, in_deps, placed = text.splitlines(keepends=True), [], None, False, False
+    for line in lines:
+        header = re.match(r"^  ([\w-]+):\s*(#.*)?$", line)
+        if header and header.group(1) in stages:
+            stage, in_deps, placed = header.group(1), False, False
+        elif stage and re.match(r"^    deps:\s*$", line):
+            in_deps = True
+        elif stage and re.match(r"^    \w", line):
+            in_deps = False
+        found = _DEP_LINE.match(line) if in_deps else None
+        if not (found and is_code_path(found.group(2)) and not (root / found.group(2)).is_dir()):
+            out.append(line)
+            continue
+        if not placed:
+            declared = {d for d in _paths(stages[stage].get("deps")) if is_code_path(d)}
+            folders = {d for d in declared if (root / d).is_dir()}
+            kept = {m.group(2): m.group(3) or "" for m in map(_DEP_LINE.match, lines) if m}
+            runs = [f for f in stage_code(stage, root) if not any(f.startswith(d + "/") for d in folders)]
+            for path in sorted(runs, key=_canonical):
+                comment = kept.get(path, "") if path in declared else ""
+                out.append(f"{found.group(1)}{path}{comment}\n")
+            placed = True
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Check or rewrite dvc.yaml's code deps from the imports.")
+    parser.add_argument("--write", action="store_true", help="rewrite dvc.yaml in place (else: exit 1 if stale)")
+    args = parser.parse_args(argv)
+    path = REPO / "dvc.yaml"
+    text = path.read_text()
+    new = rewrite_code_deps(text)
+    if args.write:
+        path.write_text(new)
+    elif new != text:
+        print(f"{path}: code deps are stale; run python tests/stage_code.py --write")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
