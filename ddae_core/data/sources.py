@@ -31,6 +31,7 @@ from typing import BinaryIO, Protocol
 import numpy as np
 from PIL import Image
 
+from ddae_core.atomic import atomic_file
 from ddae_core.config import DataConfig
 from ddae_core.data.errors import DatasetLayoutError, DatasetNotFoundError
 from ddae_core.data.images import Fit, open_image
@@ -242,26 +243,22 @@ def _md5(path: Path) -> str:
 
 def download_cifar10(cache_dir: Path, timeout: float = 60.0) -> Path:
     """Download the official binary archive into ``cache_dir`` (temp name, MD5 check, rename)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / CIFAR10_ARCHIVE
-    tmp = cache_dir / f"{CIFAR10_ARCHIVE}.part-{os.getpid()}"
     log.info("downloading %s to %s", CIFAR10_URL, target)
     try:
-        with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f, 1 << 20)
-        if _md5(tmp) != CIFAR10_MD5:
-            raise DatasetNotFoundError(f"downloaded {CIFAR10_URL} but its MD5 is not {CIFAR10_MD5}; try again")
-        os.replace(tmp, target)
+        with atomic_file(target) as tmp:
+            with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+            if _md5(tmp) != CIFAR10_MD5:
+                raise DatasetNotFoundError(f"downloaded {CIFAR10_URL} but its MD5 is not {CIFAR10_MD5}; try again")
+    except DatasetNotFoundError:
+        raise
     except (urllib.error.URLError, OSError) as err:
-        if isinstance(err, DatasetNotFoundError):
-            raise
         raise DatasetNotFoundError(
             f"CIFAR-10 is not in {cache_dir} and downloading {CIFAR10_URL} failed ({err}). Download "
             f"{CIFAR10_ARCHIVE} by hand and put it in {cache_dir}, or set data.source to the archive or "
             f"to its extracted {CIFAR10_DIR} folder."
         ) from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
