@@ -217,6 +217,20 @@ def test_image_folder_layouts_and_archives(tmp_path, kind, layout):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == ["out"]  # no out.tmp-<pid>
 
 
+def test_image_folder_rows_follow_sorted_paths_whatever_the_filesystem_order(tmp_path):
+    """Rows are in sorted relative-path order (so the val/test carve is the same on every machine)."""
+    from ddae_core.data.sources import scan_image_folder
+
+    root = tmp_path / "src"
+    make_tree(root, {"cat": 3, "cat/a-sub": 2, "dog": 3})
+    source = scan_image_folder(root, "src")
+    paths = list(source.train.paths)
+    assert paths == sorted(paths)  # a walk listing a folder's own files first would start with cat/img...
+    assert paths[:5] == ["cat/a-sub/img000.png", "cat/a-sub/img001.png", "cat/img000.png", "cat/img001.png",
+                         "cat/img002.png"]
+    assert source.train.ids.tolist() == list(range(8))  # an id is the position in that sorted list
+
+
 def test_manifest_is_written_in_key_order_with_utf8_class_names(tmp_path):
     """Its bytes are data/prepared's DVC hash: sorting keys or escaping names would rerun every stage."""
     make_tree(tmp_path / "src", {"café": 3, "dog": 3})
