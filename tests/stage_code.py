@@ -165,6 +165,22 @@ def _canonical(path: str) -> tuple[int, str]:
     return (0 if path.startswith("tasks/") else 1, path)
 
 
+def _dep_lines(lines: list[str], stages: dict) -> list[tuple[int, str, re.Match]]:
+    """(line index, stage, match) of every ``- path`` line inside a stage's ``deps:`` list."""
+    found, stage, in_deps = [], None, False
+    for index, line in enumerate(lines):
+        header = re.match(r"^  ([\w-]+):\s*(#.*)?$", line)
+        if header and header.group(1) in stages:
+            stage, in_deps = header.group(1), False
+        elif stage and re.match(r"^    deps:\s*$", line):
+            in_deps = True
+        elif stage and re.match(r"^    \w", line):
+            in_deps = False
+        elif in_deps and (match := _DEP_LINE.match(line)):
+            found.append((index, stage, match))
+    return found
+
+
 def rewrite_code_deps(text: str, root: Path = REPO) -> str:
     """``text`` (dvc.yaml) with each stage's code-file deps replaced by the files the stage runs.
 
@@ -172,29 +188,18 @@ def rewrite_code_deps(text: str, root: Path = REPO) -> str:
     not listed. The derived lines take the place of the stage's first code-file dep.
     """
     stages = yaml.safe_load(text)["stages"]
-    lines, out, stage, in_deps, placed = text.splitlines(keepends=True), [], None, False, False
-    for line in lines:
-        header = re.match(r"^  ([\w-]+):\s*(#.*)?$", line)
-        if header and header.group(1) in stages:
-            stage, in_deps, placed = header.group(1), False, False
-        elif stage and re.match(r"^    deps:\s*$", line):
-            in_deps = True
-        elif stage and re.match(r"^    \w", line):
-            in_deps = False
-        found = _DEP_LINE.match(line) if in_deps else None
-        if not (found and is_code_path(found.group(2)) and not (root / found.group(2)).is_dir()):
-            out.append(line)
-            continue
-        if not placed:
-            declared = {d for d in _paths(stages[stage].get("deps")) if is_code_path(d)}
-            folders = {d for d in declared if (root / d).is_dir()}
-            kept = {m.group(2): m.group(3) or "" for m in map(_DEP_LINE.match, lines) if m}
-            runs = [f for f in stage_code(stage, root) if not any(f.startswith(d + "/") for d in folders)]
-            for path in sorted(runs, key=_canonical):
-                comment = kept.get(path, "") if path in declared else ""
-                out.append(f"{found.group(1)}{path}{comment}\n")
-            placed = True
-    return "".join(out)
+    lines = text.splitlines(keepends=True)
+    code = [(i, stage, m) for i, stage, m in _dep_lines(lines, stages)
+            if is_code_path(m.group(2)) and not (root / m.group(2)).is_dir()]
+    comments = {(stage, m.group(2)): m.group(3) or "" for _, stage, m in code}
+    replaced: dict[int, str] = {i: "" for i, _, _ in code}
+    for stage in dict.fromkeys(stage for _, stage, _ in code):
+        first, _, match = next(entry for entry in code if entry[1] == stage)
+        folders = {d for d in _paths(stages[stage].get("deps")) if is_code_path(d) and (root / d).is_dir()}
+        runs = [f for f in stage_code(stage, root) if not any(f.startswith(d + "/") for d in folders)]
+        replaced[first] = "".join(f"{match.group(1)}{path}{comments.get((stage, path), '')}\n"
+                                  for path in sorted(runs, key=_canonical))
+    return "".join(replaced.get(i, line) for i, line in enumerate(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,7 +194,7 @@ def test_network_round_trip_gives_identical_outputs(tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     out = save_network(tmp_path / "net", denoiser, {"diffusion": DIFFUSION, "network": "ddpm-tiny"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]  # no net.tmp-<pid> (nor net.old-<pid>)
-    assert sorted(p.name for p in out.iterdir()) == ["network.json", "network.safetensors"]  # no .network.json.tmp-<pid>
+    assert sorted(p.name for p in out.iterdir()) == ["network.json", "network.safetensors"]  # no .*.tmp-<pid>
     meta = json.loads((out / "network.json").read_text())
     assert meta["network"] == "ddpm-tiny" and meta["unet"]["resolution"] == 16
 
