@@ -152,7 +152,7 @@ def test_features_are_partitioned_parquet_with_checkpoint_hash(pipeline):
 
 
 def test_label_efficiency_and_diagnostics_reuse_the_probe(pipeline):
-    from ddae_core.label_efficiency import subset_size
+    from ddae_core.sampling import subset_size
 
     root = pipeline.root
     assert json.loads((root / "metrics/finetune.json").read_text()) == {"enabled": False}
@@ -176,6 +176,96 @@ def test_label_efficiency_and_diagnostics_reuse_the_probe(pipeline):
     assert "| DDAE, linear probe |" in markdown and "| raw pixels, linear probe |" in markdown
     assert f"{100 * probe['test_acc']:.2f}%" in markdown
     assert (root / "plots/evaluate/label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _dvc_json(root: Path, *args: str):
+    """Run a DVC command with ``--json``; its parsed output (anything logged before the JSON skipped)."""
+    result = h.dvc(root, *args, "--json")
+    assert result.returncode == 0, result.stdout[-3000:]
+    start = min(i for i in (result.stdout.find("{"), result.stdout.find("[")) if i >= 0)
+    return json.JSONDecoder().raw_decode(result.stdout[start:])[0]
+
+
+def test_dvc_metrics_show_reads_the_json_metrics(pipeline):
+    root = pipeline.root
+    probe = json.loads((root / "metrics/probe.json").read_text())
+    shown = h.dvc(root, "metrics", "show")
+    assert shown.returncode == 0, shown.stdout[-3000:]
+    assert "failed to load" not in shown.stdout.lower(), shown.stdout[-3000:]
+    header, *rows = shown.stdout.strip().splitlines()
+    assert "test_acc" in header.split()
+    [probe_row] = [row for row in rows if row.startswith("metrics/probe.json")]
+    assert str(round(probe["test_acc"], 5)) in probe_row.split(), probe_row  # rounded to DVC's 5 decimals
+
+    [(_rev, workspace)] = _dvc_json(root, "metrics", "show").items()
+    files = workspace["data"]
+    assert set(files) == {"metrics/pretrain.json", "metrics/probe.json", "metrics/finetune.json",
+                          "metrics/evaluate.json"}  # JSON only; register.json is a decision, not a metric
+    assert all("error" not in result for result in files.values()), files
+    assert files["metrics/probe.json"]["data"]["test_acc"] == probe["test_acc"]
+    assert files["metrics/pretrain.json"]["data"] == json.loads((root / "metrics/pretrain.json").read_text())
+
+
+def test_dvc_plots_show_draws_every_curve(pipeline, tmp_path):
+    root = pipeline.root
+    shown = _dvc_json(root, "plots", "show", "-o", str(tmp_path / "json"))
+    assert "errors" not in shown, shown.get("errors")
+    plots = shown["data"]
+
+    def drawn(name: str, x: str, y: str) -> list[dict]:
+        [plot] = plots[name]
+        assert plot["type"] == "vega" and plot["revisions"] == ["workspace"], plot
+        spec = json.dumps({key: value for key, value in plot["content"].items() if key != "data"})
+        assert f'"field": "{x}"' in spec and f'"field": "{y}"' in spec, spec
+        return plot["content"]["data"]["values"]
+
+    # the loss curve: one point per logged window, the last one the loss metrics/pretrain.json reports
+    train = yaml.safe_load((root / "params.yaml").read_text())["pretrain"]["train"]
+    loss = drawn("outputs/pretrain/loss.csv", "step", "loss")
+    assert [int(p["step"]) for p in loss] == list(range(train["log_every"], train["steps"] + 1, train["log_every"]))
+    final_loss = json.loads((root / "metrics/pretrain.json").read_text())["final_loss"]
+    assert float(loss[-1]["loss"]) == pytest.approx(final_loss, rel=1e-5)
+
+    # label efficiency: a line per method that ran, the cells metrics/evaluate.json holds
+    table = json.loads((root / "metrics/evaluate.json").read_text())["label_efficiency"]
+    efficiency = drawn("plots/evaluate/label_efficiency.csv", "labels", "test_acc")
+    assert plots["plots/evaluate/label_efficiency.csv"][0]["content"]["encoding"]["color"]["field"] == "method"
+    cells = {(p["method"], p["fraction"]): float(p["test_acc"]) for p in efficiency}
+    expected = {(method, fraction): acc for method, row in table.items() for fraction, acc in row.items()}
+    assert cells == pytest.approx(expected, abs=5e-5)
+
+    # selective classification: accuracy against coverage, ending at full coverage = the test accuracy
+    probe = json.loads((root / "metrics/probe.json").read_text())
+    selective = drawn("plots/probe/selective.csv", "coverage", "accuracy")
+    assert float(selective[-1]["coverage"]) == 1.0
+    assert float(selective[-1]["accuracy"]) == pytest.approx(probe["test_acc"], abs=1e-3)
+    assert len(drawn("plots/probe/table.csv", "val_acc", "candidate")) == probe["candidates"]
+
+    images = {name: items for name, items in plots.items() if items[0]["type"] == "image"}
+    assert set(images) == {"outputs/pretrain/loss.png", "outputs/pretrain/samples.png", "plots/probe/selective.png",
+                           "plots/probe/heatmap_pool1.png", "plots/probe/heatmap_pool2.png",
+                           "plots/evaluate/label_efficiency.png"}
+    for name, [image] in images.items():
+        assert Path(image["url"]).read_bytes() == (root / name).read_bytes(), name
+
+    html = h.dvc(root, "plots", "show", "-o", str(tmp_path / "html"))  # the page a user opens
+    assert html.returncode == 0 and "failed to load" not in html.stdout.lower(), html.stdout[-3000:]
+    assert (tmp_path / "html" / "index.html").is_file()
+
+
+def test_dvc_exp_show_lists_params_and_headline_metrics(pipeline):
+    root = pipeline.root
+    rows = _dvc_json(root, "exp", "show")
+    [workspace] = [row["data"] for row in rows if row["rev"] == "workspace"]
+    params = workspace["params"]["params.yaml"]["data"]
+    assert params == yaml.safe_load((root / "params.yaml").read_text())
+    assert params["pretrain"]["train"]["steps"] == h.TINY_PARAMS["pretrain.train.steps"]
+    metrics = workspace["metrics"]
+    assert set(metrics) == {"metrics/pretrain.json", "metrics/probe.json", "metrics/finetune.json",
+                            "metrics/evaluate.json"}
+    probe = json.loads((root / "metrics/probe.json").read_text())
+    assert metrics["metrics/probe.json"]["data"]["test_acc"] == probe["test_acc"]
+    assert metrics["metrics/probe.json"]["data"]["raw_pixels_test_acc"] == probe["raw_pixels_test_acc"]
 
 
 def test_second_repro_reruns_nothing(pipeline):

@@ -30,7 +30,7 @@ from ddae_core.config import DiffusionConfig, TrainConfig
 from ddae_core.diffusion import build_denoiser, build_loss
 from ddae_core.ema import EMA
 from ddae_core.nn.unet import build_unet
-from ddae_core.schedules import ema_decay_at, warmup_lr_factor
+from ddae_core.schedules import ema_decay_at, lr_factor
 from ddae_core.training import TrainingInterrupted, global_batch_indices, local_micro_batches, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,12 +72,7 @@ def resume_config(steps: int) -> TrainConfig:
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- schedules
-
-
-def test_warmup_lr_factor_ramps_linearly_then_stays_at_one():
-    assert [warmup_lr_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert warmup_lr_factor(0, 0) == 1.0
+# ----------------------------------------------------------------------------- schedules (lr: test_schedules.py)
 
 
 def test_ema_decay_ramps_then_caps_at_decay():
@@ -146,7 +141,7 @@ def _tiny_state(seed: int):
     torch.manual_seed(seed)
     nn.init.normal_(model.weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_lr_factor(s, 3))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps=3))
     model(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     scheduler.step()
@@ -178,6 +173,7 @@ def test_latest_checkpoint_skips_temp_incomplete_and_corrupt_dirs(tmp_path):
     save_training_state(tmp_path, 20, **kwargs)
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000020"
     (tmp_path / "step-00000040.tmp-99999").mkdir()  # a crash mid-write leaves a temp name
+    shutil.copytree(tmp_path / "step-00000020", tmp_path / "step-00000045.old-99999")  # a crash mid-replace
     shutil.copytree(tmp_path / "step-00000020", tmp_path / "step-00000050")
     (tmp_path / "step-00000050" / "ema.safetensors").unlink()  # incomplete
     shutil.copytree(tmp_path / "step-00000020", tmp_path / "step-00000030")
@@ -187,6 +183,8 @@ def test_latest_checkpoint_skips_temp_incomplete_and_corrupt_dirs(tmp_path):
     (tmp_path / "step-00000020" / "optimizer.pt").write_bytes(b"not a torch file")
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000010"
     assert latest_checkpoint(tmp_path / "missing") is None
+    save_training_state(tmp_path, 60, **kwargs)  # rotation deletes what killed writers left
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
 def test_network_round_trip_gives_identical_outputs(tmp_path):
@@ -195,7 +193,8 @@ def test_network_round_trip_gives_identical_outputs(tmp_path):
         for p in denoiser.parameters():
             p.add_(0.01 * torch.randn_like(p))
     out = save_network(tmp_path / "net", denoiser, {"diffusion": DIFFUSION, "network": "ddpm-tiny"})
-    assert not list(tmp_path.glob("*.tmp-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]  # no net.tmp-<pid> (nor net.old-<pid>)
+    assert sorted(p.name for p in out.iterdir()) == ["network.json", "network.safetensors"]  # no .*.tmp-<pid>
     meta = json.loads((out / "network.json").read_text())
     assert meta["network"] == "ddpm-tiny" and meta["unet"]["resolution"] == 16
 
