@@ -28,6 +28,7 @@ from ddae_core.nn import build_unet
 from ddae_core.nn.unet import UNet, UNetConfig
 from ddae_core.probe import select_probe
 from ddae_core.probe_online import ImageSet, online_probe, readout_matrix
+from ddae_core.readout import Readout, Selection
 
 log = logging.getLogger("bench")
 
@@ -79,7 +80,7 @@ def default_setup(root: Path, config: PipelineConfig) -> Setup | None:
               root / "outputs" / "probe" / "selection.json"]
     if not all(p.is_file() for p in needed):
         return None
-    selection = json.loads(needed[2].read_text())
+    readout = Selection.read(needed[2].parent).readout
     manifest, splits = load_prepared(root / "data" / "prepared")
     index_path = root / "outputs" / "features" / "index.json"
     copies = json.loads(index_path.read_text())["train_copies"] if index_path.is_file() else 1 + config.extract.augment_copies
@@ -90,8 +91,8 @@ def default_setup(root: Path, config: PipelineConfig) -> Setup | None:
             metrics[name] = json.loads(path.read_text())
     return Setup(
         kind="default-run", network_dir=network_dir, splits=splits, num_classes=len(manifest["class_names"]),
-        taps=list(selection["taps"]), level=float(selection["level"]), pool=int(selection["pool"]),
-        seed=int(selection["seed"]), train_copies=int(copies), l2_grid=config.probe.l2_grid,
+        taps=list(readout.taps), level=readout.level, pool=readout.pool,
+        seed=readout.seed, train_copies=int(copies), l2_grid=config.probe.l2_grid,
         max_iter=config.probe.max_iter, online_epochs=config.probe.online_epochs, online_lr=config.probe.online_lr,
         online_batch_size=config.probe.online_batch_size, checkpoints=find_checkpoints(root / "outputs" / "checkpoints"),
         network_name=config.pretrain.network.name, random_seed=config.pretrain.train.seed,
@@ -158,13 +159,16 @@ def quick_setup(workdir: Path, config: PipelineConfig, *, train_images: int = 60
     candidates = {}
     net = load_network(setup.network_dir)
     feats = {s: _features(net, setup, s, taps=taps) for s in ("train", "val")}
-    for group in [[t] for t in taps] + [taps]:
-        candidates["+".join(group)] = tuple(
-            np.concatenate([feats[s][t] for t in group], axis=1) for s in ("train", "val"))
+    readouts = {r.label: r for r in [Readout((t,), setup.level, setup.pool, setup.seed) for t in taps]
+                + [Readout(tuple(taps), setup.level, setup.pool, setup.seed)]}
+    blocks = {s: {(t, setup.level, setup.pool): feats[s][t] for t in taps} for s in ("train", "val")}
+    for label, readout in readouts.items():
+        candidates[label] = tuple(readout.concat(blocks[s]) for s in ("train", "val"))
     best, *_ = select_probe(candidates, splits["train"].labels, splits["val"].labels, num_classes=num_classes,
                             l2_grid=setup.l2_grid, max_iter=setup.max_iter, progress=False)
-    setup.taps = best.split("+")
-    setup.notes.append(f"quick readout chosen on validation: {best} at t={setup.level:g}, pool {setup.pool}")
+    setup.taps = list(readouts[best].taps)
+    setup.notes.append(f"quick readout chosen on validation: {readouts[best].tap_name} at t={setup.level:g}, "
+                       f"pool {setup.pool}")
     return setup
 
 

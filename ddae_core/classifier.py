@@ -20,6 +20,7 @@ from ddae_core.checkpoint import load_network
 from ddae_core.data import PreprocessSpec, preprocess_image, to_model_input
 from ddae_core.features import extract_batch
 from ddae_core.probe import LinearProbe
+from ddae_core.readout import SELECTION_FILE, Readout
 
 
 def content_ids(images: Sequence[bytes]) -> np.ndarray:
@@ -30,39 +31,38 @@ def content_ids(images: Sequence[bytes]) -> np.ndarray:
 
 @dataclass
 class Classifier:
-    """The frozen network up to the chosen taps at one noise level, plus the probe."""
+    """The frozen network read at the chosen readout, plus the probe."""
 
     denoiser: torch.nn.Module
     probe: LinearProbe
-    taps: tuple[str, ...]
-    level: float
-    pool: int
-    seed: int
+    readout: Readout
     preprocess: PreprocessSpec
     class_names: list[str]
 
     @classmethod
     def load(cls, network_dir: Path, probe_dir: Path, preprocess: dict) -> "Classifier":
-        """Rebuild from a network directory and a probe directory (safetensors + JSON, no pickle)."""
-        selection = json.loads((Path(probe_dir) / "selection.json").read_text())
+        """Rebuild from a network directory and a probe directory (safetensors + JSON, no pickle).
+
+        Reads only the readout and ``class_names`` of ``selection.json``, so the probe's and the
+        finetune stage's files (and those of models registered long ago) load alike.
+        """
+        selection = json.loads((Path(probe_dir) / SELECTION_FILE).read_text())
         probe = LinearProbe.from_state_dict(load_file(str(Path(probe_dir) / "probe.safetensors")))
         return cls(
             denoiser=load_network(Path(network_dir)).eval(),
             probe=probe,
-            taps=tuple(selection["taps"]),
-            level=float(selection["level"]),
-            pool=int(selection["pool"]),
-            seed=int(selection["seed"]),
+            readout=Readout.from_json(selection),
             preprocess=PreprocessSpec.from_dict(preprocess),
             class_names=list(selection["class_names"]),
         )
 
     def features(self, images_uint8: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
-        """Probe input for uint8 images (N, H, W, C): taps pooled and concatenated in order."""
+        """Probe input for uint8 images (N, H, W, C): the readout's taps pooled and concatenated."""
         x0 = to_model_input(images_uint8)
-        out = extract_batch(self.denoiser, x0, sample_ids, taps=self.taps, levels=(self.level,),
-                            pools=(self.pool,), seed=self.seed)
-        return np.concatenate([out[(tap, self.level, self.pool)] for tap in self.taps], axis=1)
+        readout = self.readout
+        out = extract_batch(self.denoiser, x0, sample_ids, taps=readout.taps, levels=(readout.level,),
+                            pools=(readout.pool,), seed=readout.seed)
+        return readout.concat(out)
 
     def predict_proba(self, images: Sequence[bytes], batch_size: int = 256) -> np.ndarray:
         """Class probabilities (N, K) for encoded images (PNG, JPEG, ...)."""

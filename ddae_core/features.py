@@ -17,11 +17,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddae_core.noise import augment, copy_seed, sample_noise
+from ddae_core.readout import FeatureKey, Readout
 
 logger = logging.getLogger(__name__)
-
-FeatureKey = tuple[str, float, int]  # (tap name, noise level, pool grid)
-
 
 class _StopForward(Exception):
     """Raised from the deepest needed hook to skip the rest of a forward pass."""
@@ -210,7 +208,8 @@ def readout(
     if len(sample_ids) != x0.shape[0]:
         raise ValueError(f"{len(sample_ids)} sample ids for {x0.shape[0]} images")
     captured = _noised_taps(denoiser, x0, sample_ids, float(level), taps, seed)
-    return torch.cat([pool(captured[tap].float(), pool_grid) for tap in taps], dim=1)
+    chosen = Readout(tuple(taps), level, pool_grid, seed)
+    return chosen.concat({key: pool(captured[key[0]].float(), pool_grid) for key in chosen.feature_keys})
 
 
 def feature_dims(

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddae_core.features import FeatureKey, extract
+from ddae_core.features import extract
 from ddae_core.probe import LinearProbe, Standardizer, unit_std
+from ddae_core.readout import FeatureKey, Readout
 from ddae_core.sampling import balanced_subset
 from ddae_core.schedules import lr_factor
 
@@ -80,8 +81,7 @@ def readout_matrix(
     features: dict[FeatureKey, np.ndarray], taps: Sequence[str], level: float, pool: int
 ) -> np.ndarray:
     """The readout's feature matrix: ``(tap, level, pool)`` blocks concatenated in ``taps`` order, (N, D)."""
-    blocks = [features[(tap, float(level), int(pool))] for tap in taps]
-    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+    return Readout(tuple(taps), level, pool, seed=0).concat(features)  # the seed is not part of a key
 
 
 class _RunningMoments:

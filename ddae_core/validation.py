@@ -11,20 +11,7 @@ from ddae_core.config import ConfigError, PipelineConfig
 from ddae_core.diffusion import feature_levels
 from ddae_core.nn import NETWORKS, paper_aliases
 from ddae_core.nn.unet import network_config, tap_names
-
-
-def resolve_taps(taps: tuple[str, ...], known: list[str], aliases: dict[str, str], key: str) -> tuple[str, ...]:
-    """Our block names for ``taps`` (paper ``out_N`` aliases translated); unknown ones fail by name."""
-    resolved = []
-    for i, tap in enumerate(taps):
-        name = aliases.get(tap, tap)
-        if name not in known:
-            raise ConfigError(
-                f"{key}[{i}]: unknown tap {tap!r}; this network's taps: {', '.join(known)}"
-                + (f"; paper aliases: {', '.join(aliases)}" if aliases else "")
-            )
-        resolved.append(name)
-    return tuple(resolved)
+from ddae_core.readout import resolve_taps
 
 
 def validate_pipeline(config: PipelineConfig, source: str = "params.yaml") -> None:

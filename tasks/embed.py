@@ -2,7 +2,7 @@
 
 The rows have the extract stage's columns (``tasks.feature_store.FEATURE_COLUMNS``) plus ``path``:
 ``sample_id`` is the image's content id (the id the deployed model draws its feature noise from),
-``split`` is ``"embed"``, ``label`` is -1, ``tap`` the readout (taps joined by ``+`` when the probe
+``split`` is ``"embed"``, ``label`` is -1, ``tap`` the readout's ``tap_name`` (``a+b`` when the probe
 chose a concatenation), and ``feature`` exactly the vector the classifier's probe reads. Images that
 cannot be decoded are left out and listed in the file's metadata and the summary.
 """
@@ -22,7 +22,8 @@ from ddae_core.classifier import content_ids
 from ddae_core.data import preprocess_image
 from ddae_core.data.image_files import count_images
 from tasks.common import atomic_file, load_params
-from tasks.feature_store import FeatureKey, feature_table
+from ddae_core.readout import Readout
+from tasks.feature_store import feature_table
 from tasks.model_source import load_model, model_uri
 from tasks.predict import batches
 
@@ -37,9 +38,9 @@ def feature_schema(dim: int, metadata: dict) -> pa.Schema:
     ], metadata={b"ddae": json.dumps(metadata, sort_keys=True).encode()})
 
 
-def embed_table(key: FeatureKey, names: list[str], ids: np.ndarray, features: np.ndarray) -> pa.Table:
+def embed_table(readout: Readout, names: list[str], ids: np.ndarray, features: np.ndarray) -> pa.Table:
     """The extract stage's columns for these images (split "embed", label -1, copy 0), plus their paths."""
-    table = feature_table(key, "embed", 0, ids, np.full(len(names), -1), features)
+    table = feature_table(readout, "embed", 0, ids, np.full(len(names), -1), features)
     return table.append_column(pa.field("path", pa.string()), pa.array(names, type=pa.string()))
 
 
@@ -67,7 +68,7 @@ def run_embed(root: Path, source: str, output: str, *, model: str | None = None,
     total = count_images(source)
     loaded = load_model(root, model_uri(settings.register.model_name, model, version))
     classifier = loaded.classifier
-    tap = "+".join(classifier.taps)
+    readout = classifier.readout
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tables, skipped = [], []
@@ -86,15 +87,14 @@ def run_embed(root: Path, source: str, output: str, *, model: str | None = None,
                 tables.append((names, ids, features))
         dim = tables[0][2].shape[1] if tables else 0
         metadata = {"model_uri": loaded.uri, "model_version": loaded.version, "source": str(source),
-                    "taps": list(classifier.taps),
-                    "level": classifier.level, "pool": classifier.pool, "skipped": skipped}
-        key = FeatureKey(tap, float(classifier.level), int(classifier.pool))
+                    "taps": list(readout.taps),
+                    "level": readout.level, "pool": readout.pool, "skipped": skipped}
         schema = feature_schema(dim, metadata)
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for names, ids, features in tables:
-                writer.write_table(embed_table(key, names, ids, features))
+                writer.write_table(embed_table(readout, names, ids, features))
     seconds = time.perf_counter() - start
     embedded = sum(len(t[0]) for t in tables)
-    return {"output": str(out), "images": embedded, "unreadable": len(skipped), "tap": tap, "dim": dim,
+    return {"output": str(out), "images": embedded, "unreadable": len(skipped), "tap": readout.tap_name, "dim": dim,
             "seconds": round(seconds, 2), "images_per_s": round(embedded / seconds, 1) if seconds > 0 else 0.0,
             "model_uri": loaded.uri, "model_version": loaded.version}

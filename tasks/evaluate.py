@@ -18,12 +18,12 @@ from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.diagnostics import alignment, knn_accuracy, uniformity
 from ddae_core.features import extract_all
-from ddae_core.label_efficiency import balanced_subset, capped_subset, fraction_label, label_subsets
 from ddae_core.probe import select_probe
-from tasks.cached_readout import load_index, load_selection, read_readout
+from ddae_core.readout import Readout
+from ddae_core.sampling import capped_subset, fraction_label, label_subsets, nested_subset
 from tasks.common import (Paths, StageError, atomic_directory, stage_main, write_bytes_atomic, write_csv_atomic,
                           write_json_atomic)
-from tasks.feature_store import FeatureKey
+from tasks.feature_store import FeatureIndex, load_selection, read_readout
 from tasks.plots import save_label_efficiency
 from tasks.tracking import stage_run
 
@@ -54,12 +54,12 @@ def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> l
     Fractions below 100% use the plain (copy 0) features of their rows; the 100% cells are the probe
     stage's fits (with the extract stage's augmented copies, when it made any).
     """
-    readout = load_selection(paths)
+    selection = load_selection(paths)
     probe_metrics = json.loads((paths.metrics / "probe.json").read_text())
     x, y = {}, {}
     for split in ("train", "val", "test"):
-        x[split], y[split] = read_readout(paths.features, readout.taps, readout.level, readout.pool, split, checkpoint)
-    num_classes = len(readout.class_names)
+        x[split], y[split] = read_readout(paths.features, selection.readout, split, checkpoint)
+    num_classes = len(selection.class_names)
     cfg = config.label_efficiency
     subsets = label_subsets(y["train"], cfg.fractions, cfg.seed)
     pixels = None
@@ -72,7 +72,8 @@ def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> l
     for fraction, subset in sorted(subsets.items()):
         cell = {"fraction": fraction, "labels": int(len(subset)), "test_images": int(len(y["test"]))}
         if len(subset) == len(y["train"]):  # all labels: exactly what the probe stage fitted
-            rows.append({**cell, "method": "ddae_probe", "val_acc": readout.val_acc, "test_acc": readout.test_acc})
+            rows.append({**cell, "method": "ddae_probe", "val_acc": selection.val_acc,
+                         "test_acc": selection.test_acc})
         else:
             rows.append({**cell, "method": "ddae_probe", **probe_accuracy(x, y, subset, num_classes, config)})
         if pixels is not None:
@@ -98,26 +99,26 @@ def knn_queries(test_labels: np.ndarray, config: PipelineConfig) -> np.ndarray:
     return capped_subset(test_labels, config.diagnostics.knn_queries, config.diagnostics.seed)
 
 
-def diagnostics(config: PipelineConfig, paths: Paths, index: dict, checkpoint: str) -> list[dict]:
+def diagnostics(config: PipelineConfig, paths: Paths, index: FeatureIndex, checkpoint: str) -> list[dict]:
     """Per (tap, level) at ``diagnostics.pool``: kNN test accuracy, alignment and uniformity."""
     cfg = config.diagnostics
-    keys = [FeatureKey(k["tap"], k["level"], k["pool"]) for k in index["keys"] if k["pool"] == cfg.pool]
+    keys = [r for r in index.readouts if r.pool == cfg.pool]
     if not keys:
         raise StageError(f"params.yaml: diagnostics.pool: {cfg.pool} is not in extract.pools "
-                         f"({sorted({k['pool'] for k in index['keys']})})")
-    num_classes = len(index["class_names"])
+                         f"({sorted({r.pool for r in index.readouts})})")
+    num_classes = len(index.class_names)
     views = two_views(config, paths, index, keys) if cfg.pairs else {}
     rows = []
     for key in keys:
-        train, y_train = read_readout(paths.features, (key.tap,), key.level, key.pool, "train", checkpoint)
-        test, y_test = read_readout(paths.features, (key.tap,), key.level, key.pool, "test", checkpoint)
+        train, y_train = read_readout(paths.features, key, "train", checkpoint)
+        test, y_test = read_readout(paths.features, key, "test", checkpoint)
         queries = knn_queries(y_test, config)
         test, y_test = test[queries], y_test[queries]
-        row = {"tap": key.tap, "level": key.level, "pool": key.pool,
+        row = {"tap": key.tap_name, "level": key.level, "pool": key.pool,
                "knn_test_acc": knn_accuracy(train, y_train, test, y_test, num_classes=num_classes,
                                             k=cfg.knn_k, temperature=cfg.knn_temperature)}
         if views:
-            first, second = views[1][(key.tap, key.level, key.pool)], views[2][(key.tap, key.level, key.pool)]
+            first, second = views[1][key.feature_keys[0]], views[2][key.feature_keys[0]]
             row["alignment"] = alignment(first, second)
             row["uniformity"] = (uniformity(first) + uniformity(second)) / 2  # per view, as Wang & Isola
         rows.append(row)
@@ -125,16 +126,16 @@ def diagnostics(config: PipelineConfig, paths: Paths, index: dict, checkpoint: s
     return rows
 
 
-def two_views(config: PipelineConfig, paths: Paths, index: dict, keys: list[FeatureKey]) -> dict[int, dict]:
+def two_views(config: PipelineConfig, paths: Paths, index: FeatureIndex, keys: list[Readout]) -> dict[int, dict]:
     """Features of augmented copies 1 and 2 (flip/crop + their own noise) of a few train images."""
     _manifest, splits = load_prepared(paths.prepared)
     train = splits["train"]
-    rows = balanced_subset(train.labels, min(config.diagnostics.pairs, len(train)), config.diagnostics.seed)
+    rows = nested_subset(train.labels, min(config.diagnostics.pairs, len(train)), config.diagnostics.seed)
     denoiser = load_network(paths.network).eval()
-    taps = list(dict.fromkeys(k.tap for k in keys))
+    taps = list(dict.fromkeys(k.taps[0] for k in keys))
     levels = sorted({k.level for k in keys})
     return {copy: extract_all(denoiser, np.asarray(train.images[rows]), np.asarray(train.sample_ids)[rows],
-                              taps=taps, levels=levels, pools=[config.diagnostics.pool], seed=index["seed"],
+                              taps=taps, levels=levels, pools=[config.diagnostics.pool], seed=index.seed,
                               batch_size=config.extract.batch_size, copy=copy, progress=False)
             for copy in (1, 2)}
 
@@ -175,14 +176,14 @@ def summary_metrics(efficiency: list[dict], study: list[dict]) -> dict:
     for row in efficiency:
         table.setdefault(row["method"], {})[fraction_label(row["fraction"])] = row["test_acc"]
     labels = {fraction_label(r["fraction"]): r["labels"] for r in efficiency}
-    per_tap = {f"{r['tap']}@{r['level']:g}/p{r['pool']}": {k: v for k, v in r.items() if k not in ("tap", "level", "pool")}
-               for r in study}
+    per_tap = {Readout((r["tap"],), r["level"], r["pool"], seed=0).label:  # the seed is not part of the name
+               {k: v for k, v in r.items() if k not in ("tap", "level", "pool")} for r in study}
     return {"label_efficiency": table, "labels": labels, "diagnostics": per_tap}
 
 
 def run(config: PipelineConfig, paths: Paths) -> dict:
     """Label efficiency and diagnostics; returns the metrics written to metrics/evaluate.json."""
-    index = load_index(paths)
+    index = FeatureIndex.load(paths.features)
     checkpoint = network_hash(paths.network)
     efficiency = label_efficiency(config, paths, checkpoint)
     study = diagnostics(config, paths, index, checkpoint)
@@ -193,7 +194,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         save_label_efficiency(efficiency, METHODS, plots / "label_efficiency.png")
     write_json_atomic(paths.metrics / "evaluate.json", summary_metrics(efficiency, study))
     with stage_run(paths.root, "evaluate", {"ddae.network_hash": checkpoint,
-                                            "ddae.data_checksum": index["data_checksum"]}):
+                                            "ddae.data_checksum": index.data_checksum}):
         import mlflow
 
         mlflow.log_metrics({f"{r['method']}.{fraction_label(r['fraction']).rstrip('%')}pct.test_acc": r["test_acc"]

@@ -28,9 +28,9 @@ from ddae_core.data import load_prepared
 from ddae_core.diffusion import feature_levels, level_kind
 from ddae_core.features import extract
 from ddae_core.nn import paper_aliases
-from ddae_core.validation import resolve_taps
-from tasks.common import Paths, StageError, atomic_directory, stage_main, write_json_atomic
-from tasks.feature_store import FeatureKey, part_path, read_unit, unit_rows, write_part, write_unit
+from ddae_core.readout import Readout, resolve_taps
+from tasks.common import Paths, StageError, atomic_directory, stage_main
+from tasks.feature_store import INDEX_FILE, FeatureIndex, part_path, read_unit, unit_rows, write_part, write_unit
 from tasks.tracking import stage_run
 
 log = logging.getLogger("ddae.extract")
@@ -60,11 +60,11 @@ def plan_units(split_sizes: dict[str, int], copies: dict[str, int], part_rows: i
             for start in range(0, split_sizes[split], part_rows)]
 
 
-def work_fingerprint(metadata: dict, keys: list[FeatureKey], config: PipelineConfig) -> str:
+def work_fingerprint(metadata: dict, keys: list[Readout], config: PipelineConfig) -> str:
     """Finished units are reused only by a run with the same weights, data, keys and unit grid."""
     settings = {k: v for k, v in as_dict(config.extract).items() if k != "batch_size"}  # batch size: same rows
     key = {"format": PARTS_FORMAT, "network": metadata["network_hash"], "data": metadata["data_checksum"],
-           "keys": [(k.tap, k.level, k.pool) for k in keys], "extract": settings}
+           "keys": [(k.taps[0], k.level, k.pool) for k in keys], "extract": settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -88,7 +88,7 @@ def build_features(config: PipelineConfig, paths: Paths, *, process_index: int =
     taps = resolve_taps(cfg.taps, denoiser.unet.tap_names(), paper_aliases(denoiser.unet.config), "extract.taps")
     levels = feature_levels(config.pretrain.diffusion, cfg.levels, cfg.sigma_indices)
     manifest, splits = load_prepared(paths.prepared)
-    keys = [FeatureKey(tap, float(level), pool) for tap in taps for level in levels for pool in cfg.pools]
+    keys = [Readout((tap,), level, pool, cfg.seed) for tap in taps for level in levels for pool in cfg.pools]
     metadata = {
         "network_hash": network_hash(paths.network),
         "network_config": read_network_config(paths.network),
@@ -122,7 +122,7 @@ def build_features(config: PipelineConfig, paths: Paths, *, process_index: int =
         ):
             for k, value in batch.items():
                 chunks.setdefault(k, []).append(value)
-        features = [np.concatenate(chunks[(k.tap, k.level, k.pool)]) for k in keys]
+        features = [np.concatenate(chunks[k.feature_keys[0]]) for k in keys]
         write_unit(work / unit.file_name, ids, data.labels[unit.start:unit.stop], features, metadata)
         bar.update(unit.stop - unit.start)
     bar.close()
@@ -134,18 +134,13 @@ def build_features(config: PipelineConfig, paths: Paths, *, process_index: int =
 
     with atomic_directory(paths.features) as staging:
         rows = assemble(work, units, keys, splits, staging, metadata)
-        write_json_atomic(staging / "index.json", {
-            **metadata,
-            "keys": [{"tap": k.tap, "level": k.level, "pool": k.pool} for k in keys],
-            "splits": {s: len(splits[s]) for s in SPLITS},
-            "train_copies": copies["train"],
-            "class_names": manifest["class_names"],
-        })
+        FeatureIndex.write(staging / INDEX_FILE, metadata, keys, {s: len(splits[s]) for s in SPLITS},
+                           copies["train"], manifest["class_names"])
     shutil.rmtree(work, ignore_errors=True)
     return {**summary, "rows": rows, "data_checksum": manifest["checksum"]}
 
 
-def assemble(work: Path, units: list[Unit], keys: list[FeatureKey], splits: dict, staging: Path,
+def assemble(work: Path, units: list[Unit], keys: list[Readout], splits: dict, staging: Path,
              metadata: dict) -> int:
     """Join the units of each (key, split, copy) into one Parquet part; every id exactly once, in order."""
     rows = 0

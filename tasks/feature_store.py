@@ -1,70 +1,79 @@
-"""The Parquet feature store: one row per image per (tap, level, pool, copy).
+"""The Parquet feature store: one row per image per single-tap readout (tap, level, pool) and copy.
 
 Layout: ``<root>/tap=<tap>/level=<level>/pool=<pool>/<split>-copy<k>.parquet``, so one
 (tap, level, pool) reads without touching the rest. Each file carries every column (self-describing)
 and, in its schema metadata, the checkpoint hash and network config it was computed from.
+``index.json`` (``FeatureIndex``) lists what the extract stage stored; later stages read readouts
+back from here (``read_readout``, ``load_candidates``) and the probe's choice (``load_selection``):
+nothing is re-extracted.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddae_core.atomic import atomic_file
-from tasks.common import StageError
+from ddae_core.config import ConfigError
+from ddae_core.nn import paper_aliases
+from ddae_core.nn.unet import UNetConfig
+from ddae_core.readout import Readout, Selection, candidates
+from tasks.common import Paths, StageError, write_json_atomic
 
 FEATURE_COLUMNS = ("sample_id", "split", "label", "tap", "level", "pool", "copy", "feature")
+INDEX_FILE = "index.json"
+SPLITS = ("train", "val", "test")
 
 
 class FeatureStoreError(StageError):
     """A feature file is missing or was computed from another checkpoint: rerun extract."""
 
 
-@dataclass(frozen=True)
-class FeatureKey:
-    """One probed representation: a block, a noise level (t or sigma) and a pooling grid."""
-
-    tap: str
-    level: float
-    pool: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.tap}@{self.level:g}/p{self.pool}"
-
-    def directory(self, root: Path) -> Path:
-        return root / f"tap={self.tap}" / f"level={self.level:g}" / f"pool={self.pool}"
+def readout_directory(root: Path, readout: Readout) -> Path:
+    """Where a single-tap readout's parts live: ``tap=<tap>/level=<level>/pool=<pool>``."""
+    return root / f"tap={_single_tap(readout)}" / f"level={readout.level:g}" / f"pool={readout.pool}"
 
 
-def part_path(root: Path, key: FeatureKey, split: str, copy: int) -> Path:
-    return key.directory(root) / f"{split}-copy{copy}.parquet"
+def part_path(root: Path, readout: Readout, split: str, copy: int) -> Path:
+    return readout_directory(root, readout) / f"{split}-copy{copy}.parquet"
 
 
-def feature_table(key: FeatureKey, split: str, copy: int, sample_ids: np.ndarray, labels: np.ndarray,
+def _single_tap(readout: Readout) -> str:
+    if len(readout.taps) != 1:
+        raise ValueError(f"the feature store keeps single-tap readouts, not {readout.label}")
+    return readout.taps[0]
+
+
+def feature_table(readout: Readout, split: str, copy: int, sample_ids: np.ndarray, labels: np.ndarray,
                   features: np.ndarray) -> pa.Table:
-    """One block of rows (features (N, D)) in the extract stage's columns, ``FEATURE_COLUMNS``."""
+    """One block of rows (features (N, D)) in the extract stage's columns, ``FEATURE_COLUMNS``.
+
+    ``tap`` holds ``readout.tap_name``: the block, or ``a+b`` for the concatenation embed writes.
+    """
     n = len(features)
     return pa.table({
         "sample_id": pa.array(sample_ids, type=pa.int64()),
         "split": pa.array([split] * n, type=pa.string()),
         "label": pa.array(labels, type=pa.int64()),
-        "tap": pa.array([key.tap] * n, type=pa.string()),
-        "level": pa.array(np.full(n, key.level), type=pa.float64()),
-        "pool": pa.array(np.full(n, key.pool), type=pa.int32()),
+        "tap": pa.array([readout.tap_name] * n, type=pa.string()),
+        "level": pa.array(np.full(n, readout.level), type=pa.float64()),
+        "pool": pa.array(np.full(n, readout.pool), type=pa.int32()),
         "copy": pa.array(np.full(n, copy), type=pa.int32()),
         "feature": _feature_column(features),
     })
 
 
-def write_part(path: Path, key: FeatureKey, split: str, copy: int, sample_ids: np.ndarray,
+def write_part(path: Path, readout: Readout, split: str, copy: int, sample_ids: np.ndarray,
                labels: np.ndarray, features: np.ndarray, metadata: dict) -> None:
-    """Write one (key, split, copy) part through a temporary name (readers never see half a file)."""
-    table = feature_table(key, split, copy, sample_ids, labels, features)
+    """Write one (readout, split, copy) part through a temporary name (readers never see half a file)."""
+    table = feature_table(readout, split, copy, sample_ids, labels, features)
     write_table_atomic(table, path, metadata, use_dictionary=["split", "tap"])
 
 
@@ -137,15 +146,15 @@ def read_part(path: Path) -> FeaturePart:
     )
 
 
-def read_split(root: Path, key: FeatureKey, split: str, copies: int = 1,
+def read_split(root: Path, readout: Readout, split: str, copies: int = 1,
                expected_hash: str | None = None) -> FeaturePart:
-    """Read copies 0..copies-1 of one split, stacked; checks every part's checkpoint hash."""
-    parts = [read_part(part_path(root, key, split, c)) for c in range(copies)]
+    """Read copies 0..copies-1 of one split of a single-tap readout, stacked; checks every part's checkpoint hash."""
+    parts = [read_part(part_path(root, readout, split, c)) for c in range(copies)]
     for c, part in enumerate(parts):
         found = part.metadata.get("network_hash")
         if expected_hash is not None and found != expected_hash:
             raise FeatureStoreError(
-                f"{part_path(root, key, split, c)}: computed from checkpoint {found}, expected "
+                f"{part_path(root, readout, split, c)}: computed from checkpoint {found}, expected "
                 f"{expected_hash}; rerun the extract stage"
             )
     return FeaturePart(
@@ -154,3 +163,102 @@ def read_split(root: Path, key: FeatureKey, split: str, copies: int = 1,
         features=np.concatenate([p.features for p in parts]),
         metadata=parts[0].metadata,
     )
+
+
+def read_readout(root: Path, readout: Readout, split: str, expected_hash: str,
+                 copies: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N, D) of one split for ``readout`` (its taps concatenated by ``Readout.concat``) and labels (N,).
+
+    Copies 0..copies-1 are stacked (the probe reads every train copy; other stages only copy 0).
+    """
+    blocks, labels, ids = {}, None, None
+    for member in readout.members:
+        part = read_split(root, member, split, copies, expected_hash)
+        if ids is not None and not np.array_equal(ids, part.sample_ids):
+            raise StageError(f"{root}: rows of {member.label} ({split}) are not aligned with {readout.members[0].label}")
+        blocks[member.feature_keys[0]] = part.features
+        labels, ids = part.labels, part.sample_ids
+    return readout.concat(blocks), np.asarray(labels)
+
+
+@dataclass(frozen=True)
+class FeatureIndex:
+    """``index.json``: what the extract stage stored and from what (network, data, seed)."""
+
+    readouts: tuple[Readout, ...]  # single-tap, in extraction order (tap, then level, then pool)
+    aliases: Mapping[str, str]  # paper alias -> block name, for the network the features came from
+    class_names: tuple[str, ...]
+    splits: Mapping[str, int]  # rows per split
+    train_copies: int  # 1 + extract.augment_copies
+    level_kind: str  # "t" (DDPM) or "sigma" (EDM)
+    data_checksum: str
+    seed: int
+    network_hash: str
+
+    @classmethod
+    def load(cls, root: Path) -> FeatureIndex:
+        """``root/index.json``; a StageError when the extract stage has not run."""
+        path = Path(root) / INDEX_FILE
+        if not path.is_file():
+            raise StageError(f"{path} not found: run the extract stage first")
+        data = json.loads(path.read_text())
+        seed = int(data["seed"])
+        return cls(
+            readouts=tuple(Readout((k["tap"],), k["level"], k["pool"], seed) for k in data["keys"]),
+            aliases=paper_aliases(UNetConfig.from_dict(data["network_config"]["unet"])),
+            class_names=tuple(data["class_names"]), splits=dict(data["splits"]),
+            train_copies=int(data["train_copies"]), level_kind=data["level_kind"],
+            data_checksum=data["data_checksum"], seed=seed, network_hash=data["network_hash"],
+        )
+
+    @staticmethod
+    def write(path: Path, metadata: Mapping[str, Any], readouts: Sequence[Readout], splits: Mapping[str, int],
+              train_copies: int, class_names: Sequence[str]) -> None:
+        """Write ``index.json``: the parts' ``metadata`` plus keys, split sizes, train copies and class names."""
+        write_json_atomic(path, {
+            **metadata,
+            "keys": [{"tap": _single_tap(r), "level": r.level, "pool": r.pool} for r in readouts],
+            "splits": dict(splits),
+            "train_copies": train_copies,
+            "class_names": list(class_names),
+        })
+
+
+def load_selection(paths: Paths) -> Selection:
+    """``outputs/probe/selection.json``; a clear error when the probe has not run."""
+    path = paths.probe / "selection.json"
+    if not path.is_file():
+        raise StageError(f"{path} not found: run the probe stage first")
+    return Selection.read(paths.probe)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A readout the probe compares, with its feature matrices per split (train: every copy stacked)."""
+
+    readout: Readout
+    features: dict[str, np.ndarray]
+
+
+def load_candidates(root: Path, index: FeatureIndex, concat: Sequence[Sequence[str]],
+                    expected_hash: str) -> tuple[list[Candidate], dict[str, np.ndarray]]:
+    """Every candidate (``readout.candidates``: singles, then ``concat`` groups, aliases resolved)
+    with its features, plus the labels per split; each stored readout is read once.
+
+    Raises ConfigError naming a ``probe.concat`` member that was not extracted.
+    """
+    try:
+        chosen = candidates(index.readouts, concat, index.aliases)
+    except ConfigError as err:
+        raise ConfigError(f"params.yaml: {err}") from None
+    blocks: dict[str, dict] = {split: {} for split in SPLITS}
+    labels: dict[str, np.ndarray] = {}
+    ids: dict[str, np.ndarray] = {}
+    for single in index.readouts:
+        for split in SPLITS:
+            part = read_split(root, single, split, index.train_copies if split == "train" else 1, expected_hash)
+            if split in ids and not np.array_equal(ids[split], part.sample_ids):
+                raise StageError(f"{root}: rows of {single.label} ({split}) are not aligned")
+            ids[split], labels[split] = part.sample_ids, part.labels
+            blocks[split][single.feature_keys[0]] = part.features
+    return [Candidate(r, {split: r.concat(blocks[split]) for split in SPLITS}) for r in chosen], labels

@@ -21,12 +21,12 @@ from ddae_core.data import load_prepared
 from ddae_core.diffusion import build_denoiser
 from ddae_core.features import extract_all
 from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, zero_head
-from ddae_core.label_efficiency import capped_subset, fraction_label, label_subsets
 from ddae_core.nn.unet import UNet, UNetConfig
 from ddae_core.probe import LinearProbe, fit_logistic
-from ddae_core.probe_online import readout_matrix
-from tasks.cached_readout import Readout, load_index, load_selection, read_readout
+from ddae_core.readout import SELECTION_FILE, Readout, Selection
+from ddae_core.sampling import capped_subset, fraction_label, label_subsets
 from tasks.common import Paths, StageError, atomic_directory, stage_main, write_json_atomic
+from tasks.feature_store import FeatureIndex, load_selection, read_readout
 from tasks.tracking import stage_run
 
 log = logging.getLogger("ddae")
@@ -52,15 +52,15 @@ def scratch_head(denoiser, split, rows: np.ndarray, readout: Readout, num_classe
     feats = extract_all(denoiser, np.asarray(split.images[rows]), np.asarray(split.sample_ids)[rows],
                         taps=readout.taps, levels=[readout.level], pools=[readout.pool], seed=readout.seed,
                         progress=False)
-    return zero_head(readout_matrix(feats, readout.taps, readout.level, readout.pool), num_classes)
+    return zero_head(readout.concat(feats), num_classes)
 
 
-def probe_head(paths: Paths, x_train: np.ndarray, y_train: np.ndarray, rows: np.ndarray, readout: Readout,
+def probe_head(paths: Paths, x_train: np.ndarray, y_train: np.ndarray, rows: np.ndarray, selection: Selection,
                num_classes: int, max_iter: int) -> LinearProbe:
     """The pretrained model's head: a probe on the cached features of ``rows`` (all rows: the probe stage's)."""
     if len(rows) == len(y_train):
         return LinearProbe.from_state_dict(load_file(str(paths.probe / "probe.safetensors")))
-    return fit_logistic(x_train[rows], y_train[rows], num_classes=num_classes, l2=readout.l2, max_iter=max_iter)
+    return fit_logistic(x_train[rows], y_train[rows], num_classes=num_classes, l2=selection.l2, max_iter=max_iter)
 
 
 def disabled(paths: Paths) -> dict:
@@ -77,12 +77,13 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     cfg = config.finetune
     if not cfg.enabled:
         return disabled(paths)
-    readout = load_selection(paths)
-    index = load_index(paths)
+    selection = load_selection(paths)
+    readout = selection.readout
+    index = FeatureIndex.load(paths.features)
     checkpoint = network_hash(paths.network)
     _manifest, splits = load_prepared(paths.prepared)
-    num_classes = len(readout.class_names)
-    x_train, y_train = read_readout(paths.features, readout.taps, readout.level, readout.pool, "train", checkpoint)
+    num_classes = len(selection.class_names)
+    x_train, y_train = read_readout(paths.features, readout, "train", checkpoint)
     if not np.array_equal(y_train, splits["train"].labels):
         raise StageError(f"{paths.features}: train features do not match {paths.prepared}; rerun the extract stage")
     subsets = label_subsets(y_train, config.label_efficiency.fractions, config.label_efficiency.seed)
@@ -93,7 +94,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         for model_name in MODELS if cfg.scratch else MODELS[:1]:
             if model_name == "ddae_finetune":
                 denoiser = load_network(paths.network)
-                head = probe_head(paths, x_train, y_train, rows, readout, num_classes, config.probe.max_iter)
+                head = probe_head(paths, x_train, y_train, rows, selection, num_classes, config.probe.max_iter)
             else:
                 denoiser = random_denoiser(paths.network, cfg.seed)
                 head = scratch_head(denoiser, splits["train"], rows, readout, num_classes, cfg.seed)
@@ -109,38 +110,40 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             log.info("finetune: %s", cells[-1])
             if model_name == "ddae_finetune":
                 best_model = result.model  # the largest fraction's, as fractions ascend
-    metrics = {"enabled": True, "readout": readout.name, "cells": cells, "val_images": int(len(val_rows)),
+    metrics = {"enabled": True, "readout": readout.label, "cells": cells, "val_images": int(len(val_rows)),
                "test_images": int(len(test_rows)),
                "test_acc": next(c["test_acc"] for c in reversed(cells) if c["model"] == "ddae_finetune")}
-    save_model(paths, best_model, readout, index, checkpoint, metrics["test_acc"])
+    save_model(paths, best_model, selection, index, checkpoint, metrics["test_acc"])
     write_json_atomic(paths.metrics / "finetune.json", metrics)
     with stage_run(paths.root, "finetune", {"ddae.network_hash": checkpoint,
-                                            "ddae.data_checksum": index["data_checksum"]}):
+                                            "ddae.data_checksum": index.data_checksum}):
         import mlflow
         from ddae_core.config import as_dict
 
-        mlflow.log_params({f"finetune.{k}": v for k, v in as_dict(cfg).items()} | {"readout": readout.name})
+        mlflow.log_params({f"finetune.{k}": v for k, v in as_dict(cfg).items()} | {"readout": readout.label})
         mlflow.log_metrics({f"{c['model']}.{fraction_label(c['fraction']).rstrip('%')}pct.test_acc": c["test_acc"]
                             for c in cells})
         mlflow.log_dict(metrics, "finetune.json")
     return metrics
 
 
-def save_model(paths: Paths, model: ReadoutClassifier, readout: Readout, index: dict, base_hash: str,
+def save_model(paths: Paths, model: ReadoutClassifier, probed: Selection, index: FeatureIndex, base_hash: str,
                test_acc: float) -> None:
-    """``outputs/finetune/{network,head}``: the fine-tuned network and the head, as a probe directory."""
+    """``outputs/finetune/{network,head}``: the fine-tuned network and the head, as a probe directory.
+
+    The head's ``selection.json``: the probe's readout and classes, the features' level kind and data,
+    its own test accuracy and the fine-tuned network's hash (``kind="finetune"``; no L2 or validation score).
+    """
     with atomic_directory(paths.root / "outputs" / "finetune") as staging:
         save_network(staging / "network", model.denoiser, {"diffusion": read_network_config(paths.network)["diffusion"],
                                                            "finetuned_from": base_hash})
         (staging / "head").mkdir()
         save_file({k: np.ascontiguousarray(v) for k, v in model.to_probe().state_dict().items()},
                   str(staging / "head" / "probe.safetensors"))
-        write_json_atomic(staging / "head" / "selection.json", {
-            "taps": list(readout.taps), "level": readout.level, "level_kind": index["level_kind"],
-            "pool": readout.pool, "test_acc": test_acc, "class_names": list(readout.class_names),
-            "network_hash": network_hash(staging / "network"), "seed": readout.seed,
-            "data_checksum": index["data_checksum"], "kind": "finetune",
-        })
+        head = Selection(readout=probed.readout, class_names=probed.class_names, level_kind=index.level_kind,
+                         test_acc=test_acc, network_hash=network_hash(staging / "network"),
+                         data_checksum=index.data_checksum, kind="finetune")
+        write_json_atomic(staging / "head" / SELECTION_FILE, head.to_json())
         write_json_atomic(staging / "status.json", {"enabled": True})
 
 

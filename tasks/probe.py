@@ -6,7 +6,6 @@ through the same probe code as the floor to beat.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,46 +14,13 @@ from safetensors.numpy import save_file
 from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
-from ddae_core.probe import screen_and_select, select_probe
-from tasks.common import Paths, StageError, atomic_directory, stage_main, write_csv_atomic, write_json_atomic
-from tasks.feature_store import FeatureKey, read_split
+from ddae_core.probe import LinearProbe, screen_and_select, select_probe
+from ddae_core.readout import SELECTION_FILE, Readout, Selection
+from tasks.common import Paths, atomic_directory, stage_main, write_csv_atomic, write_json_atomic
+from tasks.feature_store import Candidate, FeatureIndex, load_candidates
 from tasks.plots import save_heatmap
 from tasks.selective import selective_report
 from tasks.tracking import stage_run
-
-
-def load_candidates(paths: Paths, config: PipelineConfig, index: dict, expected_hash: str):
-    """Feature matrices per candidate: {name: (taps, level, pool, {split: X})} plus labels per split."""
-    keys = [FeatureKey(k["tap"], k["level"], k["pool"]) for k in index["keys"]]
-    copies = index["train_copies"]
-    singles: dict[FeatureKey, dict[str, np.ndarray]] = {}
-    labels: dict[str, np.ndarray] = {}
-    ids: dict[str, np.ndarray] = {}
-    for key in keys:
-        singles[key] = {}
-        for split in ("train", "val", "test"):
-            part = read_split(paths.features, key, split, copies if split == "train" else 1, expected_hash)
-            if split in ids and not np.array_equal(ids[split], part.sample_ids):
-                raise StageError(f"{paths.features}: rows of {key.label} ({split}) are not aligned")
-            ids[split], labels[split] = part.sample_ids, part.labels
-            singles[key][split] = part.features
-    candidates = {key.label: ((key.tap,), key.level, key.pool, feats) for key, feats in singles.items()}
-    extracted_taps = sorted({k.tap for k in keys}, key=[k.tap for k in keys].index)
-    for group in config.probe.concat:
-        for level in sorted({k.level for k in keys}):
-            for pool in sorted({k.pool for k in keys}):
-                members = [FeatureKey(t, level, pool) for t in group]
-                missing = [m.tap for m in members if m not in singles]
-                if missing:
-                    raise StageError(
-                        f"params.yaml: probe.concat: taps {missing} were not extracted "
-                        f"(extract.taps gives {extracted_taps})"
-                    )
-                feats = {s: np.concatenate([singles[m][s] for m in members], axis=1)
-                         for s in ("train", "val", "test")}
-                name = FeatureKey("+".join(group), level, pool).label
-                candidates[name] = (tuple(group), level, pool, feats)
-    return candidates, labels
 
 
 def probe_pixels(paths: Paths, config: PipelineConfig, num_classes: int) -> dict:
@@ -72,8 +38,8 @@ def probe_pixels(paths: Paths, config: PipelineConfig, num_classes: int) -> dict
             "test_acc": float(probe.accuracy(as_x["test"], splits["test"].labels))}
 
 
-def probe_online(paths: Paths, config: PipelineConfig, index: dict, taps: list[str], level: float,
-                 pool: int, num_classes: int) -> dict:
+def probe_online(paths: Paths, config: PipelineConfig, index: FeatureIndex, readout: Readout,
+                 num_classes: int) -> dict:
     """The paper's online protocol (``ddae_core.probe_online``) on the readout the cached probe chose.
 
     Forward passes count network runs of one image at one noise level. ``cached_forward_passes``:
@@ -87,20 +53,34 @@ def probe_online(paths: Paths, config: PipelineConfig, index: dict, taps: list[s
     _manifest, splits = load_prepared(paths.prepared)
     cfg = config.probe
     result = online_probe(
-        load_network(paths.network), splits["train"], splits["val"], splits["test"], taps=taps, level=level,
-        pool=pool, num_classes=num_classes, seed=index["seed"], epochs=cfg.online_epochs, lr=cfg.online_lr,
+        load_network(paths.network), splits["train"], splits["val"], splits["test"], taps=list(readout.taps),
+        level=readout.level, pool=readout.pool, num_classes=num_classes, seed=readout.seed,
+        epochs=cfg.online_epochs, lr=cfg.online_lr,
         batch_size=cfg.online_batch_size, progress=True,
     )
-    sizes = index["splits"]
-    cached = sizes["train"] * index["train_copies"] + sizes["val"] + sizes["test"]
+    sizes = index.splits
+    cached = sizes["train"] * index.train_copies + sizes["val"] + sizes["test"]
     return {
         "online_test_acc": result.test_acc,
         "online_val_acc": result.val_acc,
         "online_forward_passes": result.forward_passes,
         "online_wall_s": result.wall_s,
         "cached_forward_passes": cached,
-        "extract_forward_passes": cached * len({k["level"] for k in index["keys"]}),
+        "extract_forward_passes": cached * len({r.level for r in index.readouts}),
     }
+
+
+def select(config: PipelineConfig, index: FeatureIndex, candidates: list[Candidate],
+           labels: dict[str, np.ndarray]) -> tuple[Candidate, float, LinearProbe, list[dict]]:
+    """Screen, refit the finalists and choose (candidate, L2) on validation; ties keep candidate order."""
+    by_label = {c.readout.label: c for c in candidates}
+    best_name, best_l2, best_probe, table = screen_and_select(
+        {name: (c.features["train"], c.features["val"]) for name, c in by_label.items()},
+        labels["train"], labels["val"], num_classes=len(index.class_names), l2_grid=config.probe.l2_grid,
+        max_iter=config.probe.max_iter, screen_size=config.probe.screen_train,
+        finalists=config.probe.finalists, seed=index.seed, progress=True,
+    )
+    return by_label[best_name], best_l2, best_probe, table
 
 
 def run(config: PipelineConfig, paths: Paths) -> dict:
@@ -109,65 +89,71 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     Returns:
         The metrics dict written to metrics/probe.json.
     """
-    index_path = paths.features / "index.json"
-    if not index_path.is_file():
-        raise StageError(f"{index_path} not found: run the extract stage first")
-    index = json.loads(index_path.read_text())
+    index = FeatureIndex.load(paths.features)
     checkpoint = network_hash(paths.network)
-    candidates, labels = load_candidates(paths, config, index, checkpoint)
-    num_classes = len(index["class_names"])
-    best_name, best_l2, best_probe, table = screen_and_select(
-        {name: (c[3]["train"], c[3]["val"]) for name, c in candidates.items()},
-        labels["train"], labels["val"], num_classes=num_classes, l2_grid=config.probe.l2_grid,
-        max_iter=config.probe.max_iter, screen_size=config.probe.screen_train,
-        finalists=config.probe.finalists, seed=index["seed"], progress=True,
-    )
-    taps, level, pool, feats = candidates[best_name]
-    test_acc = float(best_probe.accuracy(feats["test"], labels["test"]))
-    per_candidate = best_rows(table)
-    chosen = next(r for r in table if r["key"] == best_name and r["l2"] == best_l2 and r["phase"] == "full")
+    candidates, labels = load_candidates(paths.features, index, config.probe.concat, checkpoint)
+    best, best_l2, best_probe, table = select(config, index, candidates, labels)
+    readout = best.readout
+    test_acc = float(best_probe.accuracy(best.features["test"], labels["test"]))
+    chosen = next(r for r in table if r["key"] == readout.label and r["l2"] == best_l2 and r["phase"] == "full")
     metrics = {
         "test_acc": test_acc,
         "val_acc": chosen["val_acc"],
-        "best": {"name": best_name, "taps": list(taps), "level": level, "pool": pool, "l2": best_l2},
-        "level_kind": index["level_kind"],
+        "best": {"name": readout.label, "taps": list(readout.taps), "level": readout.level, "pool": readout.pool,
+                 "l2": best_l2},
+        "level_kind": index.level_kind,
         "candidates": len(candidates),
         "train_size": int(len(labels["train"])),
     }
+    num_classes = len(index.class_names)
     if config.probe.online:  # the paper's protocol on the same readout (slow; off by default)
-        metrics.update(probe_online(paths, config, index, list(taps), level, pool, num_classes))
+        metrics.update(probe_online(paths, config, index, readout, num_classes))
     if config.probe.raw_pixels:
         pixels = probe_pixels(paths, config, num_classes)
         metrics["raw_pixels_test_acc"] = pixels["test_acc"]
         metrics["raw_pixels_val_acc"] = pixels["val_acc"]
+    selection = Selection(readout=readout, class_names=index.class_names, level_kind=index.level_kind,
+                          test_acc=test_acc, network_hash=checkpoint, data_checksum=index.data_checksum,
+                          l2=best_l2, val_acc=metrics["val_acc"])
+    heatmaps = publish(config, paths, selection, best_probe, best, candidates, table, labels, metrics)
+    write_json_atomic(paths.metrics / "probe.json", metrics)
+    track(config, paths, selection, metrics, heatmaps)
+    return metrics
 
+
+def publish(config: PipelineConfig, paths: Paths, selection: Selection, probe: LinearProbe, best: Candidate,
+            candidates: list[Candidate], table: list[dict], labels: dict[str, np.ndarray],
+            metrics: dict) -> list[str]:
+    """``outputs/probe`` (probe weights + selection.json) and ``plots/probe``; sets ``metrics["selective"]``.
+
+    Returns the names of the PNGs written, for MLflow.
+    """
     with atomic_directory(paths.probe) as staging:
-        save_file({k: np.ascontiguousarray(v) for k, v in best_probe.state_dict().items()},
+        save_file({k: np.ascontiguousarray(v) for k, v in probe.state_dict().items()},
                   str(staging / "probe.safetensors"))
-        write_json_atomic(staging / "selection.json", {
-            "taps": list(taps), "level": level, "level_kind": index["level_kind"], "pool": pool,
-            "l2": best_l2, "val_acc": metrics["val_acc"], "test_acc": test_acc,
-            "class_names": index["class_names"], "network_hash": checkpoint, "seed": index["seed"],
-            "data_checksum": index["data_checksum"],
-        })
+        write_json_atomic(staging / SELECTION_FILE, selection.to_json())
+    per_candidate = best_rows(table)
     with atomic_directory(paths.plots / "probe") as plots:
         write_table(plots / "table.csv", per_candidate, finalist_rows(table), candidates)
         heatmaps = [p.name for p in write_heatmaps(plots, per_candidate, candidates)]
-        metrics["selective"], selective_files = selective_report(plots, best_probe, feats, labels,
+        metrics["selective"], selective_files = selective_report(plots, probe, best.features, labels,
                                                                  config.predict.target_accuracy)
         heatmaps += [p.name for p in selective_files]  # logged to MLflow with the heatmaps
-    write_json_atomic(paths.metrics / "probe.json", metrics)
+    return heatmaps
 
-    with stage_run(paths.root, "probe", {"ddae.network_hash": checkpoint,
-                                         "ddae.data_checksum": index["data_checksum"]}):
+
+def track(config: PipelineConfig, paths: Paths, selection: Selection, metrics: dict, heatmaps: list[str]) -> None:
+    """The stage's MLflow run: the choice, its float metrics, the table and the plots."""
+    with stage_run(paths.root, "probe", {"ddae.network_hash": selection.network_hash,
+                                         "ddae.data_checksum": selection.data_checksum}):
         import mlflow
 
-        mlflow.log_params({"best": best_name, "l2": best_l2, "l2_grid": str(list(config.probe.l2_grid))})
+        mlflow.log_params({"best": selection.readout.label, "l2": selection.l2,
+                           "l2_grid": str(list(config.probe.l2_grid))})
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
         mlflow.log_artifact(str(paths.plots / "probe" / "table.csv"))
         for heatmap in heatmaps:
             mlflow.log_artifact(str(paths.plots / "probe" / heatmap))
-    return metrics
 
 
 def best_rows(table: list[dict]) -> dict[str, dict]:
@@ -190,23 +176,24 @@ def finalist_rows(table: list[dict]) -> dict[str, dict]:
 TABLE_COLUMNS = ("candidate", "taps", "level", "pool", "phase", "l2", "train_acc", "val_acc", "full_val_acc")
 
 
-def write_table(path: Path, rows: dict[str, dict], finalists: dict[str, dict], candidates: dict) -> None:
+def write_table(path: Path, rows: dict[str, dict], finalists: dict[str, dict], candidates: list[Candidate]) -> None:
     """One CSV row per candidate (for ``dvc plots`` and people); ``full_val_acc`` for finalists."""
+    readouts = {c.readout.label: c.readout for c in candidates}
     lines = []
     for name, row in rows.items():
-        taps, level, pool, _ = candidates[name]
+        readout = readouts[name]
         full = finalists.get(name)
-        lines.append([name, "+".join(taps), f"{level:g}", pool, row["phase"], row["l2"],
+        lines.append([name, readout.tap_name, f"{readout.level:g}", readout.pool, row["phase"], row["l2"],
                       f"{row['train_acc']:.4f}", f"{row['val_acc']:.4f}", f"{full['val_acc']:.4f}" if full else ""])
     write_csv_atomic(path, TABLE_COLUMNS, lines)
 
 
-def write_heatmaps(directory: Path, rows: dict[str, dict], candidates: dict) -> list[Path]:
+def write_heatmaps(directory: Path, rows: dict[str, dict], candidates: list[Candidate]) -> list[Path]:
     """One heatmap (taps x levels, validation accuracy) per pooling grid."""
+    readouts = [c.readout for c in candidates]
     written = []
-    for pool in sorted({c[2] for c in candidates.values()}):
-        cells = {("+".join(c[0]), f"{c[1]:g}"): rows[name]["val_acc"]
-                 for name, c in candidates.items() if c[2] == pool}
+    for pool in sorted({r.pool for r in readouts}):
+        cells = {(r.tap_name, f"{r.level:g}"): rows[r.label]["val_acc"] for r in readouts if r.pool == pool}
         tap_rows = list(dict.fromkeys(r for r, _ in cells))
         level_cols = list(dict.fromkeys(col for _, col in cells))
         path = directory / f"heatmap_pool{pool}.png"

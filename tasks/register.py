@@ -20,6 +20,7 @@ from PIL import Image
 from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
+from ddae_core.readout import Readout
 from tasks.common import Paths, StageError, stage_main, write_json_atomic
 from tasks.tracking import content_key, git_commit, register_once, stage_run
 
@@ -119,7 +120,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         "ddae.data_checksum": manifest["checksum"],
         "ddae.network_hash": network_hash(paths.network),
         "ddae.probe_test_acc": f"{selection['test_acc']:.6f}",  # on cached features (probe stage)
-        "ddae.readout": f"{'+'.join(selection['taps'])}@{selection['level']:g}/p{selection['pool']}",
+        "ddae.readout": Readout.from_json(selection).label,
         "ddae.git_commit": git_commit(paths.root),
     }
     frame, labels = test_inputs(splits["test"])

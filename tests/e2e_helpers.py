@@ -52,7 +52,7 @@ TINY_PARAMS: dict[str, Any] = {
     "pretrain.samples.steps": 5,
     "extract.taps": ["mid.res1", "dec.16x16.res0"],
     "extract.pools": [1, 2],
-    "probe.concat": [["mid.res1", "dec.16x16.res0"]],
+    "probe.concat": [["mid.res1", "out_1"]],  # a paper alias (out_1 = dec.16x16.res0): resolved end to end
     "probe.max_iter": 50,
 }
 

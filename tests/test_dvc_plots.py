@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ddae_core.readout import Readout
 from ddae_core.selective import selective_curve
 from tasks.common import write_bytes_atomic, write_csv_atomic
 from tasks.evaluate import EFFICIENCY_COLUMNS, efficiency_table
+from tasks.feature_store import Candidate
 from tasks.plots import LOSS_COLUMNS, save_loss_table
 from tasks.probe import TABLE_COLUMNS, write_table
 from tasks.selective import CURVE_COLUMNS, curve_table, write_curve_csv
@@ -97,9 +99,9 @@ def test_dvc_draws_the_tables_the_writers_write(tmp_path):
     root = _project(tmp_path / "project")
     history = [{"step": s, "epoch": s / 50, "loss": 1.0 / s, "lr": 1e-3, "images_per_s": 99.0} for s in (10, 20, 30)]
     save_loss_table(history, root / "outputs/pretrain/loss.csv")
-    candidates = {"mid.res1@11/p1": (("mid.res1",), 11.0, 1, None), "mid.res1@11/p2": (("mid.res1",), 11.0, 2, None)}
-    rows = {name: {"phase": "full", "l2": 0.001, "train_acc": 0.9, "val_acc": 0.8 + 0.01 * i}
-            for i, name in enumerate(candidates)}
+    candidates = [Candidate(Readout(("mid.res1",), 11.0, pool, 0), {}) for pool in (1, 2)]
+    rows = {c.readout.label: {"phase": "full", "l2": 0.001, "train_acc": 0.9, "val_acc": 0.8 + 0.01 * i}
+            for i, c in enumerate(candidates)}
     write_table(root / "plots/probe/table.csv", rows, {}, candidates)
     rng = np.random.default_rng(0)
     write_curve_csv(root / "plots/probe/selective.csv",

@@ -32,7 +32,8 @@ from ddae_core.config import DiffusionConfig
 from ddae_core.diffusion import build_denoiser
 from ddae_core.ema import EMA
 from ddae_core.nn import build_unet
-from tasks.feature_store import FeatureKey, FeatureStoreError, part_path, read_split, write_part
+from ddae_core.readout import Readout
+from tasks.feature_store import FeatureStoreError, part_path, read_split, write_part
 from tasks.tracking import TrackingUnavailable, configure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def test_servers_in_the_readme_bind_to_loopback():
 
 
 def test_feature_file_of_another_checkpoint_is_refused_and_kept(tmp_path):
-    key = FeatureKey("mid.res1", 11.0, 1)
+    key = Readout(("mid.res1",), 11.0, 1, seed=0)
     path = part_path(tmp_path, key, "train", 0)
     write_part(path, key, "train", 0, np.arange(4), np.zeros(4, int), np.ones((4, 3), np.float32),
                {"network_hash": "a" * 64})
@@ -283,7 +284,7 @@ def _plot(path: Path) -> None:
 
 def _parquet(path: Path) -> None:
     features = np.random.default_rng(0).random((2000, 64), dtype=np.float32)
-    write_part(path, FeatureKey("mid.res1", 11.0, 1), "train", 0, np.arange(2000), np.zeros(2000, int), features, {})
+    write_part(path, Readout(("mid.res1",), 11.0, 1, seed=0), "train", 0, np.arange(2000), np.zeros(2000, int), features, {})
 
 
 @pytest.mark.parametrize("write", [_metrics, _plot, _parquet], ids=["metrics-json", "png-plot", "parquet-part"])

@@ -13,6 +13,7 @@ from ddae_core.config import FinetuneConfig
 from ddae_core.features import extract_batch, readout
 from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, total_steps, zero_head
 from ddae_core.probe_online import ImageSet, readout_matrix
+from ddae_core.readout import Readout
 from toy_images import brightness_split, random_tiny_denoiser
 
 TAPS = ("mid.res1", "dec.8x8.res0")
@@ -110,8 +111,8 @@ def test_finetuned_model_serves_as_network_plus_probe(denoiser, splits) -> None:
     train, val = splits
     result = finetune(_model(denoiser, train), train, np.arange(24), val, np.arange(12), _config(epochs=1),
                       progress=False)
-    served = Classifier(denoiser=result.model.denoiser, probe=result.model.to_probe(), taps=TAPS, level=11.0,
-                        pool=1, seed=3, preprocess=None, class_names=["a", "b", "c"])  # type: ignore[arg-type]
+    served = Classifier(denoiser=result.model.denoiser, probe=result.model.to_probe(),
+                        readout=Readout(tuple(TAPS), 11.0, 1, seed=3), preprocess=None, class_names=["a", "b", "c"])  # type: ignore[arg-type]
     with torch.no_grad():
         logits = result.model(to_model_input(val.images), val.sample_ids).numpy()
     probs = served.probe.predict_proba(served.features(val.images, val.sample_ids))

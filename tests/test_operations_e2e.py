@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 import e2e_helpers as h
+from ddae_core.readout import Selection
 
 pytestmark = pytest.mark.slow
 
@@ -128,8 +129,8 @@ def test_embed_writes_extract_schema_and_probe_inputs(project, tmp_path, monkeyp
     assert str(schema.field("feature").type.value_type) == "float"
     assert json.loads(schema.metadata[b"ddae"])["skipped"][0]["path"] == "broken.png"
     table = pq.read_table(out)
-    selection = json.loads((project / "outputs/probe/selection.json").read_text())
-    assert set(table.column("tap").to_pylist()) == {"+".join(selection["taps"])}
+    selection = Selection.read(project / "outputs/probe")
+    assert set(table.column("tap").to_pylist()) == {selection.readout.tap_name}
     features = np.stack(table.column("feature").to_numpy(zero_copy_only=False))
     probe = LinearProbe.from_state_dict(load_file(str(project / "outputs/probe/probe.safetensors")))
     frame = pd.DataFrame({"image": [p.read_bytes() for p in paths]})

@@ -108,6 +108,8 @@ def test_repro_writes_every_output(pipeline):
     table = (root / "plots/probe/table.csv").read_text().strip().splitlines()
     assert table[0].split(",")[:3] == ["candidate", "taps", "level"]
     assert len(table) - 1 == probe["candidates"] == 6  # 2 taps + 1 concat, x 2 pools
+    candidates = [line.split(",")[0] for line in table[1:]]
+    assert "mid.res1+dec.16x16.res0@11/p1" in candidates  # probe.concat's alias out_1, as its block
 
     register = json.loads((root / "metrics/register.json").read_text())
     assert register["model"] == "ddae-classifier"

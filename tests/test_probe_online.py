@@ -94,16 +94,19 @@ def test_probe_stage_reports_online_beside_cached_cost(denoiser, splits, tmp_pat
     import tasks.probe as stage
     from ddae_core.checkpoint import save_network
     from ddae_core.config import PipelineConfig
+    from ddae_core.readout import Readout
     from tasks.common import Paths
+    from tasks.feature_store import FeatureIndex
 
     paths = Paths(tmp_path)
     save_network(paths.network, denoiser, {"diffusion": DiffusionConfig(framework="ddpm")})
     train, val, test = splits
     monkeypatch.setattr(stage, "load_prepared", lambda _root: ({}, {"train": train, "val": val, "test": test}))
     config = PipelineConfig.from_dict({"probe": {"online": True, "online_epochs": 2, "online_batch_size": 16}})
-    index = {"seed": 0, "splits": {"train": 60, "val": 30, "test": 24}, "train_copies": 2,
-             "keys": [{"tap": "mid.res1", "level": lv, "pool": 1} for lv in (1.0, 11.0)]}
-    metrics = stage.probe_online(paths, config, index, ["mid.res1"], 11.0, 1, 3)
+    index = FeatureIndex(readouts=tuple(Readout(("mid.res1",), lv, 1, 0) for lv in (1.0, 11.0)), aliases={},
+                         class_names=("a", "b", "c"), splits={"train": 60, "val": 30, "test": 24}, train_copies=2,
+                         level_kind="t", data_checksum="d", seed=0, network_hash="h")
+    metrics = stage.probe_online(paths, config, index, index.readouts[1], 3)
     assert metrics["online_forward_passes"] == 2 * 60 + 30 + 24
     assert metrics["cached_forward_passes"] == 60 * 2 + 30 + 24
     assert metrics["extract_forward_passes"] == 2 * (60 * 2 + 30 + 24)

@@ -17,7 +17,7 @@ from ddae_core.config import ConfigError
 from ddae_core.diffusion import build_denoiser, build_loss, feature_levels
 from ddae_core.nn import build_unet, count_parameters
 from ddae_core.training import train
-from ddae_core.validation import resolve_taps
+from ddae_core.readout import resolve_taps
 from ddae_core.nn.unet import network_config, paper_aliases, tap_names
 from tasks.common import load_params
 from tasks.params_file import flatten

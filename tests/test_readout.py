@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddae_core.config import ConfigError, PipelineConfig
+from ddae_core.config import ConfigError
 from ddae_core.readout import SELECTION_FILE, Readout, Selection, candidates, resolve_taps
 
 # selection.json as the stages write it today (copied from a tiny end-to-end run): both start so, ...
@@ -191,14 +191,9 @@ def test_resolve_taps_translates_aliases():
      "dec.7x7.res1"),
 ])
 def test_resolve_taps_errors_name_the_key_the_tap_and_the_choices(taps, key, aliases, message):
-    from ddae_core import validation
-
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError) as info:  # the wording validation has always used
         resolve_taps(taps, KNOWN, aliases, key)
     assert str(info.value) == message
-    with pytest.raises(ConfigError) as old:  # the wording validation has always used
-        validation.resolve_taps(taps, KNOWN, aliases, key)
-    assert str(old.value) == message
 
 
 def _singles(taps, levels, pools, seed=0):
@@ -250,33 +245,3 @@ def test_candidates_reject_a_mixed_store():
         candidates([Readout(("a", "b"), 11.0, 1, 0)], [], {})
     with pytest.raises(ValueError, match="several seeds"):
         candidates(_singles(["a"], [11.0], [1], seed=0) + _singles(["b"], [11.0], [1], seed=1), [], {})
-
-
-def test_candidates_equal_the_probe_stages_enumeration(tmp_path):
-    """Same names, (taps, level, pool) and concatenated features, in the same order, as the probe
-    stage's own ``load_candidates`` on a small feature store (levels out of order, two pools)."""
-    from tasks.common import Paths
-    from tasks.feature_store import FeatureKey, part_path, write_part
-    from tasks.probe import load_candidates
-
-    paths = Paths(tmp_path)
-    singles = _singles(["mid.res1", "dec.7x7.res0", "dec.7x7.res1"], [50.0, 11.0], [2, 1])
-    rng = np.random.default_rng(0)
-    feats = {}
-    for single in singles:
-        key = FeatureKey(single.taps[0], single.level, single.pool)
-        for split, n in (("train", 6), ("val", 4), ("test", 4)):
-            feats[single.feature_keys[0], split] = rng.normal(size=(n, 3)).astype(np.float32)
-            write_part(part_path(paths.features, key, split, 0), key, split, 0, np.arange(n), np.arange(n) % 2,
-                       feats[single.feature_keys[0], split], {"network_hash": "h"})
-    concat = [["dec.7x7.res1", "mid.res1"], ["mid.res1", "dec.7x7.res0", "dec.7x7.res1"]]
-    index = {"keys": [{"tap": s.taps[0], "level": s.level, "pool": s.pool} for s in singles], "train_copies": 1}
-    config = PipelineConfig.from_dict({"probe": {"concat": concat}})
-    today, _labels = load_candidates(paths, config, index, "h")
-
-    found = candidates(singles, concat, {})
-    assert [r.label for r in found] == list(today)
-    for readout, (name, (taps, level, pool, x)) in zip(found, today.items()):
-        assert readout.key == (taps, level, pool)
-        for split in ("train", "val", "test"):
-            np.testing.assert_array_equal(readout.concat({k: feats[k, split] for k in readout.feature_keys}), x[split])

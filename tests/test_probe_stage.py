@@ -1,0 +1,139 @@
+"""The probe stage's logic without DVC or MLflow, on a tiny feature store the real feature path wrote.
+
+A ddpm-tiny network's features (two taps, one level, two pools) are written in the extract stage's
+layout; the stage then runs as DVC would run it, except for its MLflow run. This pins the readout's
+journey: paper aliases in ``probe.concat``, the candidates and their order, ``selection.json`` (its
+bytes) and the registered model's ``Classifier.load`` reading the same features back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ddae_core.atomic import write_json_atomic
+from ddae_core.checkpoint import network_hash, read_network_config, save_network
+from ddae_core.classifier import Classifier
+from ddae_core.config import ConfigError, DiffusionConfig, PipelineConfig
+from ddae_core.diffusion import build_denoiser
+from ddae_core.features import extract_all
+from ddae_core.nn import build_unet
+from ddae_core.readout import Readout, Selection
+from tasks import probe as probe_stage
+from tasks.common import Paths
+from tasks.feature_store import FeatureIndex, load_candidates, part_path, read_readout, write_part
+
+TAPS = ("mid.res1", "dec.16x16.res0")  # out_1 is dec.16x16.res0 in ddpm-tiny at 32x32
+LEVEL, POOLS, SEED = 11.0, (1, 2), 5
+SIZES = {"train": 24, "val": 12, "test": 12}
+CLASSES = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A network, its images, and the extract stage's feature store and index for them."""
+    paths = Paths(tmp_path_factory.mktemp("probe-stage"))
+    torch.manual_seed(0)
+    denoiser = build_denoiser(DiffusionConfig(framework="ddpm"),
+                              build_unet("ddpm-tiny", in_channels=1, resolution=32)).eval()
+    save_network(paths.network, denoiser, {"diffusion": DiffusionConfig(framework="ddpm")})
+    rng = np.random.default_rng(0)
+    images, labels, ids, start = {}, {}, {}, 0
+    for split, n in SIZES.items():
+        labels[split] = np.arange(n) % len(CLASSES)
+        # class-dependent brightness, so the probe has something to find
+        images[split] = np.clip(rng.normal(60 + 60 * labels[split][:, None, None, None], 30, (n, 32, 32, 1)),
+                                0, 255).astype(np.uint8)
+        ids[split] = np.arange(start, start + n)
+        start += n
+    singles = [Readout((tap,), LEVEL, pool, SEED) for tap in TAPS for pool in POOLS]
+    metadata = {"network_hash": network_hash(paths.network), "network_config": read_network_config(paths.network),
+                "data_checksum": "data-1", "level_kind": "t", "seed": SEED}
+    features = {}
+    for split in SIZES:
+        features[split] = extract_all(denoiser, images[split], ids[split], taps=TAPS, levels=[LEVEL], pools=POOLS,
+                                      seed=SEED, progress=False)
+        for single in singles:
+            write_part(part_path(paths.features, single, split, 0), single, split, 0, ids[split], labels[split],
+                       features[split][single.feature_keys[0]], metadata)
+    FeatureIndex.write(paths.features / "index.json", metadata, singles, SIZES, 1, CLASSES)
+    return paths, images, ids, features
+
+
+def config(concat) -> PipelineConfig:
+    return PipelineConfig.from_dict({"probe": {"concat": concat, "raw_pixels": False, "max_iter": 30,
+                                               "l2_grid": [1e-3, 1e-2]}})
+
+
+def test_the_index_reads_back_with_the_networks_paper_aliases(store):
+    paths, *_ = store
+    index = FeatureIndex.load(paths.features)
+    assert [r.label for r in index.readouts] == [
+        "mid.res1@11/p1", "mid.res1@11/p2", "dec.16x16.res0@11/p1", "dec.16x16.res0@11/p2"]
+    assert {r.seed for r in index.readouts} == {SEED}
+    assert index.aliases["out_1"] == "dec.16x16.res0"
+    assert (index.class_names, index.splits, index.train_copies) == (CLASSES, SIZES, 1)
+    with pytest.raises(Exception, match="index.json not found: run the extract stage first"):
+        FeatureIndex.load(paths.root / "nowhere")
+
+
+def test_candidates_resolve_aliases_and_concatenate_the_stored_blocks(store):
+    paths, _images, _ids, features = store
+    index = FeatureIndex.load(paths.features)
+    found, labels = load_candidates(paths.features, index, [["mid.res1", "out_1"]], index.network_hash)
+    # singles in index order, then the group at each level, then each pool (the tie-break order)
+    assert [c.readout.label for c in found] == [r.label for r in index.readouts] + [
+        "mid.res1+dec.16x16.res0@11/p1", "mid.res1+dec.16x16.res0@11/p2"]
+    group = found[-2]
+    assert group.readout.taps == TAPS  # block names, never the alias
+    for split in SIZES:
+        expected = np.concatenate([features[split][(tap, LEVEL, 1)] for tap in TAPS], axis=1)
+        np.testing.assert_array_equal(group.features[split], expected)
+        np.testing.assert_array_equal(labels[split], np.arange(SIZES[split]) % len(CLASSES))
+        x, _y = read_readout(paths.features, group.readout, split, index.network_hash)
+        np.testing.assert_array_equal(x, expected)
+
+
+def test_an_unextracted_concat_member_is_a_config_error_naming_it(store):
+    paths, *_ = store
+    index = FeatureIndex.load(paths.features)
+    with pytest.raises(ConfigError, match=r"params.yaml: probe.concat\[0\]\[1\]: tap 'out_2' "
+                                          r"\(block 'dec.16x16.res1'\) was not extracted"):
+        load_candidates(paths.features, index, [["mid.res1", "out_2"]], index.network_hash)
+
+
+def test_the_stage_selects_writes_selection_json_and_the_model_reads_it_back(store, monkeypatch):
+    paths, images, ids, features = store
+    tracked = []
+    monkeypatch.setattr(probe_stage, "track", lambda *args: tracked.append(args))  # no MLflow here
+    metrics = probe_stage.run(config([["mid.res1", "out_1"]]), paths)
+
+    best = metrics["best"]
+    assert set(best) == {"name", "taps", "level", "pool", "l2"}
+    assert metrics["candidates"] == 6 and len(tracked) == 1
+    table = (paths.plots / "probe" / "table.csv").read_text().splitlines()
+    assert "mid.res1+dec.16x16.res0@11/p1,mid.res1+dec.16x16.res0,11,1" in "\n".join(table)
+
+    selection = Selection.read(paths.probe)
+    assert selection.readout == Readout(tuple(best["taps"]), best["level"], best["pool"], SEED)
+    assert selection.readout.label == best["name"]
+    assert (selection.l2, selection.test_acc, selection.val_acc) == (best["l2"], metrics["test_acc"],
+                                                                     metrics["val_acc"])
+    # the bytes the stage has always written: these keys, flat, through the one JSON writer
+    index = json.loads((paths.features / "index.json").read_text())
+    legacy = paths.root / "legacy.json"
+    write_json_atomic(legacy, {
+        "taps": best["taps"], "level": best["level"], "level_kind": index["level_kind"], "pool": best["pool"],
+        "l2": best["l2"], "val_acc": metrics["val_acc"], "test_acc": metrics["test_acc"],
+        "class_names": index["class_names"], "network_hash": index["network_hash"], "seed": index["seed"],
+        "data_checksum": index["data_checksum"]})
+    assert (paths.probe / "selection.json").read_bytes() == legacy.read_bytes()
+
+    classifier = Classifier.load(paths.network, paths.probe, {"channels": 1, "image_size": 32, "fit": "pad"})
+    assert classifier.readout == selection.readout and classifier.class_names == list(CLASSES)
+    served = classifier.features(images["test"], ids["test"])
+    stored, _y = read_readout(paths.features, selection.readout, "test", selection.network_hash)
+    np.testing.assert_allclose(served, stored, rtol=1e-5, atol=1e-6)  # serving reads what probing read
