@@ -292,12 +292,12 @@ def test_prefect_deployment_run_recomputes_nothing(pipeline, prefect_server, tmp
     assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
     assert flow_run["deployment_id"] == deployments["default"]["id"]
 
-    # The flow's summary artifact lists each stage and whether DVC skipped it.
+    # The flow's summary artifact lists each stage and how DVC brought it up to date.
     artifacts = h.api(url, "/artifacts/filter", {"artifacts": {
         "key": {"any_": ["ddae-results"]}, "flow_run_id": {"any_": [flow_run["id"]]}}})
     assert len(artifacts) == 1, artifacts
-    rows = dict(re.findall(r"^\| (\w+) \| (True|False) \|", artifacts[0]["data"], flags=re.M))
-    assert rows == {"snapshot": "False", **{stage: "True" for stage in h.STAGES}}, artifacts[0]["data"]
+    rows = dict(re.findall(r"^\| (\w+) \| (ran|skipped|restored) \|", artifacts[0]["data"], flags=re.M))
+    assert rows == {"snapshot": "ran", **{stage: "skipped" for stage in h.STAGES}}, artifacts[0]["data"]
     assert h.tree_snapshot(root, *watched) == before, "the deployment run rewrote pipeline outputs"
     assert (root / "dvc.lock").read_text() == lock
 
