@@ -95,3 +95,10 @@ def test_a_failing_stage_raises_with_dvc_error_in_the_log(tiny_repo):
         _reproduce(tiny_repo, lines)
     assert info.value.returncode == 255 and not (tiny_repo / "runs.log").exists()
     assert any(line.startswith("ERROR") for line in lines), lines
+
+
+def test_ddae_run_has_words_for_every_status():
+    from flows.cli import STATUS_WORDS
+    from tasks.dvc_repro import STATUSES
+
+    assert set(STATUS_WORDS) == set(STATUSES)
