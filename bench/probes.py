@@ -281,13 +281,13 @@ def subset_setup(setup: Setup, sizes: dict[str, int], seed: int = 0) -> Setup:
     """
     import dataclasses
 
-    from ddae_core.probe import balanced_indices
+    from ddae_core.sampling import balanced_subset
 
     splits = {}
     for name, split in setup.splits.items():
         size = sizes.get(name, 0)
         labels = np.asarray(split.labels)
-        idx = balanced_indices(labels, size, seed) if size else np.arange(len(labels))
+        idx = balanced_subset(labels, size, np.random.default_rng(seed)) if size else np.arange(len(labels))
         splits[name] = ImageSet(np.asarray(split.images[idx]), labels[idx], np.asarray(split.sample_ids)[idx])
     notes = [*setup.notes, f"class-balanced subsets: { {k: len(v.labels) for k, v in splits.items()} }"]
     return dataclasses.replace(setup, splits=splits, notes=notes)

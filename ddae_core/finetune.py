@@ -27,9 +27,9 @@ from ddae_core.config import FinetuneConfig
 from ddae_core.data import to_model_input
 from ddae_core.features import readout
 from ddae_core.noise import augment, copy_seed
-from ddae_core.probe import LinearProbe
+from ddae_core.probe import STD_EPS, LinearProbe, Standardizer
 from ddae_core.probe_online import ImageSplit
-from ddae_core.schedules import warmup_lr_factor
+from ddae_core.schedules import lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +63,12 @@ class ReadoutClassifier(nn.Module):
                            mean=self.mean.cpu().numpy().copy(), std=self.std.cpu().numpy().copy())
 
 
-def zero_head(features: np.ndarray, num_classes: int, eps: float = 1e-6) -> LinearProbe:
+def zero_head(features: np.ndarray, num_classes: int, eps: float = STD_EPS) -> LinearProbe:
     """A head that predicts uniformly, standardising with the mean/std of ``features`` (N, D)."""
-    x = np.asarray(features, dtype=np.float64)
-    std = x.std(0)
-    std = np.where(std < eps, 1.0, std)
-    dim = x.shape[1]
+    scaler = Standardizer.fit(features, eps)
+    dim = scaler.mean.shape[0]
     return LinearProbe(weight=np.zeros((num_classes, dim), np.float32), bias=np.zeros(num_classes, np.float32),
-                       mean=x.mean(0).astype(np.float32), std=std.astype(np.float32))
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based): linear warm-up, then cosine to 0."""
-    if step < warmup_steps:
-        return warmup_lr_factor(step, warmup_steps)
-    span = max(total_steps - warmup_steps, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+                       mean=scaler.mean, std=scaler.std)
 
 
 def total_steps(rows: int, config: FinetuneConfig) -> int:
@@ -161,7 +151,8 @@ def finetune(model: ReadoutClassifier, train: ImageSplit, train_rows: np.ndarray
                 if step >= steps_total:
                     break
                 for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * lr_factor(step, config.warmup_steps, steps_total)
+                    group["lr"] = group["base_lr"] * lr_factor(step, warmup_steps=config.warmup_steps,
+                                                               total_steps=steps_total)
                 x0 = augment(x0, ids, epoch + 1, config.seed)
                 with torch.enable_grad():
                     loss = F.cross_entropy(model(x0, ids, noise_seed=copy_seed(model.seed, epoch + 1)), labels)

@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddae_core.sampling import balanced_subset
+
 logger = logging.getLogger(__name__)
 
 _CHUNK = 16384  # rows per chunk when standardising or scoring, to bound temporary memory
+STD_EPS = 1e-6  # a feature whose std is below this counts as constant
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -44,6 +47,11 @@ def _as_labels(y: ArrayLike, num_classes: int, rows: int) -> torch.Tensor:
     return labels
 
 
+def unit_std(std: torch.Tensor, eps: float = STD_EPS) -> torch.Tensor:
+    """``std`` with 1 wherever it is below ``eps``: a near-constant feature is centred, not blown up."""
+    return torch.where(std < eps, torch.ones_like(std), std)
+
+
 @dataclass
 class Standardizer:
     """Per-feature mean and std fitted on train; near-constant features (std < eps) keep std 1."""
@@ -52,7 +60,7 @@ class Standardizer:
     std: np.ndarray  # (D,) float32, > 0
 
     @classmethod
-    def fit(cls, x: ArrayLike, eps: float = 1e-6) -> "Standardizer":
+    def fit(cls, x: ArrayLike, eps: float = STD_EPS) -> "Standardizer":
         """Fit on ``x`` (N, D), accumulating in float64 chunk by chunk for accuracy and memory."""
         data = _as_float_tensor(x)
         rows = data.shape[0]
@@ -65,8 +73,7 @@ class Standardizer:
         squares = torch.zeros_like(mean)
         for start in range(0, rows, _CHUNK):
             squares += (data[start : start + _CHUNK].double() - mean).square().sum(0)
-        std = (squares / rows).sqrt()
-        std = torch.where(std < eps, torch.ones_like(std), std)
+        std = unit_std((squares / rows).sqrt(), eps)
         return cls(mean=mean.float().numpy(), std=std.float().numpy())
 
     def transform(self, x: ArrayLike) -> torch.Tensor:
@@ -272,21 +279,6 @@ def select_probe(
     return best[1], best[2], best[3], table
 
 
-def balanced_indices(labels: ArrayLike, size: int, seed: int = 0) -> np.ndarray:
-    """A seeded, class-balanced subset of ``size`` row indices (sorted), or all rows if fewer."""
-    labels = np.asarray(labels)
-    if size >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    quota = size // len(classes)
-    chosen = [idx[:quota] for idx in per_class]
-    leftovers = np.concatenate([idx[quota:] for idx in per_class])
-    extra = rng.permutation(leftovers)[: size - sum(len(c) for c in chosen)]
-    return np.sort(np.concatenate(chosen + [extra]))
-
-
 def screen_and_select(
     candidates: Mapping[Hashable, tuple[ArrayLike, ArrayLike]],
     y_train: ArrayLike,
@@ -303,16 +295,17 @@ def screen_and_select(
     """Two-phase selection: every candidate on a ``screen_size`` train subset, the best few on all.
 
     Phase 1 ranks all (candidate, L2) fits by validation accuracy using a class-balanced subset of
-    train; phase 2 refits the ``finalists`` best candidates on the full train split and selects among
-    them on validation. ``screen_size`` 0 (or >= the train size) is plain ``select_probe``. Rows carry
-    ``phase`` ("screen" or "full"). Selection never looks at test.
+    train (``sampling.balanced_subset`` drawn from ``default_rng(seed)``); phase 2 refits the
+    ``finalists`` best candidates on the full train split and selects among them on validation.
+    ``screen_size`` 0 (or >= the train size) is plain ``select_probe``. Rows carry ``phase``
+    ("screen" or "full"). Selection never looks at test.
     """
     y_train = np.asarray(y_train)
     if screen_size <= 0 or screen_size >= len(y_train) or len(candidates) <= finalists:
         key, l2, probe, table = select_probe(candidates, y_train, y_val, num_classes=num_classes,
                                              l2_grid=l2_grid, max_iter=max_iter, progress=progress)
         return key, l2, probe, [{**row, "phase": "full"} for row in table]
-    subset = balanced_indices(y_train, screen_size, seed)
+    subset = balanced_subset(y_train, screen_size, np.random.default_rng(seed))
     screened = {key: (np.asarray(x_train)[subset], x_val) for key, (x_train, x_val) in candidates.items()}
     _key, _l2, _probe, screen_table = select_probe(screened, y_train[subset], y_val, num_classes=num_classes,
                                                    l2_grid=l2_grid, max_iter=max_iter, progress=progress)

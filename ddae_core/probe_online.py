@@ -36,11 +36,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddae_core.features import FeatureKey, extract
-from ddae_core.probe import LinearProbe
+from ddae_core.probe import LinearProbe, Standardizer, unit_std
+from ddae_core.sampling import balanced_subset
+from ddae_core.schedules import lr_factor
 
 logger = logging.getLogger(__name__)
-
-_EPS = 1e-6  # std below this counts as constant (same rule as probe.Standardizer)
 
 
 class ImageSplit(Protocol):
@@ -84,11 +84,6 @@ def readout_matrix(
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
 
 
-def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
-    """Cosine annealing from ``base_lr`` at step 0 towards 0 at ``total_steps`` (per optimizer step)."""
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
-
-
 class _RunningMoments:
     """Cumulative per-dimension mean and (population) variance, float64, merged batch by batch."""
 
@@ -109,11 +104,10 @@ class _RunningMoments:
         self.m2 += m2_b + delta.square() * (self.count * n_b / total)
         self.count = total
 
-    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 (D,) mean and std (std 1 where the feature is near-constant)."""
-        std = (self.m2 / max(self.count, 1)).sqrt()
-        std = torch.where(std < _EPS, torch.ones_like(std), std)
-        return self.mean.float(), std.float()
+    def standardizer(self) -> Standardizer:
+        """The statistics so far as float32 (D,) mean and std (``probe.unit_std``: 1 where near-constant)."""
+        std = unit_std((self.m2 / max(self.count, 1)).sqrt())
+        return Standardizer(mean=self.mean.float().numpy(), std=std.float().numpy())
 
 
 class _Permuted:
@@ -130,11 +124,11 @@ class _Permuted:
 
 
 def _subset(split: ImageSplit, limit: int | None, seed: int, stream: int) -> ImageSet:
-    """The whole split, or a seeded random subset of ``limit`` rows kept in their original order."""
+    """The whole split, or a seeded class-balanced subset of ``limit`` rows kept in their original order."""
     n = len(split.labels)
     rows = np.arange(n)
     if limit is not None and limit < n:
-        rows = np.sort(np.random.default_rng([seed, stream]).choice(n, size=limit, replace=False))
+        rows = balanced_subset(np.asarray(split.labels), limit, np.random.default_rng([seed, stream]))
     images = split.images if len(rows) == n else np.asarray(split.images[rows])
     return ImageSet(images=images, labels=np.asarray(split.labels, np.int64)[rows],
                     sample_ids=np.asarray(split.sample_ids, np.int64)[rows])
@@ -186,8 +180,8 @@ def online_probe(
     ``seed`` keys the features' noise and augmentation (use the extract stage's seed to share its
     val/test features), the epoch orders and the layer's initialisation; the result is
     deterministic given it (and the thread count). ``max_train`` / ``max_eval`` cap the train and
-    each of the val/test splits to a seeded random subset (quick runs, tests). The denoiser must
-    live on ``device``; the probe itself trains on the CPU.
+    each of the val/test splits to a seeded class-balanced subset (``sampling.balanced_subset``;
+    quick runs, tests). The denoiser must live on ``device``; the probe itself trains on the CPU.
     """
     if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
         raise ValueError(f"epochs, batch_size and eval_batch_size must be >= 1, "
@@ -250,9 +244,10 @@ def online_probe(
                 assert optimizer is not None and moments is not None
                 if epoch == 0:
                     moments.update(x)
-                    mean, std = moments.mean_std()
+                    scaler = moments.standardizer()
+                    mean, std = torch.from_numpy(scaler.mean), torch.from_numpy(scaler.std)
                 for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(step, total_steps, lr)
+                    group["lr"] = lr * lr_factor(step, warmup_steps=0, total_steps=total_steps)
                 with torch.enable_grad():
                     logits = linear((x - mean) / std)
                     loss = F.cross_entropy(logits, y)
@@ -265,7 +260,8 @@ def online_probe(
                 bar.update(1)
             assert linear is not None
             row = {"epoch": epoch + 1, "loss": loss_sum / n_train, "train_acc": hits / n_train,
-                   "val_acc": _accuracy(x_val, y_val, linear, mean, std), "lr": cosine_lr(step, total_steps, lr)}
+                   "val_acc": _accuracy(x_val, y_val, linear, mean, std),
+                   "lr": lr * lr_factor(step, warmup_steps=0, total_steps=total_steps)}
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row['val_acc']:.3f}")
             logger.info("online probe epoch %d loss=%.4f train_acc=%.4f val_acc=%.4f",
@@ -287,4 +283,4 @@ def online_probe(
     )
 
 
-__all__ = ["ImageSet", "ImageSplit", "OnlineProbeResult", "cosine_lr", "online_probe", "readout_matrix"]
+__all__ = ["ImageSet", "ImageSplit", "OnlineProbeResult", "online_probe", "readout_matrix"]

@@ -1,23 +1,31 @@
-"""Schedule math for pretraining as small pure functions (learning-rate warm-up, EMA decay ramp).
+"""Schedule math as small pure functions: the one learning-rate schedule, the EMA decay ramp.
 
-Kept free of torch and state so each rule is checked by a one-line test and reused by the loop.
+Kept free of torch and state so each rule is checked by a one-line test and reused by every loop
+(pretraining, fine-tuning, the online probe).
 """
 
 from __future__ import annotations
 
+import math
 
-def warmup_lr_factor(step: int, warmup_steps: int) -> float:
-    """Multiplier of the base lr for optimizer step ``step`` (0-based): linear warm-up, then 1.
 
-    As in the paper (linear warm-up, then constant). Step ``s`` uses ``(s + 1) / warmup_steps``, so
-    the first step already moves the weights and step ``warmup_steps - 1`` reaches the full lr.
-    ``warmup_steps <= 0`` disables the warm-up. Range: (0, 1].
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int | None = None) -> float:
+    """Multiplier of the base lr for optimizer step ``step`` (0-based): linear warm-up, then 1 or a cosine.
+
+    Warm-up: step ``s < warmup_steps`` uses ``(s + 1) / warmup_steps``, so the first step already
+    moves the weights and step ``warmup_steps - 1`` reaches the full lr (``warmup_steps <= 0``: none).
+    After it: 1 when ``total_steps`` is None (pretraining: constant, as in the paper), else
+    ``0.5 * (1 + cos(pi * progress))`` with progress going from 0 at the warm-up's end to 1 at
+    ``total_steps`` and held there (fine-tuning, the online probe). Range: [0, 1].
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    if warmup_steps <= 0:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps is None:
         return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
+    span = max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:

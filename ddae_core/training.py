@@ -28,7 +28,7 @@ from ddae_core.config import TrainConfig, as_dict
 from ddae_core.data import to_model_input
 from ddae_core.ema import EMA
 from ddae_core.precision import resolve_mixed_precision
-from ddae_core.schedules import ema_decay_at, warmup_lr_factor
+from ddae_core.schedules import ema_decay_at, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def train(
     # not prepared: Accelerate would step it once per process; we step it once per optimizer step
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-        lambda s: warmup_lr_factor(s, config.warmup_steps),
+        lambda s: lr_factor(s, warmup_steps=config.warmup_steps),
     )
     ema = EMA(bare)
 
@@ -330,7 +330,7 @@ class _MetricWindow:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         metrics = {
             "loss": accelerator.reduce(self.loss / self.steps, reduction="mean").item(),
-            "lr": config.lr * warmup_lr_factor(step - 1, config.warmup_steps),  # lr of the last step
+            "lr": config.lr * lr_factor(step - 1, warmup_steps=config.warmup_steps),  # lr of the last step
             "images_per_s": self.steps * config.batch_size / elapsed,
             "epoch": step * config.batch_size / self.num_images,
         }

@@ -7,7 +7,9 @@ load ``params.yaml`` through ``load_params`` so a bad value fails before any wor
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
+import io
 import json
 import logging
 import os
@@ -17,7 +19,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import yaml
 
@@ -147,6 +149,15 @@ def load_params(path: Path) -> PipelineConfig:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename: readers never see half a file."""
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a header line and ``rows`` as CSV through a temporary file (the tables ``dvc plots`` draws)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_bytes_atomic(path, buffer.getvalue().encode())
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:

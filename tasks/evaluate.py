@@ -8,8 +8,6 @@ beside the linear one, and alignment/uniformity of two augmented views of a few 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 
@@ -23,7 +21,8 @@ from ddae_core.features import extract_all
 from ddae_core.label_efficiency import balanced_subset, capped_subset, fraction_label, label_subsets
 from ddae_core.probe import select_probe
 from tasks.cached_readout import load_index, load_selection, read_readout
-from tasks.common import Paths, StageError, atomic_directory, stage_main, write_bytes_atomic, write_json_atomic
+from tasks.common import (Paths, StageError, atomic_directory, stage_main, write_bytes_atomic, write_csv_atomic,
+                          write_json_atomic)
 from tasks.feature_store import FeatureKey
 from tasks.plots import save_label_efficiency
 from tasks.tracking import stage_run
@@ -140,25 +139,19 @@ def two_views(config: PipelineConfig, paths: Paths, index: dict, keys: list[Feat
             for copy in (1, 2)}
 
 
-def write_csv(path, header: list[str], rows: list[list]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_bytes_atomic(path, buffer.getvalue().encode())
+EFFICIENCY_COLUMNS = ("method", "fraction", "labels", "test_acc")
 
 
-def wide_table(rows: list[dict]) -> tuple[list[str], list[list]]:
-    """One line per fraction, one test-accuracy column per method (what ``dvc plots`` draws)."""
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    fractions = sorted({r["fraction"] for r in rows})
-    lines = []
-    for fraction in fractions:
-        cells = {r["method"]: r for r in rows if r["fraction"] == fraction}
-        labels = next(r["labels"] for r in rows if r["fraction"] == fraction)
-        lines.append([fraction_label(fraction), labels] + [f"{cells[m]['test_acc']:.4f}" if m in cells else ""
-                                                          for m in methods])
-    return ["fraction", "labels", *methods], lines
+def efficiency_table(rows: list[dict]) -> list[list]:
+    """One line per (method, fraction) that ran, in ``METHODS`` order: label_efficiency.csv.
+
+    Long rather than one column per method, so the methods that did not run (fine-tuning off, no raw
+    pixels) leave no empty column: dvc.yaml draws one line per ``method`` (template
+    .dvc/plots/label_efficiency.json) whichever ran, and ``dvc plots diff`` compares experiments.
+    """
+    order = list(METHODS)
+    return [[r["method"], fraction_label(r["fraction"]), r["labels"], f"{r['test_acc']:.4f}"]
+            for r in sorted(rows, key=lambda r: (order.index(r["method"]), r["fraction"]))]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -193,10 +186,9 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     checkpoint = network_hash(paths.network)
     efficiency = label_efficiency(config, paths, checkpoint)
     study = diagnostics(config, paths, index, checkpoint)
-    header, lines = wide_table(efficiency)
     with atomic_directory(paths.plots / "evaluate") as plots:
-        write_csv(plots / "label_efficiency.csv", header, lines)
-        write_csv(plots / "diagnostics.csv", list(study[0]), [list(r.values()) for r in study])
+        write_csv_atomic(plots / "label_efficiency.csv", EFFICIENCY_COLUMNS, efficiency_table(efficiency))
+        write_csv_atomic(plots / "diagnostics.csv", list(study[0]), [list(r.values()) for r in study])
         write_bytes_atomic(plots / "label_efficiency.md", markdown_table(efficiency).encode())
         save_label_efficiency(efficiency, METHODS, plots / "label_efficiency.png")
     write_json_atomic(paths.metrics / "evaluate.json", summary_metrics(efficiency, study))

@@ -1,4 +1,5 @@
-"""PNG plots the stages log (loss curve, probe heatmap); each written atomically."""
+"""The plots the stages write (loss curve, probe heatmaps, label efficiency): PNGs, and the loss curve's
+data as CSV for ``dvc plots``; each file written atomically."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tasks.common import write_bytes_atomic  # noqa: E402
+from tasks.common import write_bytes_atomic, write_csv_atomic  # noqa: E402
+
+LOSS_COLUMNS = ("step", "epoch", "loss", "lr")  # loss.csv; dvc.yaml plots loss against step
 
 
 def save_figure(fig: "plt.Figure", path: Path) -> None:
@@ -39,6 +42,12 @@ def save_loss_curve(history: Sequence[dict], path: Path) -> None:
     ax.set_title("Pretraining loss")
     ax.legend()
     save_figure(fig, path)
+
+
+def save_loss_table(history: Sequence[dict], path: Path) -> None:
+    """The logged training loss (mean over each ``log_every`` window) and learning rate per step, as CSV."""
+    write_csv_atomic(path, LOSS_COLUMNS, ([h["step"], f"{h['epoch']:.4f}", f"{h['loss']:.6g}", f"{h['lr']:.6g}"]
+                                          for h in history if "loss" in h))
 
 
 def save_heatmap(values: dict[tuple[str, str], float], rows: Sequence[str], cols: Sequence[str],

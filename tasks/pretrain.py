@@ -2,7 +2,7 @@
 
 Runs as ``python -m tasks.pretrain`` or ``accelerate launch -m tasks.pretrain``. Checkpoints live in
 ``outputs/checkpoints/<fingerprint>`` (kept between runs, so a rerun resumes); the stage output is
-the final EMA network plus a loss curve and a sample grid.
+the final EMA network plus the loss curve (``loss.csv`` for ``dvc plots``, ``loss.png``) and a sample grid.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ddae_core.nn import build_unet, count_parameters
 from ddae_core.precision import resolve_mixed_precision
 from ddae_core.training import TrainingInterrupted, train
 from tasks.common import Paths, StageError, stage_main, write_json_atomic
-from tasks.plots import save_loss_curve
+from tasks.plots import save_loss_curve, save_loss_table
 from tasks.tracking import stage_run
 
 
@@ -90,6 +90,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
                                                    "preprocess": manifest["preprocess"]}})
         paths.pretrain.mkdir(parents=True, exist_ok=True)
         save_loss_curve(result.history, paths.pretrain / "loss.png")
+        save_loss_table(result.history, paths.pretrain / "loss.csv")  # the same curve as data, for `dvc plots diff`
         sample_s = draw_sample_grid(ema, config, paths.pretrain / "samples.png")
         speeds = [h["images_per_s"] for h in result.history if "images_per_s" in h]
         summary = {

@@ -6,8 +6,6 @@ through the same probe code as the floor to beat.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.probe import screen_and_select, select_probe
-from tasks.common import Paths, StageError, atomic_directory, stage_main, write_bytes_atomic, write_json_atomic
+from tasks.common import Paths, StageError, atomic_directory, stage_main, write_csv_atomic, write_json_atomic
 from tasks.feature_store import FeatureKey, read_split
 from tasks.plots import save_heatmap
 from tasks.selective import selective_report
@@ -189,18 +187,18 @@ def finalist_rows(table: list[dict]) -> dict[str, dict]:
     return best_rows([row for row in table if row["phase"] == "full"]) if table[0]["phase"] == "screen" else {}
 
 
+TABLE_COLUMNS = ("candidate", "taps", "level", "pool", "phase", "l2", "train_acc", "val_acc", "full_val_acc")
+
+
 def write_table(path: Path, rows: dict[str, dict], finalists: dict[str, dict], candidates: dict) -> None:
     """One CSV row per candidate (for ``dvc plots`` and people); ``full_val_acc`` for finalists."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["candidate", "taps", "level", "pool", "phase", "l2", "train_acc", "val_acc", "full_val_acc"])
+    lines = []
     for name, row in rows.items():
         taps, level, pool, _ = candidates[name]
         full = finalists.get(name)
-        writer.writerow([name, "+".join(taps), f"{level:g}", pool, row["phase"], row["l2"],
-                         f"{row['train_acc']:.4f}", f"{row['val_acc']:.4f}",
-                         f"{full['val_acc']:.4f}" if full else ""])
-    write_bytes_atomic(path, buffer.getvalue().encode())
+        lines.append([name, "+".join(taps), f"{level:g}", pool, row["phase"], row["l2"],
+                      f"{row['train_acc']:.4f}", f"{row['val_acc']:.4f}", f"{full['val_acc']:.4f}" if full else ""])
+    write_csv_atomic(path, TABLE_COLUMNS, lines)
 
 
 def write_heatmaps(directory: Path, rows: dict[str, dict], candidates: dict) -> list[Path]:

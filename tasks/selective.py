@@ -7,14 +7,12 @@ Writes ``selective.csv`` (test curve at 5% coverage steps) and ``selective.png``
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
 
 from ddae_core.selective import SelectiveCurve, at_threshold, selective_curve, suggest_threshold
-from tasks.common import write_bytes_atomic
+from tasks.common import write_csv_atomic
 from tasks.plots import plt, save_figure
 
 COVERAGE_STEPS = np.linspace(0.05, 1.0, 20)
@@ -31,12 +29,11 @@ def curve_table(curve: SelectiveCurve) -> list[dict]:
     return rows
 
 
+CURVE_COLUMNS = ("coverage", "accuracy", "threshold")  # selective.csv; dvc.yaml plots accuracy against coverage
+
+
 def write_curve_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["coverage", "accuracy", "threshold"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: f"{v:.4f}" for k, v in row.items()} for row in rows)
-    write_bytes_atomic(path, buffer.getvalue().encode())
+    write_csv_atomic(path, CURVE_COLUMNS, ([f"{row[k]:.4f}" for k in CURVE_COLUMNS] for row in rows))
 
 
 def save_curve_plot(curves: dict[str, SelectiveCurve], threshold: float | None, target: float, path: Path) -> None:

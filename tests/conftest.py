@@ -1,4 +1,4 @@
-"""Test-wide settings: quiet, offline, and no OpenMP spin-waiting on a busy 2-core machine."""
+"""Test-wide settings: quiet, offline, bytecode on, and no OpenMP spin-waiting on a busy 2-core machine."""
 
 import os
 
@@ -10,3 +10,6 @@ for key, value in {
     "DVC_NO_ANALYTICS": "1",
 }.items():
     os.environ.setdefault(key, value)
+# Every subprocess writes __pycache__/ next to the code, as a user's Python does: caching tests must
+# see it (this process already imported with the setting it was started with).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)

@@ -121,7 +121,7 @@ def set_params(root: Path, changes: dict[str, Any]) -> None:
 
 
 def project_env(root: Path, **extra: str) -> dict[str, str]:
-    """The environment every tool runs in: state under ``root``, the copy's code first, offline."""
+    """The environment every tool runs in: state under ``root``, the copy's code first, offline, bytecode on."""
     env = dict(os.environ)
     env.update({
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -138,7 +138,8 @@ def project_env(root: Path, **extra: str) -> dict[str, str]:
         "GIT_AUTHOR_NAME": "e2e", "GIT_AUTHOR_EMAIL": "e2e@example.invalid",
         "GIT_COMMITTER_NAME": "e2e", "GIT_COMMITTER_EMAIL": "e2e@example.invalid",
     })
-    for key in ("PREFECT_API_URL", "PREFECT_PROFILE", "DDAE_PIPELINE_RUN_ID", "DDAE_REPO"):
+    # PYTHONDONTWRITEBYTECODE: a user's Python writes __pycache__/ into the copy, and DVC must not care.
+    for key in ("PREFECT_API_URL", "PREFECT_PROFILE", "DDAE_PIPELINE_RUN_ID", "DDAE_REPO", "PYTHONDONTWRITEBYTECODE"):
         env.pop(key, None)
     env.update(extra)
     return env

@@ -11,7 +11,7 @@ import torch
 
 from ddae_core.config import FinetuneConfig
 from ddae_core.features import extract_batch, readout
-from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, lr_factor, total_steps, zero_head
+from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, total_steps, zero_head
 from ddae_core.probe_online import ImageSet, readout_matrix
 from toy_images import brightness_split, random_tiny_denoiser
 
@@ -59,12 +59,21 @@ def test_readout_equals_cached_features_and_is_differentiable(denoiser, splits) 
     assert first.grad is not None and float(first.grad.abs().sum()) > 0
 
 
-def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
-    assert lr_factor(0, 4, 20) == pytest.approx(0.25)
-    assert lr_factor(3, 4, 20) == pytest.approx(1.0)
-    assert lr_factor(4, 4, 20) == pytest.approx(1.0)
-    assert lr_factor(12, 4, 20) == pytest.approx(0.5)
-    assert lr_factor(20, 4, 20) == pytest.approx(0.0, abs=1e-12)
+def test_zero_head_predicts_uniformly_with_the_features_statistics() -> None:
+    """The head standardises with the float64 mean/std of its features (probe.Standardizer); the
+    same float32 values numpy's float64 mean and std give, bit for bit on these features."""
+    rng = np.random.default_rng(0)
+    feats = (rng.normal(size=(1024, 256)) * rng.uniform(0.01, 10, 256) + rng.uniform(-5, 5, 256)).astype(np.float32)
+    feats[:, 7] = 3.0  # constant: std 1
+    head = zero_head(feats, num_classes=4)
+    as64 = feats.astype(np.float64)
+    np.testing.assert_array_equal(head.mean, as64.mean(0).astype(np.float32))
+    np.testing.assert_array_equal(head.std, np.where(as64.std(0) < 1e-6, 1.0, as64.std(0)).astype(np.float32))
+    assert head.std[7] == 1.0
+    np.testing.assert_array_equal(head.predict_proba(feats[:5]), np.full((5, 4), 0.25, np.float32))
+
+
+def test_total_steps_counts_epochs_and_caps_at_max_steps() -> None:
     assert total_steps(100, _config(epochs=3, batch_size=16)) == 3 * math.ceil(100 / 16)
     assert total_steps(100, _config(epochs=3, batch_size=16, max_steps=5)) == 5
 

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 import e2e_helpers as h
+import stage_code as sc
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +152,7 @@ def test_features_are_partitioned_parquet_with_checkpoint_hash(pipeline):
 
 
 def test_label_efficiency_and_diagnostics_reuse_the_probe(pipeline):
-    from ddae_core.label_efficiency import subset_size
+    from ddae_core.sampling import subset_size
 
     root = pipeline.root
     assert json.loads((root / "metrics/finetune.json").read_text()) == {"enabled": False}
@@ -177,6 +178,96 @@ def test_label_efficiency_and_diagnostics_reuse_the_probe(pipeline):
     assert (root / "plots/evaluate/label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _dvc_json(root: Path, *args: str):
+    """Run a DVC command with ``--json``; its parsed output (anything logged before the JSON skipped)."""
+    result = h.dvc(root, *args, "--json")
+    assert result.returncode == 0, result.stdout[-3000:]
+    start = min(i for i in (result.stdout.find("{"), result.stdout.find("[")) if i >= 0)
+    return json.JSONDecoder().raw_decode(result.stdout[start:])[0]
+
+
+def test_dvc_metrics_show_reads_the_json_metrics(pipeline):
+    root = pipeline.root
+    probe = json.loads((root / "metrics/probe.json").read_text())
+    shown = h.dvc(root, "metrics", "show")
+    assert shown.returncode == 0, shown.stdout[-3000:]
+    assert "failed to load" not in shown.stdout.lower(), shown.stdout[-3000:]
+    header, *rows = shown.stdout.strip().splitlines()
+    assert "test_acc" in header.split()
+    [probe_row] = [row for row in rows if row.startswith("metrics/probe.json")]
+    assert str(round(probe["test_acc"], 5)) in probe_row.split(), probe_row  # rounded to DVC's 5 decimals
+
+    [(_rev, workspace)] = _dvc_json(root, "metrics", "show").items()
+    files = workspace["data"]
+    assert set(files) == {"metrics/pretrain.json", "metrics/probe.json", "metrics/finetune.json",
+                          "metrics/evaluate.json"}  # JSON only; register.json is a decision, not a metric
+    assert all("error" not in result for result in files.values()), files
+    assert files["metrics/probe.json"]["data"]["test_acc"] == probe["test_acc"]
+    assert files["metrics/pretrain.json"]["data"] == json.loads((root / "metrics/pretrain.json").read_text())
+
+
+def test_dvc_plots_show_draws_every_curve(pipeline, tmp_path):
+    root = pipeline.root
+    shown = _dvc_json(root, "plots", "show", "-o", str(tmp_path / "json"))
+    assert "errors" not in shown, shown.get("errors")
+    plots = shown["data"]
+
+    def drawn(name: str, x: str, y: str) -> list[dict]:
+        [plot] = plots[name]
+        assert plot["type"] == "vega" and plot["revisions"] == ["workspace"], plot
+        spec = json.dumps({key: value for key, value in plot["content"].items() if key != "data"})
+        assert f'"field": "{x}"' in spec and f'"field": "{y}"' in spec, spec
+        return plot["content"]["data"]["values"]
+
+    # the loss curve: one point per logged window, the last one the loss metrics/pretrain.json reports
+    train = yaml.safe_load((root / "params.yaml").read_text())["pretrain"]["train"]
+    loss = drawn("outputs/pretrain/loss.csv", "step", "loss")
+    assert [int(p["step"]) for p in loss] == list(range(train["log_every"], train["steps"] + 1, train["log_every"]))
+    final_loss = json.loads((root / "metrics/pretrain.json").read_text())["final_loss"]
+    assert float(loss[-1]["loss"]) == pytest.approx(final_loss, rel=1e-5)
+
+    # label efficiency: a line per method that ran, the cells metrics/evaluate.json holds
+    table = json.loads((root / "metrics/evaluate.json").read_text())["label_efficiency"]
+    efficiency = drawn("plots/evaluate/label_efficiency.csv", "labels", "test_acc")
+    assert plots["plots/evaluate/label_efficiency.csv"][0]["content"]["encoding"]["color"]["field"] == "method"
+    cells = {(p["method"], p["fraction"]): float(p["test_acc"]) for p in efficiency}
+    expected = {(method, fraction): acc for method, row in table.items() for fraction, acc in row.items()}
+    assert cells == pytest.approx(expected, abs=5e-5)
+
+    # selective classification: accuracy against coverage, ending at full coverage = the test accuracy
+    probe = json.loads((root / "metrics/probe.json").read_text())
+    selective = drawn("plots/probe/selective.csv", "coverage", "accuracy")
+    assert float(selective[-1]["coverage"]) == 1.0
+    assert float(selective[-1]["accuracy"]) == pytest.approx(probe["test_acc"], abs=1e-3)
+    assert len(drawn("plots/probe/table.csv", "val_acc", "candidate")) == probe["candidates"]
+
+    images = {name: items for name, items in plots.items() if items[0]["type"] == "image"}
+    assert set(images) == {"outputs/pretrain/loss.png", "outputs/pretrain/samples.png", "plots/probe/selective.png",
+                           "plots/probe/heatmap_pool1.png", "plots/probe/heatmap_pool2.png",
+                           "plots/evaluate/label_efficiency.png"}
+    for name, [image] in images.items():
+        assert Path(image["url"]).read_bytes() == (root / name).read_bytes(), name
+
+    html = h.dvc(root, "plots", "show", "-o", str(tmp_path / "html"))  # the page a user opens
+    assert html.returncode == 0 and "failed to load" not in html.stdout.lower(), html.stdout[-3000:]
+    assert (tmp_path / "html" / "index.html").is_file()
+
+
+def test_dvc_exp_show_lists_params_and_headline_metrics(pipeline):
+    root = pipeline.root
+    rows = _dvc_json(root, "exp", "show")
+    [workspace] = [row["data"] for row in rows if row["rev"] == "workspace"]
+    params = workspace["params"]["params.yaml"]["data"]
+    assert params == yaml.safe_load((root / "params.yaml").read_text())
+    assert params["pretrain"]["train"]["steps"] == h.TINY_PARAMS["pretrain.train.steps"]
+    metrics = workspace["metrics"]
+    assert set(metrics) == {"metrics/pretrain.json", "metrics/probe.json", "metrics/finetune.json",
+                            "metrics/evaluate.json"}
+    probe = json.loads((root / "metrics/probe.json").read_text())
+    assert metrics["metrics/probe.json"]["data"]["test_acc"] == probe["test_acc"]
+    assert metrics["metrics/probe.json"]["data"]["raw_pixels_test_acc"] == probe["raw_pixels_test_acc"]
+
+
 def test_second_repro_reruns_nothing(pipeline):
     root = pipeline.root
     watched = ("data", "outputs/pretrain", "outputs/features", "outputs/probe", "metrics")
@@ -187,6 +278,81 @@ def test_second_repro_reruns_nothing(pipeline):
     assert h.ran_stages(result.stdout) == set()
     assert h.tree_snapshot(root, *watched) == before
     assert (root / "dvc.lock").read_text() == lock  # rewritten by DVC (snapshot always runs), unchanged
+
+
+# One process edits each project file in turn and asks DVC's Python API what is stale: each stage's
+# status (stale when more than "always changed"), and the plan `dvc repro --downstream` makes from the
+# stale stages (them and their descendants); each file is restored before the next. One Repo, lock
+# held throughout: a `dvc status` process per file would spend most of its time starting.
+_EDIT_EACH_FILE = """
+import json, sys
+from pathlib import Path
+from dvc.repo import Repo
+from dvc.repo.reproduce import get_active_graph, plan_repro
+
+root, report = Path(sys.argv[1]), {}
+with Repo(str(root)) as repo, repo.lock:
+    stages, graph = repo.index.stages, get_active_graph(repo.index.graph)
+
+    def stale():
+        return [s for s in stages if [why for why in s.status().get(s.addressing, []) if why != "always changed"]]
+
+    for rel in json.loads(sys.argv[2]):
+        path = root / rel
+        original = path.read_bytes()
+        path.write_bytes(original + b"\\n# an edit: DVC hashes content, so a bare touch would change nothing\\n")
+        try:
+            targets = stale()
+        finally:
+            path.write_bytes(original)
+        rerun = plan_repro(graph, targets, downstream=True) if targets else []
+        report[rel] = {"stale": sorted(s.addressing for s in targets), "rerun": sorted(s.addressing for s in rerun)}
+print(json.dumps(report))
+"""
+
+
+def _dvc_status(root: Path) -> dict:
+    status = h.dvc(root, "status", "--json")
+    assert status.returncode == 0, status.stdout[-3000:]
+    return json.loads(status.stdout[status.stdout.index("{"):])
+
+
+def test_stale_stages_are_exactly_those_that_run_the_edited_file(pipeline):
+    """Bytecode changes nothing; an edited project file makes stale exactly the stages that import it.
+
+    DVC's status lists a stage whose own deps changed; its descendants rerun after it when its outputs
+    change (DVC's repro plan): both sets must be what the imports and dvc.yaml's graph say.
+    """
+    root = pipeline.root
+    assert h.dvc(root, "repro").returncode == 0
+    assert _dvc_status(root) == {"snapshot": ["always changed"]}  # nothing else to rerun
+
+    caches = [root / "ddae_core" / "__pycache__", root / "tasks" / "__pycache__"]
+    for cache in caches:
+        shutil.rmtree(cache, ignore_errors=True)
+    imported = h.run([sys.executable, "-c", "import ddae_core, tasks.probe"], root)
+    assert imported.returncode == 0, imported.stdout[-3000:]
+    assert all(any(cache.glob("*.pyc")) for cache in caches)  # bytecode really was written
+    assert _dvc_status(root) == {"snapshot": ["always changed"]}  # importing wrote bytecode; no dep changed
+
+    stages = sc.dvc_stages(root)
+    runs = {name: sc.stage_code(name, root) for name in stages}
+    files = sorted(p.relative_to(root).as_posix() for package in sc.PACKAGES for p in (root / package).rglob("*.py")
+                   if "__pycache__" not in p.parts)
+    assert set().union(*runs.values()) < set(files)  # every imported module, and some no stage imports
+    result = h.run([sys.executable, "-c", _EDIT_EACH_FILE, str(root), json.dumps(files)], root, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    wrong = []
+    for rel in files:
+        importers = {name for name in stages if rel in runs[name]
+                     or any(rel.startswith(f"{folder}/") for folder in sc.WHOLE_DIRECTORY_DEPS.get(name, ()))}
+        expected = {"stale": sorted(importers), "rerun": sorted(sc.downstream(stages, importers))}
+        if report[rel] != expected:
+            wrong.append(f"{rel}: expected {expected}, DVC says {report[rel]}")
+    assert not wrong, "\n".join(wrong)
+    assert _dvc_status(root) == {"snapshot": ["always changed"]}  # every file restored: nothing to rerun
 
 
 def test_finetune_enabled_runs_cached_and_registers_a_second_flavour(pipeline, tmp_path):

@@ -128,17 +128,6 @@ def test_warm_start_reaches_the_same_solution() -> None:
 
 
 
-def test_balanced_indices_are_balanced_seeded_and_sorted():
-    from ddae_core.probe import balanced_indices
-
-    labels = np.repeat(np.arange(4), [50, 30, 40, 80])
-    idx = balanced_indices(labels, 40, seed=1)
-    assert len(idx) == 40 and np.all(np.diff(idx) > 0)
-    assert np.bincount(labels[idx], minlength=4).tolist() == [10, 10, 10, 10]
-    assert np.array_equal(idx, balanced_indices(labels, 40, seed=1))
-    assert not np.array_equal(idx, balanced_indices(labels, 40, seed=2))
-
-
 def test_screening_keeps_the_informative_candidate_and_refits_it_on_all_data():
     from ddae_core.probe import screen_and_select
 

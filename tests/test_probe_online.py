@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ddae_core.config import DiffusionConfig
-from ddae_core.probe_online import ImageSet, cosine_lr, online_probe, readout_matrix
+from ddae_core.probe import Standardizer
+from ddae_core.probe_online import ImageSet, _RunningMoments, _subset, online_probe, readout_matrix
 from toy_images import brightness_split, random_tiny_denoiser
 
 
@@ -60,10 +61,30 @@ def test_limits_and_batching(denoiser, splits) -> None:
         _run(denoiser, splits, taps=["no.such.block"], epochs=1)
 
 
-def test_cosine_lr_and_readout_matrix() -> None:
-    assert cosine_lr(0, 10, 1e-3) == pytest.approx(1e-3)
-    assert cosine_lr(5, 10, 1e-3) == pytest.approx(5e-4)
-    assert cosine_lr(10, 10, 1e-3) == pytest.approx(0.0, abs=1e-12)
+def test_caps_take_class_balanced_rows_in_order(splits) -> None:
+    train = splits[0]
+    capped = _subset(train, 20, 5, 0)
+    assert sorted(np.bincount(capped.labels, minlength=3).tolist()) == [6, 7, 7]
+    assert np.all(np.diff(capped.sample_ids) > 0)  # original order kept
+    assert np.array_equal(capped.images, train.images[capped.sample_ids - train.sample_ids[0]])
+    assert _subset(train, None, 5, 0).images is train.images  # no cap: the split itself, not a copy
+
+
+def test_running_moments_give_the_cached_probes_standardizer() -> None:
+    """Merged batch by batch, the first epoch's statistics equal Standardizer.fit's on all its rows."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(300, 8)) * rng.uniform(0.1, 5, 8) + rng.uniform(-3, 3, 8)).astype(np.float32)
+    x[:, 2] = 4.0  # constant: std 1, the same rule as the cached probe
+    moments = _RunningMoments(8)
+    for start in range(0, 300, 128):
+        moments.update(torch.from_numpy(x[start:start + 128]))
+    online, cached = moments.standardizer(), Standardizer.fit(x)
+    np.testing.assert_allclose(online.mean, cached.mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(online.std, cached.std, rtol=1e-6)
+    assert online.std[2] == 1.0 and online.mean.dtype == online.std.dtype == np.float32
+
+
+def test_readout_matrix() -> None:
     feats = {("a", 11.0, 1): np.ones((2, 3), np.float32), ("b", 11.0, 1): np.zeros((2, 2), np.float32)}
     assert readout_matrix(feats, ["b", "a"], 11, 1).tolist() == [[0, 0, 1, 1, 1]] * 2
 

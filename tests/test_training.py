@@ -30,7 +30,7 @@ from ddae_core.config import DiffusionConfig, TrainConfig
 from ddae_core.diffusion import build_denoiser, build_loss
 from ddae_core.ema import EMA
 from ddae_core.nn.unet import build_unet
-from ddae_core.schedules import ema_decay_at, warmup_lr_factor
+from ddae_core.schedules import ema_decay_at, lr_factor
 from ddae_core.training import TrainingInterrupted, global_batch_indices, local_micro_batches, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,12 +72,7 @@ def resume_config(steps: int) -> TrainConfig:
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- schedules
-
-
-def test_warmup_lr_factor_ramps_linearly_then_stays_at_one():
-    assert [warmup_lr_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert warmup_lr_factor(0, 0) == 1.0
+# ----------------------------------------------------------------------------- schedules (lr: test_schedules.py)
 
 
 def test_ema_decay_ramps_then_caps_at_decay():
@@ -146,7 +141,7 @@ def _tiny_state(seed: int):
     torch.manual_seed(seed)
     nn.init.normal_(model.weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_lr_factor(s, 3))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps=3))
     model(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     scheduler.step()

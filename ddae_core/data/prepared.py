@@ -30,6 +30,7 @@ from ddae_core.config import DataConfig, as_dict
 from ddae_core.data.errors import CorruptImagesError, OutputExistsError, PreparedDataError, PreparedNotFoundError
 from ddae_core.data.images import PreprocessSpec, preprocess_image
 from ddae_core.data.sources import RawSplit, Source, open_source
+from ddae_core.sampling import balanced_subset
 
 log = logging.getLogger(__name__)
 
@@ -70,24 +71,6 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
     mask = np.ones(len(labels), bool)
     mask[held_idx] = False
     return np.flatnonzero(mask), held_idx
-
-
-def balanced_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices of ``min(n, len(labels))`` items, as equal per class as the class sizes allow."""
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = np.zeros(len(classes), np.int64)
-    remaining = min(n, len(labels))
-    while remaining > 0:
-        active = np.flatnonzero(quota < counts)
-        share = remaining // len(active)
-        if share == 0:  # fewer left than classes: one more each for a seeded choice of classes
-            quota[rng.permutation(active)[:remaining]] += 1
-            break
-        give = np.minimum(counts[active] - quota[active], share)
-        quota[active] += give
-        remaining -= int(give.sum())
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
 def plan_splits(source: Source, config: DataConfig) -> dict[str, RawSplit]:
