@@ -2,8 +2,9 @@
 
 Two kinds. A *network* (``network.safetensors`` + ``network.json``) is everything needed to rebuild
 a denoiser for sampling or features. A *training state* (``step-00000100/``) adds the EMA, optimizer
-and lr-scheduler state so a run resumes exactly. Both are written into a temporary directory, fsynced
-and renamed, so a directory with the final name is always complete.
+and lr-scheduler state so a run resumes exactly. Both are written through ``ddae_core.atomic``'s
+``atomic_directory`` (a temporary directory, fsynced and renamed), so a directory with the final name
+is always complete.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ddae_core.atomic import atomic_directory, write_json_atomic
 from ddae_core.config import ConfigError, DiffusionConfig, as_dict, section_from_dict
 
 log = logging.getLogger(__name__)
@@ -45,52 +47,7 @@ class CheckpointError(RuntimeError):
 _WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 
-# ----------------------------------------------------------------------------- atomic directories
-
-
-def _fsync_path(path: Path) -> None:
-    """Flush a file or directory entry to disk (directories: best effort, not on every OS)."""
-    flags = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_dir_for(final: Path) -> Path:
-    """A fresh ``<final>.tmp-<pid>`` directory beside ``final`` (a leftover one is removed)."""
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """fsync every file in ``tmp`` and rename it onto ``final`` (replacing an existing one)."""
-    for child in tmp.iterdir():
-        _fsync_path(child)
-    _fsync_path(tmp)
-    old = None
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-    tmp.rename(final)
-    _fsync_path(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+# ----------------------------------------------------------------------------- file helpers
 
 
 def _tensors_for_file(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,18 +90,12 @@ def save_network(directory: str | Path, denoiser: nn.Module, config: Mapping[str
     meta = {key: value for key, value in config.items() if key not in ("unet", "diffusion")}
     meta["unet"] = denoiser.unet.config.to_dict()
     meta["diffusion"] = _diffusion_dict(config["diffusion"])
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_dir_for(final)
     try:
-        save_file(_tensors_for_file(denoiser.state_dict()), str(tmp / NETWORK_WEIGHTS))
-        _write_json(tmp / NETWORK_CONFIG, meta)
-        _publish(tmp, final)
+        with atomic_directory(final) as tmp:
+            save_file(_tensors_for_file(denoiser.state_dict()), str(tmp / NETWORK_WEIGHTS))
+            write_json_atomic(tmp / NETWORK_CONFIG, meta)
     except _WRITE_ERRORS as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{final}: cannot write the network ({err}); the previous one is kept") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -229,24 +180,19 @@ def save_training_state(
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = _temp_dir_for(final)
     try:
-        save_file(_tensors_for_file(model.state_dict()), str(tmp / MODEL_FILE))
-        save_file(_tensors_for_file(ema.state_dict()), str(tmp / EMA_FILE))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
-            tmp / OPTIMIZER_FILE,
-        )
-        _write_json(tmp / STATE_FILE, {**meta, "step": step})
-        _publish(tmp, final)
+        with atomic_directory(final) as tmp:
+            save_file(_tensors_for_file(model.state_dict()), str(tmp / MODEL_FILE))
+            save_file(_tensors_for_file(ema.state_dict()), str(tmp / EMA_FILE))
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
+                tmp / OPTIMIZER_FILE,
+            )
+            write_json_atomic(tmp / STATE_FILE, {**meta, "step": step})
     except _WRITE_ERRORS as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"{final}: cannot write the checkpoint ({err}); earlier checkpoints are kept, free space and rerun"
         ) from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _rotate(root, keep_last)
     log.info("saved training state %s", final)
     return final

@@ -6,23 +6,21 @@ load ``params.yaml`` through ``load_params`` so a bad value fails before any wor
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import ctypes
 import io
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
+from ddae_core import atomic
 from ddae_core.config import ConfigError, PipelineConfig
 from ddae_core.validation import validate_pipeline
 
@@ -146,9 +144,11 @@ def load_params(path: Path) -> PipelineConfig:
     return config
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half a file."""
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+# The atomic writes live in ddae_core.atomic; these names are re-exported for one step, then go.
+write_json_atomic = atomic.write_json_atomic
+write_bytes_atomic = atomic.write_bytes_atomic
+atomic_file = atomic.atomic_file
+atomic_directory = atomic.atomic_directory
 
 
 def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -158,47 +158,6 @@ def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[
     writer.writerow(header)
     writer.writerows(rows)
     write_bytes_atomic(path, buffer.getvalue().encode())
-
-
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-@contextlib.contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path to write; on success it replaces ``final``, on failure it goes."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``final``, on failure it goes."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        yield tmp
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 TRANSIENT_MARKER = "failed on I/O (retrying may help)"

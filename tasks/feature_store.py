@@ -8,7 +8,6 @@ and, in its schema metadata, the checkpoint hash and network config it was compu
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ddae_core.atomic import atomic_file
 from tasks.common import StageError
 
 FEATURE_COLUMNS = ("sample_id", "split", "label", "tap", "level", "pool", "copy", "feature")
@@ -69,18 +69,10 @@ def write_part(path: Path, key: FeatureKey, split: str, copy: int, sample_ids: n
 
 
 def write_table_atomic(table: pa.Table, path: Path, metadata: dict, use_dictionary: list[str] | bool) -> None:
-    """Write ``table`` (``metadata`` in its schema) to a temporary name, fsync, rename onto ``path``."""
+    """Write ``table`` (``metadata`` in its schema) through ``atomic_file``: readers never see half a file."""
     table = table.replace_schema_metadata({b"ddae": json.dumps(metadata, sort_keys=True).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", use_dictionary=use_dictionary)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _feature_column(features: np.ndarray) -> pa.FixedSizeListArray:

@@ -164,3 +164,72 @@ def downstream(stages: dict[str, dict], names: set[str]) -> set[str]:
                 result.add(name)
                 changed = True
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewriting dvc.yaml's code deps from the imports (`python tests/stage_code.py --write`)
+
+_DEP_LINE = re.compile(r"^(\s+- )([\w./-]+)(\s*#.*)?$")
+
+
+def _canonical(path: str) -> tuple[int, str]:
+    """dvc.yaml's order of code deps: tasks/ first, then ddae_core/, each sorted."""
+    return (0 if path.startswith("tasks/") else 1, path)
+
+
+def _dep_lines(lines: list[str], stages: dict) -> list[tuple[int, str, re.Match]]:
+    """(line index, stage, match) of every ``- path`` line inside a stage's ``deps:`` list."""
+    found, stage, in_deps = [], None, False
+    for index, line in enumerate(lines):
+        header = re.match(r"^  ([\w-]+):\s*(#.*)?$", line)
+        if header and header.group(1) in stages:
+            stage, in_deps = header.group(1), False
+        elif stage and re.match(r"^    deps:\s*$", line):
+            in_deps = True
+        elif stage and re.match(r"^    \w", line):
+            in_deps = False
+        elif in_deps and (match := _DEP_LINE.match(line)):
+            found.append((index, stage, match))
+    return found
+
+
+def rewrite_code_deps(text: str, root: Path = REPO) -> str:
+    """``text`` (dvc.yaml) with each stage's code-file deps replaced by the files the stage runs.
+
+    Other deps, comments on kept lines and whole-folder deps stay; files under a whole-folder dep are
+    not listed. The derived lines take the place of the stage's first code-file dep.
+    """
+    stages = yaml.safe_load(text)["stages"]
+    lines = text.splitlines(keepends=True)
+    code = [(i, stage, m) for i, stage, m in _dep_lines(lines, stages)
+            if is_code_path(m.group(2)) and not (root / m.group(2)).is_dir()]
+    comments = {(stage, m.group(2)): m.group(3) or "" for _, stage, m in code}
+    replaced: dict[int, str] = {i: "" for i, _, _ in code}
+    for stage in dict.fromkeys(stage for _, stage, _ in code):
+        first, _, match = next(entry for entry in code if entry[1] == stage)
+        folders = {d for d in _paths(stages[stage].get("deps")) if is_code_path(d) and (root / d).is_dir()}
+        runs = [f for f in stage_code(stage, root) if not any(f.startswith(d + "/") for d in folders)]
+        replaced[first] = "".join(f"{match.group(1)}{path}{comments.get((stage, path), '')}\n"
+                                  for path in sorted(runs, key=_canonical))
+    return "".join(replaced.get(i, line) for i, line in enumerate(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Check or rewrite dvc.yaml's code deps from the imports.")
+    parser.add_argument("--write", action="store_true", help="rewrite dvc.yaml in place (else: exit 1 if stale)")
+    args = parser.parse_args(argv)
+    path = REPO / "dvc.yaml"
+    text = path.read_text()
+    new = rewrite_code_deps(text)
+    if args.write:
+        path.write_text(new)
+    elif new != text:
+        print(f"{path}: code deps are stale; run python tests/stage_code.py --write")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

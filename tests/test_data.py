@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import tarfile
 import zipfile
@@ -156,7 +157,7 @@ def test_fashion_mnist_missing_says_how_to_install(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="sudo apt-get install dataset-fashion-mnist"):
         prepare_dataset(fm_config(tmp_path / "empty"), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob("out.tmp-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # its out.tmp-<pid> is gone
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -213,7 +214,30 @@ def test_image_folder_layouts_and_archives(tmp_path, kind, layout):
     all_ids = np.concatenate([s.sample_ids for s in splits.values()])
     assert len(np.unique(all_ids)) == len(all_ids) == sum(manifest["splits"].values())
     assert splits["train"].images.shape[1:] == (8, 8, 3)
-    assert not list(tmp_path.glob("out.tmp-*"))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == ["out"]  # no out.tmp-<pid>
+
+
+def test_image_folder_rows_follow_sorted_paths_whatever_the_filesystem_order(tmp_path):
+    """Rows are in sorted relative-path order (so the val/test carve is the same on every machine)."""
+    from ddae_core.data.sources import scan_image_folder
+
+    root = tmp_path / "src"
+    make_tree(root, {"cat": 3, "cat/a-sub": 2, "dog": 3})
+    source = scan_image_folder(root, "src")
+    paths = list(source.train.paths)
+    assert paths == sorted(paths)  # a walk listing a folder's own files first would start with cat/img...
+    assert paths[:5] == ["cat/a-sub/img000.png", "cat/a-sub/img001.png", "cat/img000.png", "cat/img001.png",
+                         "cat/img002.png"]
+    assert source.train.ids.tolist() == list(range(8))  # an id is the position in that sorted list
+
+
+def test_manifest_is_written_in_key_order_with_utf8_class_names(tmp_path):
+    """Its bytes are data/prepared's DVC hash: sorting keys or escaping names would rerun every stage."""
+    make_tree(tmp_path / "src", {"café": 3, "dog": 3})
+    manifest = prepare_dataset(img_config(tmp_path / "src"), tmp_path / "out", progress=False)
+    written = (tmp_path / "out" / "manifest.json").read_bytes()
+    assert written == (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    assert list(json.loads(written))[:3] == ["format", "dataset", "source"] and '"café"'.encode() in written
 
 
 def write_bad_files(folder: Path) -> list[str]:

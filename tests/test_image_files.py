@@ -1,5 +1,6 @@
 """Streaming image files from folders and archives (batch inference), and the source snapshot."""
 
+import stat
 import tarfile
 import zipfile
 
@@ -33,6 +34,16 @@ def test_folder_and_archives_yield_the_same_images(tmp_path):
         tar.add(folder / "notes.txt", "notes.txt")
     assert count_images(tmp_path / "imgs.tar.gz") == 1
     assert list(iter_images(tmp_path / "imgs.tar.gz")) == [("a.png", b"A")]
+
+
+def test_links_in_a_zip_are_skipped_not_read(tmp_path):
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        zf.writestr("a.png", b"A")
+        link = zipfile.ZipInfo("passwd.png")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16  # a symlink entry: its data is the target path
+        zf.writestr(link, b"/etc/passwd")
+    assert list(iter_images(tmp_path / "imgs.zip")) == [("a.png", b"A")]
+    assert count_images(tmp_path / "imgs.zip") == 1
 
 
 def test_missing_or_unsupported_source_is_a_clear_error(tmp_path):

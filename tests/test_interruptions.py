@@ -221,7 +221,8 @@ def test_extract_sigkilled_three_times_and_sigtermed_ends_with_every_row_once(ex
     log = process.stdout.read()
     assert process.returncode == 130, log[-3000:]
     assert "extract: interrupted; completed checkpoints and outputs are kept" in log
-    assert not list(parts_root(paths).glob(f"*/.*.tmp-{process.pid}")), "SIGTERM left a temporary file"
+    assert not list(parts_root(paths).rglob(f"*.tmp-{process.pid}")), "SIGTERM left a temporary file or folder"
+    assert not (paths.features.parent / f"features.tmp-{process.pid}").exists(), "SIGTERM left the staging folder"
     kept = len(finished_units())
     assert mark <= kept < units
 

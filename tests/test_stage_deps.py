@@ -59,6 +59,15 @@ def test_the_derivation_sees_lazy_imports_and_packages_and_not_everything():
     assert not any(path.startswith("flows/") for path in every)
 
 
+def test_write_restores_a_dropped_and_removes_an_extra_code_dep_and_keeps_the_rest():
+    """`python tests/stage_code.py --write` regenerates the lists (a PR that changes imports runs it)."""
+    text = (sc.REPO / "dvc.yaml").read_text()
+    assert sc.rewrite_code_deps(text) == text  # the committed file is what the imports give
+    edited = text.replace("      - tasks/tracking.py\n", "", 1).replace(
+        "      - tasks/prepare.py\n", "      - tasks/prepare.py\n      - tasks/embed.py\n", 1)
+    assert edited != text and sc.rewrite_code_deps(edited) == text
+
+
 def _write(root: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)

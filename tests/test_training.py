@@ -173,6 +173,7 @@ def test_latest_checkpoint_skips_temp_incomplete_and_corrupt_dirs(tmp_path):
     save_training_state(tmp_path, 20, **kwargs)
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000020"
     (tmp_path / "step-00000040.tmp-99999").mkdir()  # a crash mid-write leaves a temp name
+    shutil.copytree(tmp_path / "step-00000020", tmp_path / "step-00000045.old-99999")  # a crash mid-replace
     shutil.copytree(tmp_path / "step-00000020", tmp_path / "step-00000050")
     (tmp_path / "step-00000050" / "ema.safetensors").unlink()  # incomplete
     shutil.copytree(tmp_path / "step-00000020", tmp_path / "step-00000030")
@@ -182,6 +183,8 @@ def test_latest_checkpoint_skips_temp_incomplete_and_corrupt_dirs(tmp_path):
     (tmp_path / "step-00000020" / "optimizer.pt").write_bytes(b"not a torch file")
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000010"
     assert latest_checkpoint(tmp_path / "missing") is None
+    save_training_state(tmp_path, 60, **kwargs)  # rotation deletes what killed writers left
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
 def test_network_round_trip_gives_identical_outputs(tmp_path):
@@ -190,7 +193,8 @@ def test_network_round_trip_gives_identical_outputs(tmp_path):
         for p in denoiser.parameters():
             p.add_(0.01 * torch.randn_like(p))
     out = save_network(tmp_path / "net", denoiser, {"diffusion": DIFFUSION, "network": "ddpm-tiny"})
-    assert not list(tmp_path.glob("*.tmp-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]  # no net.tmp-<pid> (nor net.old-<pid>)
+    assert sorted(p.name for p in out.iterdir()) == ["network.json", "network.safetensors"]  # no .*.tmp-<pid>
     meta = json.loads((out / "network.json").read_text())
     assert meta["network"] == "ddpm-tiny" and meta["unet"]["resolution"] == 16
 

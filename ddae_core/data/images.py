@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ddae_core.atomic import atomic_file
 
 Fit = Literal["pad", "resize"]
 _FITS = ("pad", "resize")
@@ -193,13 +194,6 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike[str], nrow: int 
     grid = image_grid(images, nrow=nrow)
     pil = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pil.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        pil.save(f, format="PNG")
     return path

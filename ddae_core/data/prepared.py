@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ddae_core.atomic import atomic_directory, write_json_atomic
 from ddae_core.config import DataConfig, as_dict
 from ddae_core.data.errors import CorruptImagesError, OutputExistsError, PreparedDataError, PreparedNotFoundError
 from ddae_core.data.images import PreprocessSpec, preprocess_image
@@ -138,38 +139,17 @@ def _check_replaceable(out_dir: Path) -> None:
         raise OutputExistsError(f"{out_dir} is not empty and holds no {MANIFEST}; refusing to replace it")
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move ``tmp`` to ``out_dir``, replacing an old one only once the new one is complete."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-    os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def prepare_dataset(config: DataConfig, out_dir: str | os.PathLike[str], progress: bool = True) -> dict[str, Any]:
     """Read ``config``'s dataset, preprocess every image and write the prepared format to ``out_dir``.
 
-    Built in ``<out_dir>.tmp-<pid>`` and renamed at the end: after any failure ``out_dir`` is as it was
-    (absent, or the previous good dataset) and the temp folder is gone. Returns the manifest.
+    Built in ``<out_dir>.tmp-<pid>`` and renamed at the end (``atomic_directory``): after any failure
+    ``out_dir`` is as it was (absent, or the previous good dataset) and the temp folder is gone. The
+    manifest keeps its key order and non-ASCII class names as written (``data/prepared``'s bytes are
+    its DVC hash). Returns the manifest.
     """
     out_dir = Path(out_dir).absolute()
     _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out_dir) as tmp:
         with open_source(config, scratch_dir=tmp) as source:
             spec = preprocess_spec_for(config, source.fit)
             splits = plan_splits(source, config)
@@ -200,11 +180,7 @@ def prepare_dataset(config: DataConfig, out_dir: str | os.PathLike[str], progres
         for leftover in tmp.iterdir():  # e.g. an archive's extraction folder
             if leftover.name not in SPLITS:
                 shutil.rmtree(leftover, ignore_errors=True)
-        _write_json(tmp / MANIFEST, manifest)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json_atomic(tmp / MANIFEST, manifest, sort_keys=False, ensure_ascii=False)
     log.info("prepared %s at %s: %s", manifest["dataset"], out_dir, counts)
     return manifest
 

@@ -7,12 +7,12 @@ images (in a folder, or a new archive) rerun the pipeline while an unchanged sou
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from ddae_core.config import DataConfig
 from ddae_core.data.errors import DatasetNotFoundError
-from ddae_core.data.sources import _hidden, find_fashion_mnist, locate_cifar10
+from ddae_core.data.files import walk_files
+from ddae_core.data.sources import find_fashion_mnist, locate_cifar10
 
 _CHUNK = 1 << 20
 
@@ -32,11 +32,7 @@ def _source_files(config: DataConfig) -> tuple[Path, list[Path]]:
             raise DatasetNotFoundError(f"image folder or archive {path} does not exist (data.source)")
     if path.is_file():
         return path.parent, [path]
-    files = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        files += [Path(dirpath, name) for name in sorted(filenames) if not _hidden(name)]
-    return path, sorted(files, key=lambda p: p.relative_to(path).as_posix())
+    return path, [path / name for name in walk_files(path)]
 
 
 def source_snapshot(config: DataConfig) -> dict:

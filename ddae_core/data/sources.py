@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import shutil
-import stat
 import tarfile
 import tempfile
 import urllib.error
@@ -31,8 +30,18 @@ from typing import BinaryIO, Protocol
 import numpy as np
 from PIL import Image
 
+from ddae_core.atomic import atomic_file
 from ddae_core.config import DataConfig
 from ddae_core.data.errors import DatasetLayoutError, DatasetNotFoundError
+from ddae_core.data.files import (
+    ARCHIVE_SUFFIXES,
+    IMAGE_EXTENSIONS,
+    archive_errors,
+    archive_members,
+    hidden,
+    is_archive,
+    walk_files,
+)
 from ddae_core.data.images import Fit, open_image
 
 log = logging.getLogger(__name__)
@@ -57,9 +66,6 @@ CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch.bin"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _CIFAR_RECORD = 1 + 32 * 32 * 3  # label byte + R plane + G plane + B plane (each 32x32, row-major)
-
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
 class RawSplit(Protocol):
@@ -242,26 +248,22 @@ def _md5(path: Path) -> str:
 
 def download_cifar10(cache_dir: Path, timeout: float = 60.0) -> Path:
     """Download the official binary archive into ``cache_dir`` (temp name, MD5 check, rename)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / CIFAR10_ARCHIVE
-    tmp = cache_dir / f"{CIFAR10_ARCHIVE}.part-{os.getpid()}"
     log.info("downloading %s to %s", CIFAR10_URL, target)
     try:
-        with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f, 1 << 20)
-        if _md5(tmp) != CIFAR10_MD5:
-            raise DatasetNotFoundError(f"downloaded {CIFAR10_URL} but its MD5 is not {CIFAR10_MD5}; try again")
-        os.replace(tmp, target)
+        with atomic_file(target) as tmp:
+            with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+            if _md5(tmp) != CIFAR10_MD5:
+                raise DatasetNotFoundError(f"downloaded {CIFAR10_URL} but its MD5 is not {CIFAR10_MD5}; try again")
+    except DatasetNotFoundError:
+        raise
     except (urllib.error.URLError, OSError) as err:
-        if isinstance(err, DatasetNotFoundError):
-            raise
         raise DatasetNotFoundError(
             f"CIFAR-10 is not in {cache_dir} and downloading {CIFAR10_URL} failed ({err}). Download "
             f"{CIFAR10_ARCHIVE} by hand and put it in {cache_dir}, or set data.source to the archive or "
             f"to its extracted {CIFAR10_DIR} folder."
         ) from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -292,12 +294,11 @@ def _cifar_members(path: Path) -> dict[str, bytes]:
     members: dict[str, bytes] = {}
     if path.is_file():
         try:
-            with tarfile.open(path, "r:*") as tar:
-                for member in tar:  # read in memory: nothing is extracted, so no path can escape
-                    name = PurePosixPath(member.name).name
-                    if member.isfile() and name in wanted:
-                        members[name] = tar.extractfile(member).read()
-        except (tarfile.TarError, EOFError, OSError) as err:
+            for member in archive_members(path):  # read in memory: nothing is extracted, so no path can escape
+                name = PurePosixPath(member.name).name
+                if name in wanted:
+                    members[name] = member.read()
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as err:
             raise DatasetLayoutError(f"{path}: not a readable CIFAR-10 binary archive ({err})") from err
     else:
         for name in wanted:
@@ -348,21 +349,12 @@ def read_cifar10(source: str = "", cache_dir: Path | None = None, download: bool
 # --- image folders and archives ------------------------------------------------------------------
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def is_archive(path: Path) -> bool:
-    """Whether ``path`` is a file named like a supported archive."""
-    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
 def _safe_member_path(dest: Path, name: str, archive: Path) -> Path | None:
     """Destination of archive member ``name`` under ``dest``; None for hidden; error if it escapes."""
     parts = PurePosixPath(name.replace("\\", "/")).parts
     if not parts or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
         raise DatasetLayoutError(f"{archive}: refusing unsafe member path {name!r}")
-    if any(_hidden(p) for p in parts):
+    if any(hidden(p) for p in parts):
         return None
     target = dest.joinpath(*parts).resolve()
     if not target.is_relative_to(dest.resolve()):
@@ -371,59 +363,35 @@ def _safe_member_path(dest: Path, name: str, archive: Path) -> Path | None:
 
 
 def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract regular files of a .zip or tar archive into ``dest``; links and escaping paths are refused."""
+    """Extract regular files of a .zip or tar archive into ``dest``; links are skipped, escaping paths refused."""
     dest.mkdir(parents=True, exist_ok=True)
-    try:
-        if archive.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    mode = info.external_attr >> 16
-                    if info.is_dir() or stat.S_ISLNK(mode):
-                        continue
-                    target = _safe_member_path(dest, info.filename, archive)
-                    if target is not None:
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        with zf.open(info) as src, open(target, "wb") as out:
-                            shutil.copyfileobj(src, out, 1 << 20)
-        else:
-            with tarfile.open(archive, "r:*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue  # directories are implied; links, devices and fifos are skipped
-                    target = _safe_member_path(dest, member.name, archive)
-                    if target is not None:
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        with tar.extractfile(member) as src, open(target, "wb") as out:
-                            shutil.copyfileobj(src, out, 1 << 20)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
-        raise DatasetLayoutError(f"{archive}: cannot read archive ({err})") from err
+    with archive_errors(archive):
+        for member in archive_members(archive):  # folders are implied by their files
+            target = _safe_member_path(dest, member.name, archive)
+            if target is not None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with member.open() as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
 
 
 def _visible(folder: Path) -> tuple[list[Path], list[Path]]:
     """(sub-folders, files) of ``folder``, hidden ones left out, sorted by name."""
-    entries = sorted((e for e in folder.iterdir() if not _hidden(e.name)), key=lambda e: e.name)
+    entries = sorted((e for e in folder.iterdir() if not hidden(e.name)), key=lambda e: e.name)
     return [e for e in entries if e.is_dir()], [e for e in entries if e.is_file()]
 
 
 def _class_files(folder: Path, root: Path) -> tuple[list[str], int]:
-    """Relative paths of image files anywhere under a class folder, and how many other files were seen."""
-    images, others = [], 0
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not _hidden(d)]
-        for name in filenames:
-            if _hidden(name):
-                continue
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                images.append(Path(dirpath, name).relative_to(root).as_posix())
-            else:
-                others += 1
-    return images, others
+    """Image files anywhere under a class folder (sorted, relative to ``root``) and the count of other files."""
+    prefix = folder.relative_to(root)
+    files = [(prefix / name).as_posix() for name in walk_files(folder)]
+    images = [f for f in files if PurePosixPath(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return images, len(files) - len(images)
 
 
 def _collect(folder: Path, root: Path, classes: Sequence[str]) -> tuple[list[str], list[int], int]:
     """Files and label indices for the class folders of ``folder``; an empty class folder is an error."""
     paths, labels, others = [], [], 0
-    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not _hidden(d.name)):
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not hidden(d.name)):
         files, n_other = _class_files(sub, root)
         others += n_other
         if not files:
