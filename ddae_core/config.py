@@ -383,7 +383,6 @@ class PipelineConfig:
     label_efficiency: LabelEfficiencyConfig = field(default_factory=LabelEfficiencyConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
-    profile: str = "base"  # profiles/<name>.yaml, already layered over the sections above when loaded
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "params.yaml") -> "PipelineConfig":

@@ -19,6 +19,7 @@ import yaml
 from ddae_core import cli as core_cli
 from ddae_core.config import ConfigError
 
+log = logging.getLogger("ddae")
 # How `ddae run` prints each stage's status (tasks.dvc_stage.StageResult)
 STATUS_WORDS = {"ran": "ran", "skipped": "skipped (unchanged)", "restored": "restored (run-cache)"}
 
@@ -38,13 +39,19 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params.yaml key first (validated), e.g. --set pretrain.train.steps=2000")
     parser.add_argument("--dataset", default=None, help="shorthand for --set data.dataset=NAME")
+    parser.add_argument("--wait", action="store_true",
+                        help="if another pipeline run holds the repository, wait for it (default: exit 75 at once)")
     parser.add_argument("--repo", default=None, help="repository root (default: found from the working directory)")
 
 
 def _run_run(args: argparse.Namespace, out: TextIO) -> int:
-    """Run the whole pipeline as a Prefect flow (a temporary local server starts if none is set)."""
+    """Run the whole pipeline as a Prefect flow (a temporary local server starts if none is set).
+
+    Exit codes: 2 invalid params, 1 a stage failed, 75 another run holds the repository.
+    """
     from tasks.common import apply_offline_env, repo_root
     from tasks.params_overrides import overridden_params
+    from tasks.run_lock import BUSY_EXIT_CODE, RepositoryBusy, hold_run_lock, log_waiting
 
     apply_offline_env()
     try:  # fail fast, before Prefect starts a server
@@ -56,6 +63,15 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
     except (ConfigError, FileNotFoundError) as err:
         out.write(f"error: {err}\n")
         return 2
+    try:  # the flow re-enters this process's lock: held from before params.yaml changes to the last stage
+        with hold_run_lock(root, wait=args.wait, on_wait=log_waiting(log, root)):
+            return _run_flow(root, overrides, out)
+    except RepositoryBusy as err:
+        out.write(f"error: {err}\n")
+        return BUSY_EXIT_CODE
+
+
+def _run_flow(root: Path, overrides: dict, out: TextIO) -> int:
     from flows.pipeline import ddae_pipeline
     from tasks.dvc_stage import StageFailed
 
@@ -80,6 +96,43 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
     if efficiency.is_file():
         out.write(efficiency.read_text())
     out.write(json.dumps({"metrics": "metrics/probe.json", "model": "models:/ddae-classifier@champion"}) + "\n")
+    return 0
+
+
+def _configure_profile(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", default=None, help="the profile to apply (omit to list them)")
+    parser.add_argument("--repo", default=None, help="repository root (default: found from the working directory)")
+
+
+def _run_profile(args: argparse.Namespace, out: TextIO) -> int:
+    """``ddae profile NAME``: write profiles/NAME.yaml into params.yaml (validated first, comments kept).
+
+    Exit codes: 2 unknown profile or invalid result (params.yaml unchanged), 75 a pipeline run holds
+    the repository (params.yaml never changes under a run).
+    """
+    from tasks.committed_params import recover_working_params
+    from tasks.common import repo_root
+    from tasks.profiles import apply_profile, available_profiles
+    from tasks.run_lock import BUSY_EXIT_CODE, RepositoryBusy, hold_run_lock
+
+    try:
+        root = Path(args.repo).resolve() if args.repo else repo_root()
+        if args.name is None:
+            out.write("\n".join(available_profiles(root)) + "\n")
+            return 0
+        with hold_run_lock(root, wait=False):
+            recover_working_params(root, log)
+            _, changed = apply_profile(root / "params.yaml", args.name)
+    except (ConfigError, FileNotFoundError) as err:
+        out.write(f"error: {err}\n")
+        return 2
+    except RepositoryBusy as err:
+        out.write(f"error: {err}\n")
+        return BUSY_EXIT_CODE
+    out.write(f"params.yaml: profile {args.name} applied, {len(changed)} value(s) changed\n")
+    for key, (old, new) in changed.items():
+        out.write(f"  {key}: {old!r} -> {new!r}\n")
+    out.write("run it with `dvc exp run` or `ddae run`; `dvc params diff` shows the change\n")
     return 0
 
 
@@ -131,6 +184,8 @@ SUBCOMMANDS = {
     **core_cli.SUBCOMMANDS,
     "run": core_cli.Subcommand(help="run the whole pipeline (prepare, pretrain, extract, probe, finetune, evaluate, register)",
                                configure=_configure_run, run=_run_run),
+    "profile": core_cli.Subcommand(help="apply a profile (profiles/NAME.yaml, the paper's settings) to params.yaml",
+                                   configure=_configure_profile, run=_run_profile),
     "predict": core_cli.Subcommand(
         help="batch inference: a folder or archive of images -> a Parquet file of predictions",
         configure=partial(_configure_batch, predict=True), run=partial(_run_batch, predict=True)),

@@ -14,10 +14,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common import apply_offline_env, repo_root
+from tasks.committed_params import recover_working_params
+from tasks.common import apply_offline_env, read_params_file, repo_root
 from tasks.dvc_stage import STAGES
+from tasks.params_file import flatten
 from tasks.params_overrides import apply_overrides
 from tasks.prefect_tasks import STAGE_TASKS
+from tasks.run_lock import hold_run_lock, log_waiting
 from tasks.tracking import PARENT_ENV, pipeline_run
 
 
@@ -50,14 +53,18 @@ def results_markdown(root: Path, stages: list[dict]) -> str:
 
 @flow(name="ddae-pipeline", log_prints=True)
 def ddae_pipeline(dataset: str | None = None, overrides: dict[str, Any] | None = None,
-                  repo: str | None = None) -> dict:
+                  repo: str | None = None, wait: bool = True) -> dict:
     """Run prepare -> pretrain -> extract -> probe -> finetune -> evaluate -> register.
+
+    The whole run holds the repository's run lock (tasks/run_lock.py): a second run waits for it
+    (``wait``, the default: a scheduled run must not fail because a user is running) or fails.
 
     Args:
         dataset: shorthand for the ``data.dataset`` override (fashion-mnist, cifar10, imagefolder).
-        overrides: dotted params.yaml keys to set first, e.g. {"pretrain.train.steps": 2000};
-            validated before params.yaml changes, and recorded in MLflow.
+        overrides: dotted params.yaml keys to set first, e.g. {"pretrain.train.steps": 2000}, and
+            ``profile`` to write a profile before them; validated before params.yaml changes.
         repo: repository root; default: $DDAE_REPO, else the working directory (searched upward).
+        wait: queue behind another run holding the repository instead of failing.
 
     Returns:
         Per-stage results and the probe metrics.
@@ -68,9 +75,17 @@ def ddae_pipeline(dataset: str | None = None, overrides: dict[str, Any] | None =
     changes = dict(overrides or {})
     if dataset:
         changes["data.dataset"] = dataset
+    with hold_run_lock(root, wait=wait, on_wait=log_waiting(logger, root)):
+        recover_working_params(root, logger)
+        return _locked_run(root, changes, logger)
+
+
+def _locked_run(root: Path, changes: dict[str, Any], logger: Any) -> dict:
+    """The run itself, under the lock: overrides written, every stage, the summary artifact."""
     apply_overrides(root / "params.yaml", changes)
+    params = flatten(read_params_file(root / "params.yaml"))  # what every stage of this run reads
     stages: list[dict] = []
-    with pipeline_run(root, changes) as run_id:
+    with pipeline_run(root, params, changes) as run_id:
         logger.info("MLflow pipeline run %s", run_id)
         for stage in STAGES:
             stages.append(STAGE_TASKS[stage](str(root), {PARENT_ENV: run_id}))

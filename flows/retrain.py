@@ -1,8 +1,10 @@
 """The scheduled retraining flow: rerun what new data changed, then report the champion gate.
 
 Runs the pipeline flow (every stage through DVC, so an unchanged dataset reruns nothing and registers
-nothing). When new images arrived, the register stage has registered the new model as ``challenger``,
-scored it and the champion on the new test split, moved ``champion`` only on a gain larger than
+nothing) on the params committed in git: a one-off ``ddae run --set`` left in the working params.yaml
+is set aside for the run and put back after it (tasks/committed_params.py), under the run lock. When
+new images arrived, the register stage has registered the new model as ``challenger``, scored it and
+the champion on the new test split, moved ``champion`` only on a gain larger than
 ``register.min_improvement``, and tagged both versions; this flow publishes that decision as a
 Prefect markdown artifact. Deployed by prefect.yaml as ``ddae-retrain/weekly-retrain``.
 """
@@ -12,12 +14,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import ddae_pipeline
+from tasks.committed_params import on_committed_params, recover_working_params
 from tasks.common import apply_offline_env, repo_root
+from tasks.run_lock import hold_run_lock, log_waiting
 
 
 def _accuracy(value: float | None) -> str:
@@ -58,7 +63,7 @@ def ddae_retrain(repo: str | None = None) -> dict:
     apply_offline_env()
     logger = get_run_logger()
     root = Path(repo or os.environ.get("DDAE_REPO") or repo_root()).resolve()
-    result = ddae_pipeline(repo=str(root))
+    result = pipeline_on_committed_params(root, logger)
     # Only a register stage that ran registered a model; one skipped or restored from the run-cache did not.
     registered = next(s for s in result["stages"] if s["stage"] == "register")["status"] == "ran"
     decision = json.loads((root / "metrics" / "register.json").read_text()) if registered else None
@@ -67,6 +72,14 @@ def ddae_retrain(repo: str | None = None) -> dict:
     logger.info(markdown)
     create_markdown_artifact(markdown=markdown, key="ddae-retrain-decision", description="champion gate decision")
     return {"stages": result["stages"], "registered": registered, "decision": decision}
+
+
+def pipeline_on_committed_params(root: Path, logger: Any) -> dict:
+    """The pipeline subflow on git's params.yaml (HEAD), the repository held for the whole swap."""
+    with hold_run_lock(root, wait=True, on_wait=log_waiting(logger, root)):
+        recover_working_params(root, logger)
+        with on_committed_params(root, logger):
+            return ddae_pipeline(repo=str(root))  # re-enters the lock this process holds
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import yaml
-
 from ddae_core import atomic
 from ddae_core.config import ConfigError, PipelineConfig
 from ddae_core.validation import validate_pipeline
@@ -125,21 +123,43 @@ def repo_root(start: Path | None = None) -> Path:
 def read_params_file(path: Path) -> dict:
     """Parse params.yaml into a dict, with errors that name the file."""
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return data or {}
+    return parse_params(text, str(path))
+
+
+def parse_params(text: str, source: str = "params.yaml") -> Any:
+    """params.yaml's values exactly as DVC reads them (ruamel.yaml's safe loader, YAML 1.2).
+
+    So ``dvc params diff`` / ``dvc exp show`` show what the stages use, also where YAML 1.1 (PyYAML)
+    reads otherwise: ``no`` and ``on`` stay strings, ``1e-4`` is a number.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        data = YAML(typ="safe").load(text)  # the call DVC's own params loader makes
+    except YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    return {} if data is None else data
 
 
 def load_params(path: Path) -> PipelineConfig:
     """Read and validate params.yaml (each section, then how they fit); ConfigError names the key."""
-    from tasks.profiles import resolve_profile, source_name
+    return config_from_params(read_params_file(path), source=path.name)
 
-    data = read_params_file(path)
-    source = source_name(path, data)
-    config = PipelineConfig.from_dict(resolve_profile(data, path.parent), source=source)
+
+def config_from_params(data: Any, source: str = "params.yaml") -> PipelineConfig:
+    """Validate parsed params: the one check stages, overrides and profiles share."""
+    if isinstance(data, dict) and "profile" in data:
+        # what `dvc exp run -S +profile=NAME` (or the old layout of this file) leaves behind
+        name = data["profile"] if isinstance(data["profile"], str) and data["profile"] else "NAME"
+        raise ConfigError(
+            f"{source}: profile: {data['profile']!r}: params.yaml does not select a profile by key; a profile "
+            f"is written into it: run `ddae profile {name}` (which also drops this key), then `dvc exp run` "
+            f"or `ddae run`")
+    config = PipelineConfig.from_dict(data, source=source)
     validate_pipeline(config, source=source)
     return config
 

@@ -1,52 +1,36 @@
-"""Apply ``section.key=value`` overrides to params.yaml, validated before the file changes."""
+"""Apply ``section.key=value`` overrides to params.yaml, validated before the file changes.
+
+``profile=NAME`` among them writes that profile first (tasks/profiles.py), then the other keys. The
+file keeps its comments and order (tasks/params_file.py); a refused override leaves it byte-identical.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ddae_core.config import ConfigError, PipelineConfig
-from ddae_core.validation import validate_pipeline
-from tasks.common import read_params_file, write_bytes_atomic
-
-
-def set_dotted(data: dict, dotted: str, value: Any) -> None:
-    """Set ``data[a][b][c] = value`` for ``a.b.c``; intermediate sections must exist."""
-    *parents, last = dotted.split(".")
-    node = data
-    for i, part in enumerate(parents):
-        child = node.get(part) if isinstance(node, dict) else None
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parents[:i + 1])}: is a value, not a section (override {dotted!r})")
-        node = child
-    node[last] = value
+from ddae_core.config import PipelineConfig
+from tasks.common import config_from_params
+from tasks.params_file import edit_params
+from tasks.profiles import PROFILE_KEY, with_profile
 
 
-def overridden_params(params_path: Path, overrides: dict[str, Any]) -> tuple[dict, PipelineConfig]:
-    """params.yaml with the overrides applied, validated; the file itself is not touched.
+def overridden_params(params_path: Path, overrides: dict[str, Any], *,
+                      write: bool = False) -> tuple[dict, PipelineConfig]:
+    """params.yaml with the overrides applied and validated; written only with ``write``.
 
     Raises:
-        ConfigError naming the offending key.
+        ConfigError naming the offending key (the file unchanged).
     """
-    from tasks.profiles import check_overrides, resolve_profile, source_name
-
-    data = read_params_file(params_path)
-    check_overrides(data, params_path.parent, overrides)
-    for key, value in overrides.items():
-        set_dotted(data, key, value)
-    source = f"{source_name(params_path, data)} (with overrides)"
-    config = PipelineConfig.from_dict(resolve_profile(data, params_path.parent), source=source)
-    validate_pipeline(config, source=source)
-    return data, config
+    settings, source = with_profile(params_path, overrides)
+    source = f"{source} (with overrides)" if overrides else source
+    return edit_params(params_path, settings, lambda data: (data, config_from_params(data, source)),
+                       remove=(PROFILE_KEY,) if PROFILE_KEY in overrides else (), write=write)
 
 
 def apply_overrides(params_path: Path, overrides: dict[str, Any]) -> PipelineConfig:
-    """Validate the overridden params and only then rewrite params.yaml (atomically)."""
-    data, config = overridden_params(params_path, overrides)
-    if overrides:
-        write_bytes_atomic(params_path, yaml.safe_dump(data, sort_keys=False).encode())
-    return config
+    """Validate the overridden params and only then rewrite params.yaml (atomically, comments kept).
+
+    The caller holds the repository's run lock (tasks/run_lock.py).
+    """
+    return overridden_params(params_path, overrides, write=True)[1]

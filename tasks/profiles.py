@@ -1,10 +1,11 @@
-"""Params profiles: ``profiles/<name>.yaml`` layered over params.yaml, chosen by its ``profile`` key.
+"""Params profiles: ``profiles/<name>.yaml``, presets written into params.yaml by ``ddae profile NAME``.
 
 A profile holds the paper's settings for one dataset and framework (CIFAR-10 DDPM, CIFAR-10 EDM,
-Tiny-ImageNet); its keys replace the same keys of params.yaml, so ``dvc exp run -S profile=NAME`` (or
-the deployment override ``{"profile": NAME}``) switches the whole configuration with one value.
-dvc.yaml lists ``profile`` as a param and ``profiles/${profile}.yaml`` as a dependency of every stage,
-so a switch, or an edit of the chosen profile, reruns what it affects.
+Tiny-ImageNet). Applying it writes its keys into params.yaml (comments and order kept, the profile's
+own comments on the keys it sets), so params.yaml stays the only thing stages read: ``dvc params diff``
+and ``dvc exp show`` show the values used, and ``dvc exp run -S KEY=VALUE`` takes effect on any key.
+The same happens for the override ``profile=NAME`` (``ddae run --set``, a deployment's ``overrides``),
+applied before the other overrides.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ddae_core.config import ConfigError
+from ddae_core.config import ConfigError, PipelineConfig
+from tasks.common import config_from_params, parse_params, read_params_file
+from tasks.params_file import Setting, edit_params, end_of_line_comments, flatten
 
 PROFILES_DIR = "profiles"
-BASE_PROFILE = "base"  # params.yaml as written
+PROFILE_KEY = "profile"  # the override that names a profile; never a key of params.yaml
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
@@ -36,67 +39,53 @@ def profile_path(root: Path, name: str) -> Path:
     return path
 
 
-def read_profile(root: Path, name: str) -> dict:
-    """The parsed profile (a mapping of params sections); errors name the file."""
-    import yaml
+def profile_source(params_path: Path, name: str) -> str:
+    """How errors name params.yaml with a profile applied: ``params.yaml + profiles/<name>.yaml``."""
+    return f"{params_path.name} + {PROFILES_DIR}/{name}.yaml"
 
+
+def profile_settings(root: Path, name: str) -> list[Setting]:
+    """The profile's leaves, in file order, each with its end-of-line comment; errors name the file."""
     path = profile_path(root, name)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    text = path.read_text()
+    data = parse_params(text, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of params sections, got {type(data).__name__}")
-    if "profile" in data:
+    if PROFILE_KEY in data:
         raise ConfigError(f"{path}: profile: a profile cannot select another profile")
-    return data
+    comments = end_of_line_comments(text)
+    return [Setting(key, value, *comments[key]) if key in comments else Setting(key, value)
+            for key, value in flatten(data).items()]
 
 
-def merge(base: dict, layer: dict) -> dict:
-    """``base`` with ``layer`` on top: mappings merge key by key, anything else is replaced."""
-    merged = dict(base)
-    for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def with_profile(params_path: Path, overrides: dict[str, Any]) -> tuple[list[Setting], str]:
+    """``overrides`` as settings, the profile they name (``profile=NAME``) first; and the error source."""
+    settings: list[Setting] = []
+    source = params_path.name
+    name = overrides.get(PROFILE_KEY)
+    if PROFILE_KEY in overrides:
+        settings += profile_settings(params_path.parent, name)
+        source = profile_source(params_path, name)
+    settings += [Setting(key, value) for key, value in overrides.items() if key != PROFILE_KEY]
+    return settings, source
 
 
-def dotted_keys(data: dict, prefix: str = "") -> set[str]:
-    """Every leaf key of a nested mapping, dotted (``pretrain.train.lr``)."""
-    keys = set()
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        keys |= dotted_keys(value, dotted) if isinstance(value, dict) and value else {dotted}
-    return keys
+def changed_keys(before: dict, after: dict) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old, new) for each leaf that differs (missing = None)."""
+    old, new = flatten(before), flatten(after)
+    return {key: (old.get(key), new.get(key)) for key in [*new, *(k for k in old if k not in new)]
+            if old.get(key) != new.get(key)}
 
 
-def resolve_profile(data: dict, root: Path) -> dict:
-    """params.yaml's mapping with its selected profile applied (``profile`` missing = ``base``)."""
-    if not isinstance(data, dict):
-        return data  # not a mapping: PipelineConfig.from_dict reports it
-    name = data.get("profile", BASE_PROFILE)
-    if name in (None, "", BASE_PROFILE) and not (root / PROFILES_DIR / f"{BASE_PROFILE}.yaml").is_file():
-        return data
-    return merge(data, read_profile(root, name or BASE_PROFILE))
+def apply_profile(params_path: Path, name: str) -> tuple[PipelineConfig, dict[str, tuple[Any, Any]]]:
+    """Write profile ``name`` into params.yaml, validated first; returns the config and what changed.
 
-
-def source_name(params_path: Path, data: dict) -> str:
-    """How errors name the configuration: ``params.yaml``, or ``params.yaml + profiles/<name>.yaml``."""
-    name = data.get("profile", BASE_PROFILE) if isinstance(data, dict) else BASE_PROFILE
-    return params_path.name if name in (None, "", BASE_PROFILE) else f"{params_path.name} + {PROFILES_DIR}/{name}.yaml"
-
-
-def check_overrides(data: dict, root: Path, overrides: dict[str, Any]) -> None:
-    """Reject overrides of keys the selected profile sets: written to params.yaml they would not apply."""
-    if not isinstance(data, dict):
-        return  # not a mapping: PipelineConfig.from_dict reports it
-    name = overrides.get("profile", data.get("profile", BASE_PROFILE)) or BASE_PROFILE
-    if name == BASE_PROFILE and not (root / PROFILES_DIR / f"{BASE_PROFILE}.yaml").is_file():
-        return
-    profile_keys = dotted_keys(read_profile(root, name))
-    for key in sorted(overrides):
-        if any(key == k or k.startswith(key + ".") or key.startswith(k + ".") for k in profile_keys):
-            raise ConfigError(f"{key}: set by profile {name!r} ({PROFILES_DIR}/{name}.yaml), which wins over "
-                              f"params.yaml; change it there, e.g. dvc exp run -S '{PROFILES_DIR}/{name}.yaml:{key}=...'")
+    A leftover ``profile`` key (from ``dvc exp run -S +profile=NAME``) is dropped. The caller holds
+    the repository's run lock (tasks/run_lock.py): params.yaml never changes under a pipeline run.
+    """
+    before = read_params_file(params_path)
+    source = profile_source(params_path, name)
+    settings = profile_settings(params_path.parent, name)
+    config = edit_params(params_path, settings, lambda data: config_from_params(data, source),
+                         remove=(PROFILE_KEY,))
+    return config, changed_keys(before, read_params_file(params_path))

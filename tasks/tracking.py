@@ -27,6 +27,8 @@ HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 REACH_ATTEMPTS = 3
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+MAX_TAG_CHARS = 5000  # ... and a comfortable bound for a tag's
 CONTENT_TAG = "ddae.content_key"  # identifies what a model version holds, so it is registered once
 
 
@@ -117,15 +119,23 @@ def stage_run(root: Path, stage: str, tags: dict[str, str] | None = None) -> Ite
 
 
 @contextlib.contextmanager
-def pipeline_run(root: Path, params: dict[str, object]) -> Iterator[str]:
-    """Open the parent MLflow run of one pipeline run; yields its id for the stages to nest under."""
+def pipeline_run(root: Path, params: dict[str, object], overrides: dict[str, object] | None = None) -> Iterator[str]:
+    """Open the parent MLflow run of one pipeline run; yields its id for the stages to nest under.
+
+    Args:
+        params: every param the stages read, by dotted key (params.yaml as this run wrote it).
+        overrides: the run's own overrides, also kept as the tag ``ddae.overrides`` (JSON).
+    """
+    import json
+
     import mlflow
 
     configure(root)
-    with mlflow.start_run(run_name="pipeline", tags={"ddae.stage": "pipeline",
-                                                     "ddae.git_commit": git_commit(root)}) as run:
+    tags = {"ddae.stage": "pipeline", "ddae.git_commit": git_commit(root),
+            "ddae.overrides": json.dumps(overrides or {}, sort_keys=True, default=str)[:MAX_TAG_CHARS]}
+    with mlflow.start_run(run_name="pipeline", tags=tags) as run:
         if params:
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_params({k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items()})
         yield run.info.run_id
         mlflow.set_tags(dvc_output_hashes(root))
 

@@ -1,8 +1,9 @@
-"""Params profiles: the paper's CIFAR-10 and Tiny-ImageNet settings, layered over params.yaml."""
+"""Params profiles: the paper's CIFAR-10 and Tiny-ImageNet settings, written into params.yaml."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 from pathlib import Path
 
@@ -19,18 +20,20 @@ from ddae_core.training import train
 from ddae_core.validation import resolve_taps
 from ddae_core.nn.unet import network_config, paper_aliases, tap_names
 from tasks.common import load_params
-from tasks.params_overrides import overridden_params
+from tasks.params_file import flatten
+from tasks.params_overrides import apply_overrides, overridden_params
+from tasks.profiles import apply_profile, available_profiles
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def project(tmp_path: Path, profile: str | None) -> Path:
-    """params.yaml and profiles/ copied into ``tmp_path``, with ``profile`` selected."""
+def project(tmp_path: Path, profile: str | None = None) -> Path:
+    """params.yaml and profiles/ copied into ``tmp_path``, with ``profile`` applied (ddae profile)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "profiles", tmp_path / "profiles")
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
     if profile is not None:
-        data["profile"] = profile
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        apply_profile(tmp_path / "params.yaml", profile)
     return tmp_path / "params.yaml"
 
 
@@ -45,8 +48,7 @@ PAPER = {
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_each_profile_validates_and_holds_the_papers_settings(tmp_path, name):
     network, framework, data, batch, lr, warmup, ema, tap, level = PAPER[name]
-    config = load_params(project(tmp_path, name))
-    assert config.profile == name
+    config = load_params(project(tmp_path, name))  # what the stages read: params.yaml alone
     assert (config.data.dataset, config.data.image_size, config.data.channels) == data
     assert (config.pretrain.network.name, config.pretrain.diffusion.framework) == (network, framework)
     train_cfg = config.pretrain.train
@@ -56,8 +58,6 @@ def test_each_profile_validates_and_holds_the_papers_settings(tmp_path, name):
     assert tap in taps
     levels = feature_levels(config.pretrain.diffusion, config.extract.levels, config.extract.sigma_indices)
     assert any(abs(v - level) < 1e-3 for v in levels)
-    base = load_params(project(tmp_path / "base", None))
-    assert base.profile == "base" and base.pretrain.network.name == "ddpm-cpu"  # params.yaml as written
 
 
 def test_cifar10_ddpm_profile_builds_35746307_parameters_and_trains_two_steps(tmp_path):
@@ -73,21 +73,67 @@ def test_cifar10_ddpm_profile_builds_35746307_parameters_and_trains_two_steps(tm
     assert count_parameters(result.ema_denoiser.unet) == 35_746_307
 
 
-def test_unknown_profile_and_bad_profile_keys_fail_naming_them(tmp_path):
+def test_a_profile_is_written_into_params_yaml_with_its_comments(tmp_path):
+    params = project(tmp_path)
+    original = params.read_text()
+    apply_profile(params, "cifar10-ddpm")
+    written = params.read_text()
+    data = yaml.safe_load(written)
+    profile = flatten(yaml.safe_load((tmp_path / "profiles" / "cifar10-ddpm.yaml").read_text()))
+    assert {key: flatten(data)[key] for key in profile} == profile  # every key of the profile, as written
+    assert "profile" not in data
+    assert "    steps: 70312             # 800 epochs\n" in written  # the profile's own comment on its key
+    # keys the profile does not set keep their line, comment and place; sections keep their order
+    kept = [line for line in original.splitlines() if not line.lstrip().startswith("- ")  # items of probe.concat
+            and line.split(":")[0].strip() not in {key.split(".")[-1] for key in profile}]
+    assert [line for line in written.splitlines() if line in kept] == kept
+    assert list(data) == list(yaml.safe_load(original))
+
+
+def test_profiles_applied_one_after_another_equal_the_last_one_alone(tmp_path):
+    """Every profile sets the same keys, so none leaves a value behind for the next (dropout, source)."""
+    names = available_profiles(REPO)
+    assert len(names) >= 3
+    alone = {name: yaml.safe_load(project(tmp_path / name, name).read_text()) for name in names}
+    for first, second in itertools.permutations(names, 2):
+        params = project(tmp_path / f"{first}-then-{second}", first)
+        apply_profile(params, second)
+        assert yaml.safe_load(params.read_text()) == alone[second], (first, second)
+
+
+def test_unknown_profile_and_bad_profile_keys_fail_naming_them_and_change_nothing(tmp_path):
+    params = project(tmp_path / "a")
+    before = params.read_bytes()
     with pytest.raises(ConfigError, match=r"profile: 'cifar100' not found .*cifar10-ddpm"):
-        load_params(project(tmp_path / "a", "cifar100"))
-    params = project(tmp_path / "b", "cifar10-ddpm")
+        apply_profile(params, "cifar100")
+    params = project(tmp_path / "b")
     (tmp_path / "b" / "profiles" / "cifar10-ddpm.yaml").write_text("pretrain:\n  train:\n    stpes: 10\n")
     with pytest.raises(ConfigError, match=r"profiles/cifar10-ddpm.yaml: pretrain.train.stpes: unknown key"):
+        apply_profile(params, "cifar10-ddpm")
+    with pytest.raises(ConfigError, match=r"pretrain.train.stpes: unknown key"):
+        apply_overrides(params, {"profile": "cifar10-ddpm"})
+    assert params.read_bytes() == before
+
+
+def test_a_profile_key_in_params_yaml_is_refused_saying_how_to_apply_one(tmp_path):
+    """What `dvc exp run -S +profile=NAME` leaves: refused by every stage, with the way that works."""
+    params = project(tmp_path)
+    params.write_text(params.read_text() + "profile: cifar10-ddpm\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: profile: 'cifar10-ddpm': .*`ddae profile cifar10-ddpm`.*"
+                                          r"then `dvc exp run`"):
         load_params(params)
+    apply_profile(params, "cifar10-ddpm")  # the advice works: the key goes, the values come
+    assert "profile" not in yaml.safe_load(params.read_text())
+    assert load_params(params).pretrain.network.name == "ddpm-35m"
 
 
-def test_overrides_select_a_profile_but_cannot_shadow_its_keys(tmp_path):
-    params = project(tmp_path, None)
-    data, config = overridden_params(params, {"profile": "cifar10-edm"})
-    assert config.pretrain.diffusion.framework == "edm" and data["profile"] == "cifar10-edm"
-    assert data["pretrain"]["diffusion"]["framework"] == "ddpm"  # params.yaml itself keeps its own values
-    with pytest.raises(ConfigError, match=r"pretrain.train.steps: set by profile 'cifar10-edm'"):
-        overridden_params(params, {"profile": "cifar10-edm", "pretrain.train.steps": 10})
-    _, config = overridden_params(params, {"profile": "cifar10-edm", "data.max_train": 1000})  # not in the profile
-    assert config.data.max_train == 1000
+def test_the_profile_override_comes_first_then_the_other_keys(tmp_path):
+    params = project(tmp_path)
+    before = params.read_bytes()
+    data, config = overridden_params(params, {"profile": "cifar10-edm", "pretrain.train.steps": 10})
+    assert config.pretrain.diffusion.framework == "edm" and config.pretrain.train.steps == 10  # the override wins
+    assert data["pretrain"]["train"]["steps"] == 10 and "profile" not in data
+    assert params.read_bytes() == before  # only validated
+    apply_overrides(params, {"profile": "cifar10-edm", "data.max_train": 1000})
+    config = load_params(params)
+    assert (config.pretrain.network.name, config.data.max_train) == ("ddpmpp-56m", 1000)

@@ -47,15 +47,16 @@ def test_register_still_logs_the_folder_it_depends_on_whole():
 
 def test_the_derivation_sees_lazy_imports_and_packages_and_not_everything():
     probe = sc.stage_code("probe")
-    # module level (plots, selective), inside functions (tracking, profiles: stage_main/load_params;
-    # probe_online: the online probe) and the packages' __init__ files every import runs first
-    assert {"tasks/probe.py", "tasks/plots.py", "tasks/selective.py", "tasks/tracking.py", "tasks/profiles.py",
+    # module level (plots, selective), inside functions (tracking: stage_main; probe_online: the online
+    # probe) and the packages' __init__ files every import runs first
+    assert {"tasks/probe.py", "tasks/plots.py", "tasks/selective.py", "tasks/tracking.py",
             "tasks/common.py", "tasks/__init__.py", "ddae_core/__init__.py", "ddae_core/probe_online.py",
             "ddae_core/nn/__init__.py", "ddae_core/nn/unet.py"} <= probe
     assert "tasks/feature_store.py" in sc.stage_code("evaluate") & sc.stage_code("finetune")
     assert "tasks/classifier_model.py" in sc.stage_code("register")  # imported inside log_classifier
     every = set().union(*(sc.stage_code(s) for s in STAGES))
-    assert not every & {"tasks/predict.py", "tasks/embed.py", "tasks/prefect_tasks.py", "ddae_core/cli.py"}
+    assert not every & {"tasks/predict.py", "tasks/embed.py", "tasks/prefect_tasks.py", "ddae_core/cli.py",
+                        "tasks/profiles.py", "tasks/params_file.py", "tasks/run_lock.py"}  # ddae run/profile only
     assert not any(path.startswith("flows/") for path in every)
 
 
