@@ -42,7 +42,7 @@ class StageResult:
     """How DVC brought one stage up to date: ``status`` is one of ``tasks.dvc_repro.STATUSES``.
 
     ``ran``: DVC ran its command; ``skipped``: nothing it depends on changed; ``restored``: DVC
-    checked its outputs out of the run-cache (computed before, here or on a machine sharing a remote).
+    checked its outputs out of the run-cache (computed before, in this DVC cache or a shared one).
     """
 
     stage: str
