@@ -279,11 +279,14 @@ class RegisterConfig:
     """Model registry: name and the champion gate."""
 
     model_name: str = "ddae-classifier"
-    min_improvement: float = 0.0  # challenger must beat champion's test accuracy by more than this
+    # challenger must beat champion's test accuracy by more than this: a difference of accuracies, so
+    # in [-1, 1] (negative accepts a loss up to that much; -1 promotes any challenger, 1 none)
+    min_improvement: float = 0.0
 
     def __post_init__(self) -> None:
         _require(bool(self.model_name), "model_name", "must not be empty")
-        _require(self.min_improvement >= 0, "min_improvement", f"must be >= 0, got {self.min_improvement}")
+        _require(-1.0 <= self.min_improvement <= 1.0, "min_improvement",
+                 f"must be in [-1, 1] (a difference of accuracies), got {self.min_improvement}")
 
 
 @dataclass(frozen=True)

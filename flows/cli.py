@@ -20,6 +20,8 @@ from ddae_core import cli as core_cli
 from ddae_core.config import ConfigError
 
 log = logging.getLogger("ddae")
+# How `ddae run` prints each stage's status (tasks.dvc_stage.StageResult)
+STATUS_WORDS = {"ran": "ran", "skipped": "skipped (unchanged)", "restored": "restored (run-cache)"}
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict:
@@ -85,7 +87,7 @@ def _run_flow(root: Path, overrides: dict, out: TextIO) -> int:
         return 1
     probe = summary.get("probe", {})
     for stage in summary["stages"]:
-        out.write(f"{stage['stage']:<9} {'skipped (cached)' if stage['skipped'] else 'ran'}  {stage['seconds']} s\n")
+        out.write(f"{stage['stage']:<9} {STATUS_WORDS[stage['status']]}  {stage['seconds']} s\n")
     if probe:
         out.write(f"test accuracy {100 * probe['test_acc']:.2f}% with {probe['best']['name']}"
                   + (f" (raw pixels {100 * probe['raw_pixels_test_acc']:.2f}%)" if "raw_pixels_test_acc" in probe else "")

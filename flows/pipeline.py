@@ -26,8 +26,8 @@ from tasks.tracking import PARENT_ENV, pipeline_run
 
 def results_markdown(root: Path, stages: list[dict]) -> str:
     """The run's summary as markdown: stage timings, headline metrics and the probe table."""
-    lines = ["# ddae pipeline run", "", "| stage | skipped | seconds |", "|---|---|---|"]
-    lines += [f"| {s['stage']} | {s['skipped']} | {s['seconds']} |" for s in stages]
+    lines = ["# ddae pipeline run", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages]
     probe_metrics = root / "metrics" / "probe.json"
     if probe_metrics.is_file():
         metrics = json.loads(probe_metrics.read_text())

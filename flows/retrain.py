@@ -64,7 +64,8 @@ def ddae_retrain(repo: str | None = None) -> dict:
     logger = get_run_logger()
     root = Path(repo or os.environ.get("DDAE_REPO") or repo_root()).resolve()
     result = pipeline_on_committed_params(root, logger)
-    registered = not next(s for s in result["stages"] if s["stage"] == "register")["skipped"]
+    # Only a register stage that ran registered a model; one skipped or restored from the run-cache did not.
+    registered = next(s for s in result["stages"] if s["stage"] == "register")["status"] == "ran"
     decision = json.loads((root / "metrics" / "register.json").read_text()) if registered else None
     manifest = json.loads((root / "data" / "prepared" / "manifest.json").read_text())
     markdown = decision_markdown(decision, manifest["checksum"])

@@ -1,14 +1,17 @@
-"""Run one pipeline stage through DVC, so a stage the cache already holds is skipped.
+"""Run one pipeline stage through DVC, so a stage the cache already holds is skipped or restored.
 
 Both the Prefect flow and ``ddae run`` call this; the stage code itself runs as DVC's command
 (``python -m tasks.<stage>``), exactly as under ``dvc repro``: one cache, nothing computed twice.
+The report (ran, skipped or restored) is DVC's own decision, recorded by ``tasks.dvc_repro``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +39,14 @@ class StageFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class StageResult:
+    """How DVC brought one stage up to date: ``status`` is one of ``tasks.dvc_repro.STATUSES``.
+
+    ``ran``: DVC ran its command; ``skipped``: nothing it depends on changed; ``restored``: DVC
+    checked its outputs out of the run-cache (computed before, in this DVC cache or a shared one).
+    """
+
     stage: str
-    skipped: bool
+    status: str
     seconds: float
 
 
@@ -74,20 +83,22 @@ def reproduce(stage: str, root: Path, *, env: dict[str, str] | None = None,
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     start = time.perf_counter()
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    process = subprocess.Popen(command, cwd=root, env=stage_env(env), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1)
-    skipped = transient = locked = False
-    progress = ProgressThrottle()
-    assert process.stdout is not None
-    for line in process.stdout:  # universal newlines: each tqdm redraw (\r) arrives as a line
-        line = line.rstrip()
-        skipped = skipped or "didn't change, skipping" in line
-        transient = transient or TRANSIENT_MARKER in line
-        locked = locked or DVC_LOCK_ERROR in line
-        if progress.keep(line):
-            log_line(line)
-    returncode = process.wait()
-    if returncode != 0:
-        raise StageFailed(stage, returncode, transient, locked)
-    return StageResult(stage, skipped, time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix="ddae-stage-") as tmp:
+        report = Path(tmp) / "status.json"
+        command = [sys.executable, "-m", "tasks.dvc_repro", stage, str(report)]
+        process = subprocess.Popen(command, cwd=root, env=stage_env(env), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        transient = locked = False
+        progress = ProgressThrottle()
+        assert process.stdout is not None
+        for line in process.stdout:  # universal newlines: each tqdm redraw (\r) arrives as a line
+            line = line.rstrip()
+            transient = transient or TRANSIENT_MARKER in line
+            locked = locked or DVC_LOCK_ERROR in line
+            if progress.keep(line):
+                log_line(line)
+        returncode = process.wait()
+        if returncode != 0:
+            raise StageFailed(stage, returncode, transient, locked)
+        status = json.loads(report.read_text())["status"]
+    return StageResult(stage, status, time.perf_counter() - start)

@@ -34,11 +34,12 @@ def _make_stage_task(stage: str) -> Task:
             env: extra environment for the stage (the pipeline's MLflow run id).
 
         Returns:
-            {"stage", "skipped", "seconds"}.
+            {"stage", "status", "seconds"}; status: "ran", "skipped" (unchanged) or "restored"
+            (outputs from DVC's run-cache), as DVC decided.
         """
         logger = get_run_logger()
         result = reproduce(stage, Path(root), env=env, log_line=logger.info)
-        return {"stage": result.stage, "skipped": result.skipped, "seconds": round(result.seconds, 1)}
+        return {"stage": result.stage, "status": result.status, "seconds": round(result.seconds, 1)}
 
     run_stage.__name__ = f"{stage}_task"
     return run_stage

@@ -1,17 +1,26 @@
 """Stage 5, register: log the winning classifier as an MLflow pyfunc model and gate ``champion``.
 
-The new version always gets alias ``challenger``; ``champion`` moves to it only when there is no
-champion yet or the new test accuracy beats the champion's by more than ``register.min_improvement``,
-both measured on the same test split (the champion is re-scored when its data version differs).
-The decision (both scores, margin, data version, git commit) is tagged on both versions.
+Outside a DVC experiment the new version gets alias ``challenger``; ``champion`` moves to it only when
+there is no champion yet or the new test accuracy beats the champion's by more than
+``register.min_improvement``, both measured on the same test split, each version scored in a process
+of its own with its own logged code (``tasks.score_model``). The decision (both scores, margin, data
+version, git commit, why) is tagged on both versions. Inside ``dvc exp run`` the version is registered
+and tagged with the experiment, but no alias moves: only a pipeline run outside experiments promotes.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import os
+import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -21,11 +30,35 @@ from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.readout import Readout
-from tasks.common import Paths, StageError, stage_main, write_json_atomic
-from tasks.tracking import content_key, git_commit, register_once, stage_run
+from tasks.common import Paths, StageError, log, stage_main, write_json_atomic
+from tasks.tracking import check_reachable, content_key, git_commit, register_once, stage_run, tracking_uri
 
 CLASSIFIER_CODE = Path(__file__).with_name("classifier_model.py")
-PIP_REQUIREMENTS = ["torch", "numpy", "pillow", "safetensors", "pandas", "mlflow==3.17.2"]
+# What the classifier's code (tasks/classifier_model.py, ddae_core) imports when MLflow loads it
+MODEL_DISTRIBUTIONS = ("torch", "numpy", "pillow", "safetensors", "pandas", "tqdm", "mlflow")
+
+
+@functools.cache
+def model_requirements() -> tuple[str, ...]:
+    """``name==version`` of each of ``MODEL_DISTRIBUTIONS`` as installed here (the model's build).
+
+    The public version is pinned: a local build label (torch's ``+cpu``) is dropped, so the pin
+    installs from PyPI and still matches the build the model was made with.
+    """
+    return tuple(f"{name}=={metadata.version(name).split('+')[0]}" for name in MODEL_DISTRIBUTIONS)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """The ``dvc exp run`` a stage runs inside: DVC sets these variables for every stage command."""
+
+    name: str
+    baseline_rev: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Experiment | None:
+        baseline = env.get("DVC_EXP_BASELINE_REV")
+        return cls(env.get("DVC_EXP_NAME", ""), baseline) if baseline else None
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -41,10 +74,27 @@ def test_inputs(test) -> tuple[pd.DataFrame, np.ndarray]:
     return frame, np.asarray(test.labels)
 
 
-def score(model, frame: pd.DataFrame, labels: np.ndarray) -> float:
-    """Accuracy of a pyfunc model on encoded images."""
-    predicted = model.predict(frame)["class_id"].to_numpy()
-    return float((predicted == labels).mean())
+def write_scoring_frame(path: Path, frame: pd.DataFrame, labels: np.ndarray) -> Path:
+    """The test images and labels as the Parquet file ``tasks.score_model`` reads."""
+    frame.assign(label=labels).to_parquet(path)
+    return path
+
+
+def score(root: Path, uri: str, frame_path: Path) -> float:
+    """Accuracy of ``uri`` on the scoring frame, from a fresh ``python -m tasks.score_model``.
+
+    Its log goes to this stage's; a failure re-checks the tracking server (unreachable: transient).
+    """
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root)}
+    result = subprocess.run([sys.executable, "-m", "tasks.score_model", uri, str(frame_path)], cwd=root,
+                            env=env, stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        check_reachable(root)
+        raise StageError(f"scoring {uri} failed with exit code {result.returncode} (its log is above)")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    log.info("%s: test accuracy %.4f on %d images (ddae_core from %s)", uri, report["accuracy"],
+             report["images"], report["ddae_core"])
+    return report["accuracy"]
 
 
 def log_classifier(paths: Paths, network: Path, probe: Path, preprocess: Path, example: pd.DataFrame, name: str):
@@ -60,19 +110,19 @@ def log_classifier(paths: Paths, network: Path, probe: Path, preprocess: Path, e
     signature = infer_signature(example, local.predict(None, example))
     return mlflow.pyfunc.log_model(
         name=name, python_model=str(CLASSIFIER_CODE), artifacts=artifacts,
-        code_paths=[str(paths.root / "ddae_core")], pip_requirements=PIP_REQUIREMENTS,
+        code_paths=[str(paths.root / "ddae_core")], pip_requirements=list(model_requirements()),
         signature=signature, input_example=example,
     )
 
 
 def register_finetuned(paths: Paths, name: str, tags: dict, preprocess: Path, frame: pd.DataFrame,
-                       labels: np.ndarray) -> dict | None:
+                       scoring: Path, experiment: Experiment | None) -> dict | None:
     """When the finetune stage saved a model: a second version (tag ``ddae.kind=finetune``, alias ``finetune``).
 
     It is the same pyfunc flavour (network + head as a probe directory); the champion gate stays
-    with the probe versions, so enabling fine-tuning never moves ``champion`` on its own.
+    with the probe versions, so enabling fine-tuning never moves ``champion`` on its own. Inside a
+    DVC experiment the alias does not move either.
     """
-    import mlflow
     from mlflow import MlflowClient
 
     network, head = paths.root / "outputs" / "finetune" / "network", paths.root / "outputs" / "finetune" / "head"
@@ -83,31 +133,90 @@ def register_finetuned(paths: Paths, name: str, tags: dict, preprocess: Path, fr
     key = content_key([network, head], extra=preprocess.read_text())
     version = register_once(info.model_uri, name, {  # a retried stage registers nothing twice
         **tags, "ddae.network_hash": network_hash(network), "ddae.finetune_test_acc": f"{selection['test_acc']:.6f}"}, key)
-    MlflowClient().set_registered_model_alias(name, "finetune", version.version)
-    test_acc = score(mlflow.pyfunc.load_model(f"models:/{name}/{version.version}"), frame, labels)
-    MlflowClient().set_model_version_tag(name, version.version, "ddae.gate.test_acc", str(test_acc))
+    client = MlflowClient()
+    if experiment is None:
+        client.set_registered_model_alias(name, "finetune", version.version)
+    test_acc = score(paths.root, f"models:/{name}/{version.version}", scoring)
+    client.set_model_version_tag(name, version.version, "ddae.gate.test_acc", str(test_acc))
     return {"version": int(version.version), "test_acc": test_acc}
 
 
 def decision_tags(decision: dict) -> dict[str, str]:
-    """The gate decision as tags set on both versions it compared (the champion's keep its latest)."""
-    return {
+    """The gate decision as tags set on the versions it compared (the champion's keep its latest)."""
+    tags = {
         "ddae.gate.challenger_version": str(decision["version"]),
         "ddae.gate.challenger_test_acc": str(decision["test_acc"]),
         "ddae.gate.champion_version": str(decision["champion_version"]),
         "ddae.gate.champion_test_acc": str(decision["champion_test_acc"]),
         "ddae.gate.margin": str(decision["margin"]),
         "ddae.gate.promoted": str(decision["promoted"]),
+        "ddae.gate.reason": decision["reason"],
         "ddae.gate.data_version": decision["data_checksum"],
         "ddae.gate.git_commit": decision["git_commit"],
     }
+    if decision["experiment"]:
+        tags["ddae.gate.experiment"] = decision["experiment"]["name"]
+        tags["ddae.gate.experiment_baseline"] = decision["experiment"]["baseline_rev"]
+    return tags
+
+
+def promotion(new_acc: float, champion_acc: float | None, margin: float,
+              experiment: Experiment | None) -> tuple[bool, str]:
+    """Whether the new version becomes ``champion``, and why. An experiment never promotes."""
+    if experiment is not None:
+        return False, (f"registered by the DVC experiment {experiment.name!r} (baseline "
+                       f"{experiment.baseline_rev[:7]}); experiments move no alias: to gate this model, "
+                       "rerun register outside an experiment (dvc repro --force --single-item register)")
+    if champion_acc is None:
+        return True, "no champion yet"
+    verdict = "beats" if new_acc > champion_acc + margin else "does not beat"
+    return new_acc > champion_acc + margin, (f"test accuracy {new_acc:.4f} {verdict} the champion's "
+                                             f"{champion_acc:.4f} by more than {margin:g}")
+
+
+def gate_version(client, name: str, version: str, *, score_uri: Callable[[str], float], margin: float,
+                 experiment: Experiment | None, facts: dict) -> dict:
+    """Score ``version`` and the champion, decide, tag the decision and move aliases; the decision.
+
+    Outside an experiment ``challenger`` moves to ``version``, ``champion`` too when it wins, and the
+    decision is tagged on both versions. Inside one no alias moves and only ``version`` is tagged.
+    ``facts`` (model, data_checksum, git_commit) go into the decision as they are.
+    """
+    from mlflow.exceptions import MlflowException
+
+    version = str(version)  # MLflow hands versions out as int or str
+    new_acc = score_uri(f"models:/{name}/{version}")
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champion = None
+    champion_acc = None
+    if champion is not None:  # the same content registered again is the same version: scored once
+        champion_acc = new_acc if str(champion.version) == version else score_uri(f"models:/{name}/{champion.version}")
+    promoted, reason = promotion(new_acc, champion_acc, margin, experiment)
+    decision = {
+        **facts, "version": int(version), "test_acc": new_acc,
+        "champion_version": int(champion.version) if champion else None, "champion_test_acc": champion_acc,
+        "margin": margin, "promoted": promoted, "reason": reason,
+        "experiment": {"name": experiment.name, "baseline_rev": experiment.baseline_rev} if experiment else None,
+    }
+    client.set_model_version_tag(name, version, "ddae.gate.test_acc", str(new_acc))
+    tagged = [version] + ([str(champion.version)] if champion is not None and experiment is None else [])
+    for each in dict.fromkeys(tagged):
+        for key, value in decision_tags(decision).items():
+            client.set_model_version_tag(name, each, key, value)
+    if experiment is None:
+        client.set_registered_model_alias(name, "challenger", version)
+        if promoted:
+            client.set_registered_model_alias(name, "champion", version)
+    log.info("register: version %s %s (%s)", version, "promoted to champion" if promoted else "not promoted", reason)
+    return decision
 
 
 def run(config: PipelineConfig, paths: Paths) -> dict:
     """Log, register, alias and gate. Returns the decision written to metrics/register.json."""
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     for required in (paths.network / "network.json", paths.probe / "selection.json"):
         if not required.is_file():
@@ -115,6 +224,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     manifest, splits = load_prepared(paths.prepared)
     selection = json.loads((paths.probe / "selection.json").read_text())
     name = config.register.model_name
+    experiment = Experiment.from_env(os.environ)
     tags = {
         "ddae.kind": "probe",
         "ddae.data_checksum": manifest["checksum"],
@@ -123,41 +233,27 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         "ddae.readout": Readout.from_json(selection).label,
         "ddae.git_commit": git_commit(paths.root),
     }
+    if experiment is not None:
+        tags |= {"ddae.experiment": experiment.name, "ddae.experiment_baseline": experiment.baseline_rev}
+        log.info("register: inside the DVC experiment %r: the version is registered, no alias moves",
+                 experiment.name)
     frame, labels = test_inputs(splits["test"])
     with stage_run(paths.root, "register", tags) as run, tempfile.TemporaryDirectory() as tmp:
         preprocess = Path(tmp) / "preprocess.json"
         preprocess.write_text(json.dumps(manifest["preprocess"]))
+        scoring = write_scoring_frame(Path(tmp) / "test.parquet", frame, labels)
         info = log_classifier(paths, paths.network, paths.probe, preprocess, frame.head(2), "model")
         key = content_key([paths.network, paths.probe], extra=json.dumps(manifest["preprocess"], sort_keys=True))
         version = register_once(info.model_uri, name, tags, key)  # a retried stage registers nothing twice
-        client = MlflowClient()
-        client.set_registered_model_alias(name, "challenger", version.version)
-
-        new_acc = score(mlflow.pyfunc.load_model(f"models:/{name}/{version.version}"), frame, labels)
-        try:
-            champion = client.get_model_version_by_alias(name, "champion")
-        except MlflowException:
-            champion = None
-        champion_acc = None
-        if champion is not None:
-            champion_acc = score(mlflow.pyfunc.load_model(f"models:/{name}@champion"), frame, labels)
-        promote = champion_acc is None or new_acc > champion_acc + config.register.min_improvement
-        decision = {
-            "model": name, "version": int(version.version), "test_acc": new_acc,
-            "champion_version": int(champion.version) if champion else None,
-            "champion_test_acc": champion_acc, "margin": config.register.min_improvement,
-            "promoted": promote, "data_checksum": manifest["checksum"], "git_commit": tags["ddae.git_commit"],
-        }
-        client.set_model_version_tag(name, version.version, "ddae.gate.test_acc", str(new_acc))
-        for tagged in [version.version] + ([champion.version] if champion is not None else []):
-            for key, value in decision_tags(decision).items():
-                client.set_model_version_tag(name, tagged, key, value)
-        if promote:
-            client.set_registered_model_alias(name, "champion", version.version)
-        finetuned = register_finetuned(paths, name, {**tags, "ddae.kind": "finetune"}, preprocess, frame, labels)
+        decision = gate_version(
+            MlflowClient(), name, version.version, score_uri=lambda uri: score(paths.root, uri, scoring),
+            margin=config.register.min_improvement, experiment=experiment,
+            facts={"model": name, "data_checksum": manifest["checksum"], "git_commit": tags["ddae.git_commit"]})
+        finetuned = register_finetuned(paths, name, {**tags, "ddae.kind": "finetune"}, preprocess, frame,
+                                       scoring, experiment)
         if finetuned is not None:
             decision["finetune"] = finetuned
-        mlflow.log_metrics({"registered_test_acc": new_acc, "promoted": float(promote)})
+        mlflow.log_metrics({"registered_test_acc": decision["test_acc"], "promoted": float(decision["promoted"])})
         mlflow.log_dict(decision, "decision.json")
         decision["run_id"] = run.info.run_id
     write_json_atomic(paths.metrics / "register.json", {k: v for k, v in decision.items() if k != "run_id"})

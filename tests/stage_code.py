@@ -1,8 +1,9 @@
 """The project code each DVC stage runs, derived from the source, and the stage graph of dvc.yaml.
 
 A stage runs ``python -m <module>``; the files it executes are that module, every project module it
-imports (at module level or inside a function, followed transitively) and the package
-``__init__.py`` files those imports run. The walk is static (an AST of every import statement) rather
+imports (at module level or inside a function, followed transitively), every project module it
+starts as a child ``python -m`` (a ``"-m", "pkg.mod"`` pair in an argument list: register's
+``tasks.score_model``) with what that imports, and the package ``__init__.py`` files those run. The walk is static (an AST of every import statement) rather
 than an import in a subprocess: importing ``tasks.<stage>`` does not run the imports inside functions
 (``stage_main`` importing ``tasks.tracking``), and those are the ones hand-written deps forget.
 Imports under ``if TYPE_CHECKING:`` never run and are left out.
@@ -87,6 +88,16 @@ def imported_modules(root: Path, path: Path) -> set[str]:
     return {name for name in found if module_file(root, name) is not None}
 
 
+def launched_modules(root: Path, path: Path) -> set[str]:
+    """Project modules one file starts in a child process: ``"-m", "pkg.mod"`` in a list or tuple."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, (ast.List, ast.Tuple)):
+            values = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+            found.update(name for flag, name in zip(values, values[1:]) if flag == "-m" and isinstance(name, str))
+    return {name for name in found if module_file(root, name) is not None}
+
+
 def _with_parents(dotted: str) -> list[str]:
     """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``: importing a submodule first runs its packages."""
     parts = dotted.split(".")
@@ -102,7 +113,8 @@ def _code_files(root: Path, module: str) -> frozenset[str]:
         if name in seen or module_file(root, name) is None:
             continue
         seen.add(name)
-        for imported in imported_modules(root, module_file(root, name)):
+        path = module_file(root, name)
+        for imported in imported_modules(root, path) | launched_modules(root, path):
             todo.extend(_with_parents(imported))
     return frozenset(module_file(root, name).relative_to(root).as_posix() for name in seen)
 

@@ -49,7 +49,8 @@ def test_defaults_alone_are_valid():
         (lambda p: p["extract"].update(taps=["mid.res9"]), "extract.taps[0]", "unknown tap 'mid.res9'"),
         (lambda p: p["probe"].update(concat=[["mid.res1", "nope"]]), "probe.concat[0][1]", "unknown tap"),
         (lambda p: p["pretrain"]["network"].update(name="resnet"), "pretrain.network.name", "unknown network"),
-        (lambda p: p["register"].update(min_improvement=-0.1), "register.min_improvement", "must be >= 0"),
+        (lambda p: p["register"].update(min_improvement=-1.5), "register.min_improvement", "must be in [-1, 1]"),
+        (lambda p: p["register"].update(min_improvement=1.01), "register.min_improvement", "must be in [-1, 1]"),
         (lambda p: p["finetune"].update(enabled="yes"), "finetune.enabled", "expected true/false"),
         (lambda p: p["finetune"].update(backbone_lr_scale=-1), "finetune.backbone_lr_scale", "must be >= 0"),
         (lambda p: p["finetune"].update(patience=0), "finetune.patience", "must be >= 1"),
@@ -67,6 +68,12 @@ def test_bad_values_name_the_key(params, mutate, key, fragment):
     message = str(info.value)
     assert message.startswith("params.yaml: "), message
     assert key in message and fragment in message, message
+
+
+def test_a_negative_gate_margin_is_valid(params):
+    """A margin is a difference of accuracies: -1 promotes any challenger (outside experiments)."""
+    params["register"]["min_improvement"] = -1
+    assert check(params).register.min_improvement == -1
 
 
 def test_paper_alias_is_a_valid_tap(params):

@@ -203,11 +203,11 @@ def _deployment_run(url: str, env: dict, project: Path, name: str, params: dict 
 
 
 def _retrain(url: str, env: dict, project: Path) -> tuple[dict[str, str], str]:
-    """Run ddae-retrain/weekly-retrain; (stage -> skipped, from the pipeline subflow; decision markdown)."""
+    """Run ddae-retrain/weekly-retrain; (stage -> status, from the pipeline subflow; decision markdown)."""
     run_id = _deployment_run(url, env, project, "ddae-retrain/weekly-retrain")
     children = h.api(url, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}})
     results = _artifact(url, "ddae-results", [c["id"] for c in children])
-    rows = dict(re.findall(r"^\| (\w+) \| (True|False) \|", results, flags=re.M))
+    rows = dict(re.findall(r"^\| (\w+) \| (ran|skipped|restored) \|", results, flags=re.M))
     return rows, _artifact(url, "ddae-retrain-decision", [run_id])
 
 
@@ -238,7 +238,7 @@ def test_retrain_deployment_picks_up_new_images_and_gates(project, tmp_path):
             # New images arrive: a new data version reruns every stage that reads the data.
             h.make_image_tree(source, per_class=6, start=40)
             rows, decision = _retrain(url, env, project)
-            assert rows == {"snapshot": "False", **{stage: "False" for stage in h.STAGES}}, rows
+            assert rows == {"snapshot": "ran", **{stage: "ran" for stage in h.STAGES}}, rows
             v2 = client.get_model_version(MODEL, "2")
             manifest = json.loads((project / "data/prepared/manifest.json").read_text())
             assert sum(manifest["splits"].values()) == 138
@@ -256,7 +256,7 @@ def test_retrain_deployment_picks_up_new_images_and_gates(project, tmp_path):
 
             # Nothing new: the second run reruns nothing, registers nothing, moves no alias.
             rows, decision = _retrain(url, env, project)
-            assert rows == {"snapshot": "False", **{stage: "True" for stage in h.STAGES}}, rows
+            assert rows == {"snapshot": "ran", **{stage: "skipped" for stage in h.STAGES}}, rows
             assert "Nothing new" in decision
             assert sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == ["1", "2"]
             assert str(client.get_model_version_by_alias(MODEL, "champion").version) == champion

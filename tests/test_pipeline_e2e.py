@@ -460,12 +460,12 @@ def test_prefect_deployment_run_recomputes_nothing(pipeline, prefect_server, tmp
     assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
     assert flow_run["deployment_id"] == deployments["default"]["id"]
 
-    # The flow's summary artifact lists each stage and whether DVC skipped it.
+    # The flow's summary artifact lists each stage and how DVC brought it up to date.
     artifacts = h.api(url, "/artifacts/filter", {"artifacts": {
         "key": {"any_": ["ddae-results"]}, "flow_run_id": {"any_": [flow_run["id"]]}}})
     assert len(artifacts) == 1, artifacts
-    rows = dict(re.findall(r"^\| (\w+) \| (True|False) \|", artifacts[0]["data"], flags=re.M))
-    assert rows == {"snapshot": "False", **{stage: "True" for stage in h.STAGES}}, artifacts[0]["data"]
+    rows = dict(re.findall(r"^\| (\w+) \| (ran|skipped|restored) \|", artifacts[0]["data"], flags=re.M))
+    assert rows == {"snapshot": "ran", **{stage: "skipped" for stage in h.STAGES}}, artifacts[0]["data"]
     assert h.tree_snapshot(root, *watched) == before, "the deployment run rewrote pipeline outputs"
     assert (root / "dvc.lock").read_text() == lock
 
@@ -576,6 +576,81 @@ def test_registry_champion_predicts_and_gate(pipeline, tmp_path, monkeypatch):
     finally:
         _replace_file(probe_file, good_probe)
         _replace_file(root / "metrics/register.json", good_register)
+
+
+def _zeroed_probe(probe_file: Path, tmp_path: Path) -> bytes:
+    """The probe with weight and bias zeroed (uniform probabilities: a model worse than any trained one)."""
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(str(probe_file))
+    save_file({k: (np.zeros_like(v) if k in ("weight", "bias") else v) for k, v in state.items()},
+              str(tmp_path / "zeroed.safetensors"))
+    return (tmp_path / "zeroed.safetensors").read_bytes()
+
+
+def test_registered_model_pins_what_its_code_imports_at_load(pipeline, monkeypatch):
+    """The champion's requirements.txt, read back from the registry, pins each module its code loads."""
+    import mlflow
+
+    from test_register import check_pinned, imported_at_load
+
+    uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/ddae-classifier@champion")).read_text()
+    pins = [line.strip() for line in requirements.splitlines() if line.strip() and not line.startswith("#")]
+    check_pinned(pins, imported_at_load())
+    assert any(line.startswith("torch==") for line in pins) and any(line.startswith("tqdm==") for line in pins)
+
+
+def test_experiment_registers_a_version_and_leaves_champion(pipeline, tmp_path):
+    """`dvc exp run -S register.min_improvement=-1` on a copy: a new, better version; no alias moves.
+
+    The copy's champion is a deliberately worse model (the probe zeroed), so the gate, run outside the
+    experiment afterwards, promotes the experiment's version: the experiment alone would have too.
+    """
+    from mlflow import MlflowClient
+
+    root = tmp_path / "project"
+    shutil.copytree(pipeline.root, root, symlinks=True)
+    for store in ("mlflow.db", "mlartifacts"):  # a fresh registry, so the copy never writes into the original
+        path = root / store
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    probe_file = root / "outputs/probe/probe.safetensors"
+    good_probe = probe_file.read_bytes()
+    _replace_file(probe_file, _zeroed_probe(probe_file, tmp_path))
+    worse = h.stage_python(root, "register", timeout=300)
+    assert worse.returncode == 0, worse.stdout[-3000:]
+    _replace_file(probe_file, good_probe)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = "ddae-classifier"
+    champion = str(client.get_model_version_by_alias(name, "champion").version)
+
+    exp = h.dvc(root, "exp", "run", "-n", "gate-check", "-S", "register.min_improvement=-1", timeout=600)
+    assert exp.returncode == 0, exp.stdout[-4000:]
+    assert h.ran_stages(exp.stdout) == {"register"}, exp.stdout[-3000:]
+    assert "inside the DVC experiment 'gate-check'" in exp.stdout, exp.stdout[-3000:]
+    decision = json.loads((root / "metrics/register.json").read_text())
+    assert decision["experiment"]["name"] == "gate-check" and decision["promoted"] is False, decision
+    assert "experiments move no alias" in decision["reason"]
+    new = str(decision["version"])
+    assert new != champion and decision["champion_version"] == int(champion)
+    assert decision["test_acc"] > decision["champion_test_acc"]  # outside an experiment it would win
+    aliases = {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
+    assert aliases == {"champion": champion, "challenger": champion}, aliases
+    tags = client.get_model_version(name, new).tags
+    assert tags["ddae.gate.experiment"] == "gate-check" and tags["ddae.gate.promoted"] == "False"
+    assert tags["ddae.experiment"] == "gate-check" and tags["ddae.experiment_baseline"]
+    assert "ddae.gate.experiment" not in client.get_model_version(name, champion).tags
+
+    # Outside the experiment the same model meets the gate: registered once, now promoted.
+    gate = h.dvc(root, "repro", "--force", "--single-item", "register", timeout=300)
+    assert gate.returncode == 0, gate.stdout[-3000:]
+    after = json.loads((root / "metrics/register.json").read_text())
+    assert after["version"] == int(new) and after["promoted"] is True and after["experiment"] is None, after
+    assert str(client.get_model_version_by_alias(name, "champion").version) == new
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,6 +767,20 @@ def test_second_clone_with_the_remote_and_run_cache_skips_every_stage(pipeline, 
     assert restored == set(h.STAGES), repro.stdout[-4000:]
     for output in ("metrics/probe.json", "outputs/pretrain/network/network.safetensors"):
         assert (clone / output).read_bytes() == (pipeline.root / output).read_bytes(), output
+
+    # A machine sharing the first one's DVC cache, driven stage by stage as `ddae run` and the flows
+    # do: each stage's report says DVC restored it from the run-cache (only the snapshot checksum ran).
+    from tasks.dvc_stage import STAGES, reproduce
+
+    other = tmp_path / "other"
+    h.git(tmp_path, "clone", "-q", str(pipeline.root), str(other))
+    shutil.copy2(pipeline.root / "params.yaml", other / "params.yaml")
+    shared = h.dvc(other, "cache", "dir", "--local", str(pipeline.root / ".dvc" / "cache"))
+    assert shared.returncode == 0, shared.stdout
+    statuses = {stage: reproduce(stage, other, env=h.project_env(other), log_line=lambda _: None).status
+                for stage in STAGES}
+    assert statuses == {"snapshot": "ran", **{stage: "restored" for stage in h.STAGES}}, statuses
+    assert (other / "metrics/probe.json").read_bytes() == (pipeline.root / "metrics/probe.json").read_bytes()
 
     # a profile written into params.yaml (another dataset and network): DVC sees each value it changed
     from tasks.params_file import flatten

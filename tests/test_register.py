@@ -1,0 +1,220 @@
+"""The register stage's contracts: experiments move no alias, every version is scored with its own
+logged code, and the logged requirements pin what the classifier's code imports when it loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks import register
+from tasks.register import Experiment, gate_version, model_requirements, promotion
+from test_boundaries import imported_roots
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "ddae-classifier"
+FACTS = {"model": NAME, "data_checksum": "data-1", "git_commit": "abc1234"}
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A fresh MLflow store in tmp (sqlite + artifacts); the global tracking URI is put back after."""
+    from tasks.tracking import configure
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DDAE_PIPELINE_RUN_ID", raising=False)
+    configure(tmp_path)  # sqlite:///tmp/mlflow.db, artifacts under tmp/mlartifacts
+    yield mlflow.MlflowClient()
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+
+
+def _versions(client, count: int) -> list[str]:
+    """``count`` registered versions of NAME (no artifacts behind them: the gate only reads the registry)."""
+    client.create_registered_model(NAME)
+    return [str(client.create_model_version(NAME, source=f"file:///nowhere/{i}").version) for i in range(count)]
+
+
+def _aliases(client) -> dict[str, str]:
+    return {alias: str(version) for alias, version in client.get_registered_model(NAME).aliases.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate
+
+
+def test_experiment_is_read_from_the_variables_dvc_exp_run_sets():
+    assert Experiment.from_env({}) is None
+    assert Experiment.from_env({"DVC_EXP_NAME": "stray"}) is None  # DVC always sets the baseline
+    assert Experiment.from_env({"DVC_EXP_BASELINE_REV": "f" * 40, "DVC_EXP_NAME": "lucky-owl"}) == \
+        Experiment("lucky-owl", "f" * 40)
+
+
+def test_promotion_needs_a_gain_above_the_margin_and_never_happens_in_an_experiment():
+    assert promotion(0.5, None, 0.0, None) == (True, "no champion yet")
+    assert promotion(0.80, 0.70, 0.05, None)[0] is True
+    assert promotion(0.74, 0.70, 0.05, None)[0] is False
+    assert promotion(0.70, 0.70, 0.0, None)[0] is False  # a tie keeps the champion
+    promoted, reason = promotion(0.99, None, -1.0, Experiment("lucky-owl", "0123456789abcdef"))
+    assert promoted is False and "lucky-owl" in reason and "0123456" in reason
+
+
+def test_inside_an_experiment_a_version_is_registered_and_tagged_but_no_alias_moves(tracking):
+    client = tracking
+    champion, challenger, new = _versions(client, 3)
+    client.set_registered_model_alias(NAME, "champion", champion)
+    client.set_registered_model_alias(NAME, "challenger", challenger)
+    scores = {f"models:/{NAME}/{champion}": 0.5, f"models:/{NAME}/{new}": 0.9}  # far better, margin -1
+
+    experiment = Experiment("lucky-owl", "0123456789abcdef")
+    decision = gate_version(client, NAME, new, score_uri=scores.__getitem__, margin=-1.0,
+                            experiment=experiment, facts=FACTS)
+    assert decision["promoted"] is False and "experiment 'lucky-owl'" in decision["reason"]
+    assert decision["experiment"] == {"name": "lucky-owl", "baseline_rev": "0123456789abcdef"}
+    assert decision["test_acc"] == 0.9 and decision["champion_test_acc"] == 0.5
+    assert _aliases(client) == {"champion": champion, "challenger": challenger}
+    tags = client.get_model_version(NAME, new).tags
+    assert tags["ddae.gate.experiment"] == "lucky-owl" and tags["ddae.gate.promoted"] == "False"
+    assert tags["ddae.gate.reason"] == decision["reason"]
+    assert not any(k.startswith("ddae.gate.") for k in client.get_model_version(NAME, champion).tags)
+
+    # The same version outside an experiment: the gate moves both aliases (so the check above can fail).
+    decision = gate_version(client, NAME, new, score_uri=scores.__getitem__, margin=-1.0, experiment=None,
+                            facts=FACTS)
+    assert decision["promoted"] is True and decision["experiment"] is None
+    assert _aliases(client) == {"champion": new, "challenger": new}
+    assert client.get_model_version(NAME, champion).tags["ddae.gate.challenger_version"] == new
+
+
+def test_outside_an_experiment_a_worse_version_becomes_challenger_only(tracking):
+    client = tracking
+    champion, new = _versions(client, 2)
+    client.set_registered_model_alias(NAME, "champion", champion)
+    scores = {f"models:/{NAME}/{champion}": 0.8, f"models:/{NAME}/{new}": 0.6}
+    decision = gate_version(client, NAME, new, score_uri=scores.__getitem__, margin=0.0, experiment=None,
+                            facts=FACTS)
+    assert decision["promoted"] is False and "does not beat" in decision["reason"]
+    assert _aliases(client) == {"champion": champion, "challenger": new}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring in a process of its own
+
+
+MARKER_MODEL = textwrap.dedent('''
+    """A pyfunc whose answer is ddae_core.marker.CLASS_ID of the code it is loaded with."""
+    import mlflow
+    import pandas as pd
+    from mlflow.pyfunc import PythonModel
+
+
+    class MarkerModel(PythonModel):
+        def load_context(self, context):
+            from ddae_core.marker import CLASS_ID
+
+            self.class_id = CLASS_ID
+
+        def predict(self, context, model_input, params=None):
+            return pd.DataFrame({"class_id": [self.class_id] * len(model_input)})
+
+
+    mlflow.models.set_model(MarkerModel())
+''')
+
+
+def _fake_project(root: Path, class_id: int) -> None:
+    """A project whose ``ddae_core`` says ``class_id``; ``tasks/`` holds only the scorer."""
+    (root / "ddae_core").mkdir(parents=True, exist_ok=True)
+    (root / "ddae_core" / "__init__.py").write_text("")
+    (root / "ddae_core" / "marker.py").write_text(f"CLASS_ID = {class_id}\n")
+    (root / "tasks").mkdir(exist_ok=True)
+    for name in ("__init__.py", "score_model.py"):
+        shutil.copy2(REPO / "tasks" / name, root / "tasks" / name)
+
+
+def test_a_version_is_scored_with_the_code_it_was_logged_with(tracking, tmp_path):
+    """Logged with ddae_core X (answers 1), then the project's ddae_core becomes Y (answers 0)."""
+    project = tmp_path / "project"
+    _fake_project(project, class_id=1)
+    (tmp_path / "marker_model.py").write_text(MARKER_MODEL)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(tmp_path / "marker_model.py"),
+                                       code_paths=[str(project / "ddae_core")], pip_requirements=["mlflow"])
+    (project / "ddae_core" / "marker.py").write_text("CLASS_ID = 0\n")  # the code moves on
+    frame = register.write_scoring_frame(tmp_path / "test.parquet", pd.DataFrame({"image": [b"x"] * 4}),
+                                         np.ones(4, dtype=np.int64))
+
+    assert register.score(project, info.model_uri, frame) == 1.0  # X, not the Y beside it in the cwd
+
+    # Control: a process that imported the project's ddae_core first scores with Y, whatever is logged.
+    shadowed = subprocess.run(
+        [sys.executable, "-c", "import ddae_core.marker, sys, mlflow\n"
+         f"print(mlflow.pyfunc.load_model(sys.argv[1]).predict({{'image': [b'x']}})['class_id'][0])",
+         info.model_uri], cwd=project, capture_output=True, text=True, check=True)
+    assert shadowed.stdout.strip() == "0"
+
+
+def test_the_scorer_imports_none_of_the_project():
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import json, sys, tasks.score_model\n"
+         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('ddae_core', 'tasks', 'flows'))))"],
+        cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert json.loads(loaded) == ["tasks", "tasks.score_model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Requirements
+
+
+def imported_at_load() -> set[str]:
+    """Top-level third-party modules the classifier's own code imports when MLflow loads it.
+
+    Loads what ``DDAEClassifierModel.load_context`` loads in a fresh interpreter, then reads the
+    import statements of every project module that got loaded, keeping the names that were imported.
+    """
+    script = textwrap.dedent("""
+        import json, sys
+        import tasks.classifier_model
+        from ddae_core.classifier import Classifier
+        project = {name: module.__file__ for name, module in sys.modules.items()
+                   if name.split('.')[0] in ('ddae_core', 'tasks') and getattr(module, '__file__', None)}
+        print(json.dumps({"project": project, "loaded": sorted(sys.modules)}))
+    """)
+    out = json.loads(subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                                    check=True).stdout)
+    names = set().union(*(imported_roots(Path(path)) for path in out["project"].values()))
+    loaded = set(out["loaded"])
+    return {n for n in names - set(sys.stdlib_module_names) - {"ddae_core", "tasks"} if n in loaded}
+
+
+def check_pinned(requirements: list[str], modules: set[str]) -> None:
+    """Each module's distribution is pinned ``==`` the version installed here (public part)."""
+    pins = dict(line.split("==", 1) for line in requirements if "==" in line)
+    distributions = metadata.packages_distributions()
+    for module in sorted(modules):
+        candidates = distributions.get(module, [])
+        pinned = [d for d in candidates if d.lower() in {p.lower() for p in pins}]
+        assert pinned, f"{module} (from {candidates}) is imported when the model loads but not pinned: {requirements}"
+        for dist in pinned:
+            pin = next(v for p, v in pins.items() if p.lower() == dist.lower())
+            assert pin == metadata.version(dist).split("+")[0], (dist, pin)
+
+
+def test_requirements_pin_every_module_the_classifier_imports_at_load():
+    modules = imported_at_load()
+    assert {"torch", "numpy", "mlflow"} <= modules  # the derivation sees the obvious ones
+    requirements = list(model_requirements())
+    check_pinned(requirements, modules)
+    assert all("==" in line and "+" not in line for line in requirements), requirements
+    torch_pin = next(line for line in requirements if line.startswith("torch=="))
+    assert torch_pin == f"torch=={metadata.version('torch').split('+')[0]}"
