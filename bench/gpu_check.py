@@ -3,7 +3,7 @@
 Trains the paper's 35.7M UNet (3x32x32, DDPM loss, Adam, clip 1.0) with bf16 autocast and
 channels_last for a fixed number of steps; reports images/s and achieved TFLOP/s (FLOPs counted by
 ``torch.utils.flop_counter``) against the card's nominal dense bf16 peak and a measured matmul peak;
-runs ``ddae_core.training.train`` (the pipeline's loop) for a few steps; extracts ``out_6`` features
+runs ``ddae_core.training.loop.train`` (the pipeline's loop) for a few steps; extracts ``out_6`` features
 at t=11. Prints one JSON summary. ``--device cpu --steps 2`` is a dry run of the same code.
 Run through ``bench/gpu_check.sh`` (which bounds it to 5 minutes).
 """
@@ -28,7 +28,7 @@ from ddae_core.data import to_model_input
 from ddae_core.diffusion import build_denoiser, build_loss
 from ddae_core.features import extract_batch
 from ddae_core.nn import build_unet, count_parameters, paper_aliases
-from ddae_core.training import train
+from ddae_core.training.loop import train
 
 # Nominal dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of the device name.
 # First match wins, so more specific names come first.
@@ -108,7 +108,7 @@ def train_speed(device: torch.device, batch: int, steps: int, warmup: int) -> di
 
 
 def pipeline_loop(device: torch.device, batch: int, steps: int) -> dict[str, Any]:
-    """``ddae_core.training.train`` (Accelerate, bf16 on CUDA) on random images: the pipeline's own path."""
+    """``ddae_core.training.loop.train`` (Accelerate, bf16 on CUDA) on random images: the pipeline's own path."""
     images = np.random.default_rng(0).integers(0, 256, (max(batch * 2, 8), 32, 32, 3), dtype=np.uint8)
     denoiser = build_denoiser(DiffusionConfig(), build_unet("ddpm-35m", in_channels=3, resolution=32))
     config = TrainConfig(steps=steps, batch_size=batch, lr=4e-4, warmup_steps=1,
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"  peak       matmul measured {p['measured_matmul_tflops']:.2f} TFLOP/s "
               f"({100 * p['achieved_over_measured']:.1f}% of it achieved)")
-    print(f"  loop       ddae_core.training.train: {summary['pipeline_loop']['images_per_s']:.0f} images/s")
+    print(f"  loop       ddae_core.training.loop.train: {summary['pipeline_loop']['images_per_s']:.0f} images/s")
     print(f"  features   {summary['features']['images_per_s']:.0f} images/s ({summary['features']['tap']}, t=11)")
     print(json.dumps(summary, indent=2))
     if args.out:

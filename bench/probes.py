@@ -1,7 +1,7 @@
 """Probe cost (cached vs online) and the accuracy table (checkpoints, raw pixels, random init).
 
 Every row goes through the same readout code (``ddae_core.features.extract`` -> ``readout_matrix``)
-and the same probe code (``ddae_core.probe.select_probe``: L2 chosen on validation, test once).
+and the same probe code (``ddae_core.heads.probe.select_probe``: L2 chosen on validation, test once).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from ddae_core.diffusion import build_denoiser, build_loss
 from ddae_core.features import extract
 from ddae_core.nn import build_unet
 from ddae_core.nn.unet import UNet, UNetConfig
-from ddae_core.probe import select_probe
-from ddae_core.probe_online import ImageSet, online_probe, readout_matrix
+from ddae_core.heads.probe import select_probe
+from ddae_core.heads.probe_online import ImageSet, online_probe, readout_matrix
 from ddae_core.readout import Readout, Selection
 
 log = logging.getLogger("bench")
@@ -121,7 +121,7 @@ def quick_setup(workdir: Path, config: PipelineConfig, *, train_images: int = 60
     on validation among a few taps, as the probe stage does on the default run.
     """
     from ddae_core.checkpoint import save_network
-    from ddae_core.training import train
+    from ddae_core.training.loop import train
 
     notes = []
     data_cfg = DataConfig(max_train=train_images, max_test=test_images, val_fraction=0.2,

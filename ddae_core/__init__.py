@@ -2,21 +2,40 @@
 
 Imports none of Prefect, MLflow or DVC; ``from ddae_core import ...`` is enough to train a diffusion
 model, sample from it and read its features in a notebook.
+
+The names below are imported on first use (PEP 562), so ``import ddae_core.<module>`` runs that
+module alone: each pipeline stage then depends, in DVC's eyes, on the files it really runs.
 """
 
-from ddae_core.checkpoint import load_network, save_network
-from ddae_core.config import DiffusionConfig, PipelineConfig, TrainConfig
-from ddae_core.data import load_prepared, prepare_dataset, to_model_input, to_uint8_images
-from ddae_core.diffusion import SAMPLERS, build_denoiser, build_loss, feature_levels, sigma_from_index
-from ddae_core.features import capture, extract, extract_all, extract_batch, pool
-from ddae_core.nn import NETWORKS, UNet, UNetConfig, build_unet, count_parameters, paper_aliases
-from ddae_core.probe import LinearProbe, fit_logistic, select_probe
-from ddae_core.training import TrainResult, train
+from __future__ import annotations
 
-__all__ = [
-    "DiffusionConfig", "LinearProbe", "NETWORKS", "PipelineConfig", "SAMPLERS", "TrainConfig",
-    "TrainResult", "UNet", "UNetConfig", "build_denoiser", "build_loss", "build_unet", "capture",
-    "count_parameters", "extract", "extract_all", "extract_batch", "feature_levels", "fit_logistic",
-    "load_network", "load_prepared", "paper_aliases", "pool", "prepare_dataset", "save_network",
-    "select_probe", "sigma_from_index", "to_model_input", "to_uint8_images", "train",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {  # name -> the module that defines it
+    **dict.fromkeys(["load_network", "save_network"], "ddae_core.checkpoint"),
+    **dict.fromkeys(["DiffusionConfig", "PipelineConfig", "TrainConfig"], "ddae_core.config"),
+    **dict.fromkeys(["load_prepared", "prepare_dataset", "to_model_input", "to_uint8_images"], "ddae_core.data"),
+    **dict.fromkeys(["SAMPLERS", "build_denoiser", "build_loss", "feature_levels", "sigma_from_index"],
+                    "ddae_core.diffusion"),
+    **dict.fromkeys(["capture", "extract", "extract_all", "extract_batch", "pool"], "ddae_core.features"),
+    **dict.fromkeys(["NETWORKS", "UNet", "UNetConfig", "build_unet", "count_parameters", "paper_aliases"],
+                    "ddae_core.nn"),
+    **dict.fromkeys(["LinearProbe", "fit_logistic", "select_probe"], "ddae_core.heads.probe"),
+    **dict.fromkeys(["TrainResult", "train"], "ddae_core.training.loop"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """``ddae_core.<name>`` for the exported names, imported from their module on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ddae_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -15,10 +15,12 @@ this process's pid is stale (an earlier process had the pid) and is removed.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,15 @@ def _replace_directory(tmp: Path, final: Path) -> None:
     _remove(old)
 
 
+def write_csv_atomic(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a header line and ``rows`` as CSV through a temporary file (the tables ``dvc plots`` draws)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_bytes_atomic(path, buffer.getvalue().encode())
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary sibling folder to fill; on success it replaces ``final``, on failure it goes.
@@ -138,4 +149,4 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-__all__ = ["atomic_directory", "atomic_file", "write_bytes_atomic", "write_json_atomic"]
+__all__ = ["atomic_directory", "atomic_file", "write_bytes_atomic", "write_csv_atomic", "write_json_atomic"]

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from ddae_core.checkpoint import load_network
 from ddae_core.data import PreprocessSpec, preprocess_image, to_model_input
 from ddae_core.features import extract_batch
-from ddae_core.probe import LinearProbe
+from ddae_core.heads.probe import LinearProbe
 from ddae_core.readout import SELECTION_FILE, Readout
 
 

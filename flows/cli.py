@@ -1,7 +1,8 @@
-"""The ``ddae`` console script: the library's subcommands plus the pipeline's (``ddae run``).
+"""The ``ddae`` console script: one handler per subcommand, registered in ``SUBCOMMANDS``.
 
-``ddae_core.cli`` owns the library commands (``ddae networks``); this module adds the ones that need
-the orchestration stack, so ``ddae_core`` stays free of Prefect, MLflow and DVC.
+To add a subcommand, write ``configure(parser)`` and ``run(args, out) -> exit code`` and add an entry;
+handlers write their report to ``out`` (stdout) and diagnostics to logging. Each handler imports what
+it needs when it runs, so ``ddae networks`` starts no orchestration stack and ``ddae run`` no torch.
 """
 
 from __future__ import annotations
@@ -10,18 +11,41 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import Callable, Sequence, TextIO
 
 import yaml
 
-from ddae_core import cli as core_cli
 from ddae_core.config import ConfigError
 
 log = logging.getLogger("ddae")
-# How `ddae run` prints each stage's status (tasks.dvc_stage.StageResult)
+# How `ddae run` prints each stage's status (tasks.services.runner.dvc_stage.StageResult)
 STATUS_WORDS = {"ran": "ran", "skipped": "skipped (unchanged)", "restored": "restored (run-cache)"}
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A ``ddae <name>`` subcommand: its help line, argument setup and handler."""
+
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, TextIO], int]
+
+
+def _configure_networks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--in-channels", type=int, default=None, help="input channels (default: per network)")
+    parser.add_argument("--resolution", type=int, default=None, help="input H = W (default: per network)")
+    parser.add_argument("--taps", action="store_true", help="also list every tap with (channels, resolution)")
+
+
+def _run_networks(args: argparse.Namespace, out: TextIO) -> int:
+    """``ddae networks``: every named network with exact parameter counts (and its taps)."""
+    from ddae_core.nn.describe import describe_networks
+
+    out.write(describe_networks(args.in_channels, args.resolution, taps=args.taps))
+    return 0
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict:
@@ -49,16 +73,17 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
 
     Exit codes: 2 invalid params, 1 a stage failed, 75 another run holds the repository.
     """
-    from tasks.common import apply_offline_env, repo_root
-    from tasks.params_overrides import overridden_params
-    from tasks.run_lock import BUSY_EXIT_CODE, RepositoryBusy, hold_run_lock, log_waiting
+    from tasks.services.outputs.paths import resolve_root
+    from tasks.services.runner.process_env import apply_offline_env
+    from tasks.services.params.overrides import overridden_params
+    from tasks.services.runner.run_lock import BUSY_EXIT_CODE, RepositoryBusy, hold_run_lock, log_waiting
 
     apply_offline_env()
     try:  # fail fast, before Prefect starts a server
         overrides = parse_overrides(args.overrides)
         if args.dataset:
             overrides["data.dataset"] = args.dataset
-        root = Path(args.repo).resolve() if args.repo else repo_root()
+        root = resolve_root(args.repo)
         overridden_params(root / "params.yaml", overrides)
     except (ConfigError, FileNotFoundError) as err:
         out.write(f"error: {err}\n")
@@ -73,7 +98,7 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
 
 def _run_flow(root: Path, overrides: dict, out: TextIO) -> int:
     from flows.pipeline import ddae_pipeline
-    from tasks.dvc_stage import StageFailed
+    from tasks.services.runner.dvc_stage import StageFailed
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
 
@@ -110,13 +135,13 @@ def _run_profile(args: argparse.Namespace, out: TextIO) -> int:
     Exit codes: 2 unknown profile or invalid result (params.yaml unchanged), 75 a pipeline run holds
     the repository (params.yaml never changes under a run).
     """
-    from tasks.committed_params import recover_working_params
-    from tasks.common import repo_root
-    from tasks.profiles import apply_profile, available_profiles
-    from tasks.run_lock import BUSY_EXIT_CODE, RepositoryBusy, hold_run_lock
+    from tasks.services.params.committed import recover_working_params
+    from tasks.services.outputs.paths import resolve_root
+    from tasks.services.params.profiles import apply_profile, available_profiles
+    from tasks.services.runner.run_lock import BUSY_EXIT_CODE, RepositoryBusy, hold_run_lock
 
     try:
-        root = Path(args.repo).resolve() if args.repo else repo_root()
+        root = resolve_root(args.repo)
         if args.name is None:
             out.write("\n".join(available_profiles(root)) + "\n")
             return 0
@@ -153,20 +178,22 @@ def _configure_batch(parser: argparse.ArgumentParser, *, predict: bool) -> None:
 def _run_batch(args: argparse.Namespace, out: TextIO, *, predict: bool) -> int:
     """``ddae predict`` / ``ddae embed``: errors (bad source, unknown model, bad params) exit 2."""
     from ddae_core.data import DatasetError
-    from tasks.common import StageError, apply_offline_env, repo_root
+    from tasks.services.outputs.paths import resolve_root
+    from tasks.services.runner.process_env import apply_offline_env
+    from tasks.services.runner.stage_main import StageError
 
     apply_offline_env()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        root = Path(args.repo).resolve() if args.repo else repo_root()
+        root = resolve_root(args.repo)
         if predict:
-            from tasks.predict import run_predict
+            from tasks.services.serving.predict import run_predict
 
             summary = run_predict(root, args.source, args.output, model=args.model, version=args.version,
                                   review_threshold=args.review_threshold, batch_size=args.batch_size)
             out.write(summary.line() + "\n")
         else:
-            from tasks.embed import run_embed
+            from tasks.services.serving.embed import run_embed
 
             result = run_embed(root, args.source, args.output, model=args.model, version=args.version,
                                batch_size=args.batch_size)
@@ -180,24 +207,37 @@ def _run_batch(args: argparse.Namespace, out: TextIO, *, predict: bool) -> int:
     return 0
 
 
-SUBCOMMANDS = {
-    **core_cli.SUBCOMMANDS,
-    "run": core_cli.Subcommand(help="run the whole pipeline (prepare, pretrain, extract, probe, finetune, evaluate, register)",
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "networks": Subcommand(help="list the named networks with exact parameter counts and their taps",
+                           configure=_configure_networks, run=_run_networks),
+    "run": Subcommand(help="run the whole pipeline (prepare, pretrain, extract, probe, finetune, evaluate, register)",
                                configure=_configure_run, run=_run_run),
-    "profile": core_cli.Subcommand(help="apply a profile (profiles/NAME.yaml, the paper's settings) to params.yaml",
+    "profile": Subcommand(help="apply a profile (profiles/NAME.yaml, the paper's settings) to params.yaml",
                                    configure=_configure_profile, run=_run_profile),
-    "predict": core_cli.Subcommand(
+    "predict": Subcommand(
         help="batch inference: a folder or archive of images -> a Parquet file of predictions",
         configure=partial(_configure_batch, predict=True), run=partial(_run_batch, predict=True)),
-    "embed": core_cli.Subcommand(
+    "embed": Subcommand(
         help="the registered model's features for a folder or archive of images (Parquet, as extract writes)",
         configure=partial(_configure_batch, predict=False), run=partial(_run_batch, predict=False)),
 }
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per subcommand."""
+    parser = argparse.ArgumentParser(prog="ddae", description="Denoising diffusion autoencoders (DDAE): images to a classifier.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.configure(sub)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ddae`` console script; returns the exit code."""
-    return core_cli.main(argv, subcommands=SUBCOMMANDS)
+    """Entry point of the ``ddae`` console script: run one subcommand; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return SUBCOMMANDS[args.command].run(args, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.committed_params import recover_working_params
-from tasks.common import apply_offline_env, read_params_file, repo_root
-from tasks.dvc_stage import STAGES
-from tasks.params_file import flatten
-from tasks.params_overrides import apply_overrides
-from tasks.prefect_tasks import STAGE_TASKS
-from tasks.run_lock import hold_run_lock, log_waiting
-from tasks.tracking import PARENT_ENV, pipeline_run
+from tasks.services.params.committed import recover_working_params
+from tasks.services.outputs.paths import REPO_ENV, resolve_root
+from tasks.services.params.loading import read_params_file
+from tasks.services.runner.process_env import apply_offline_env
+from tasks.services.runner.dvc_stage import STAGES
+from tasks.services.params.editing import flatten
+from tasks.services.params.overrides import apply_overrides
+from tasks.services.runner.prefect_tasks import STAGE_TASKS
+from tasks.services.runner.run_lock import hold_run_lock, log_waiting
+from tasks.services.tracking.runs import PARENT_ENV, pipeline_run
 
 
 def results_markdown(root: Path, stages: list[dict]) -> str:
@@ -56,7 +58,7 @@ def ddae_pipeline(dataset: str | None = None, overrides: dict[str, Any] | None =
                   repo: str | None = None, wait: bool = True) -> dict:
     """Run prepare -> pretrain -> extract -> probe -> finetune -> evaluate -> register.
 
-    The whole run holds the repository's run lock (tasks/run_lock.py): a second run waits for it
+    The whole run holds the repository's run lock (tasks/services/runner/run_lock.py): a second run waits for it
     (``wait``, the default: a scheduled run must not fail because a user is running) or fails.
 
     Args:
@@ -71,7 +73,7 @@ def ddae_pipeline(dataset: str | None = None, overrides: dict[str, Any] | None =
     """
     apply_offline_env()
     logger = get_run_logger()
-    root = Path(repo or os.environ.get("DDAE_REPO") or repo_root()).resolve()
+    root = resolve_root(repo or os.environ.get(REPO_ENV))
     changes = dict(overrides or {})
     if dataset:
         changes["data.dataset"] = dataset

@@ -11,7 +11,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common import apply_offline_env, repo_root
+from tasks.services.outputs.paths import REPO_ENV, resolve_root
+from tasks.services.runner.process_env import apply_offline_env
 
 
 @task(name="predict")
@@ -24,7 +25,7 @@ def predict_task(root: str, source: str, output: str, model: str | None, version
     """
     from dataclasses import asdict
 
-    from tasks.predict import run_predict
+    from tasks.services.serving.predict import run_predict
 
     summary = run_predict(Path(root), source, output, model=model, version=version,
                           review_threshold=review_threshold)
@@ -45,7 +46,7 @@ def ddae_predict(source: str, output: str, model: str | None = None, version: in
         repo: repository root; default: $DDAE_REPO, else the working directory (searched upward).
     """
     apply_offline_env()
-    root = Path(repo or os.environ.get("DDAE_REPO") or repo_root()).resolve()
+    root = resolve_root(repo or os.environ.get(REPO_ENV))
     summary = predict_task(str(root), str(root / source), str(root / output), model, version, review_threshold)
     print(summary["line"])
     create_markdown_artifact(key="ddae-predictions", description="batch inference summary",

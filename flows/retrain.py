@@ -2,7 +2,7 @@
 
 Runs the pipeline flow (every stage through DVC, so an unchanged dataset reruns nothing and registers
 nothing) on the params committed in git: a one-off ``ddae run --set`` left in the working params.yaml
-is set aside for the run and put back after it (tasks/committed_params.py), under the run lock. When
+is set aside for the run and put back after it (tasks/services/params/committed.py), under the run lock. When
 new images arrived, the register stage has registered the new model as ``challenger``, scored it and
 the champion on the new test split, moved ``champion`` only on a gain larger than
 ``register.min_improvement``, and tagged both versions; this flow publishes that decision as a
@@ -20,9 +20,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import ddae_pipeline
-from tasks.committed_params import on_committed_params, recover_working_params
-from tasks.common import apply_offline_env, repo_root
-from tasks.run_lock import hold_run_lock, log_waiting
+from tasks.services.params.committed import on_committed_params, recover_working_params
+from tasks.services.outputs.paths import REPO_ENV, resolve_root
+from tasks.services.runner.process_env import apply_offline_env
+from tasks.services.runner.run_lock import hold_run_lock, log_waiting
 
 
 def _accuracy(value: float | None) -> str:
@@ -62,7 +63,7 @@ def ddae_retrain(repo: str | None = None) -> dict:
     """
     apply_offline_env()
     logger = get_run_logger()
-    root = Path(repo or os.environ.get("DDAE_REPO") or repo_root()).resolve()
+    root = resolve_root(repo or os.environ.get(REPO_ENV))
     result = pipeline_on_committed_params(root, logger)
     # Only a register stage that ran registered a model; one skipped or restored from the run-cache did not.
     registered = next(s for s in result["stages"] if s["stage"] == "register")["status"] == "ran"

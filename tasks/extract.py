@@ -29,9 +29,11 @@ from ddae_core.diffusion import feature_levels, level_kind
 from ddae_core.features import extract
 from ddae_core.nn import paper_aliases
 from ddae_core.readout import Readout, resolve_taps
-from tasks.common import Paths, StageError, atomic_directory, stage_main
-from tasks.feature_store import INDEX_FILE, FeatureIndex, part_path, read_unit, unit_rows, write_part, write_unit
-from tasks.tracking import stage_run
+from ddae_core.atomic import atomic_directory
+from tasks.services.outputs.paths import Paths
+from tasks.services.runner.stage_main import StageError, stage_main
+from tasks.services.outputs.feature_store import INDEX_FILE, FeatureIndex, part_path, read_unit, unit_rows, write_part, write_unit
+from tasks.services.tracking.runs import stage_run
 
 log = logging.getLogger("ddae.extract")
 

@@ -20,14 +20,16 @@ from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.diffusion import build_denoiser
 from ddae_core.features import extract_all
-from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, zero_head
+from ddae_core.heads.finetune import ReadoutClassifier, accuracy, finetune, zero_head
 from ddae_core.nn.unet import UNet, UNetConfig
-from ddae_core.probe import LinearProbe, fit_logistic
+from ddae_core.heads.probe import LinearProbe, fit_logistic
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
 from ddae_core.sampling import capped_subset, fraction_label, label_subsets
-from tasks.common import Paths, StageError, atomic_directory, stage_main, write_json_atomic
-from tasks.feature_store import FeatureIndex, load_selection, read_readout
-from tasks.tracking import stage_run
+from ddae_core.atomic import atomic_directory, write_json_atomic
+from tasks.services.outputs.paths import Paths
+from tasks.services.runner.stage_main import StageError, stage_main
+from tasks.services.outputs.feature_store import FeatureIndex, load_selection, read_readout
+from tasks.services.tracking.runs import stage_run
 
 log = logging.getLogger("ddae")
 

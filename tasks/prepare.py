@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ddae_core.config import PipelineConfig
 from ddae_core.data import prepare_dataset
-from tasks.common import Paths, stage_main
-from tasks.tracking import stage_run
+from tasks.services.outputs.paths import Paths
+from tasks.services.runner.stage_main import stage_main
+from tasks.services.tracking.runs import stage_run
 
 
 def run(config: PipelineConfig, paths: Paths) -> dict:

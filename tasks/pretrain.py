@@ -20,10 +20,12 @@ from ddae_core.data import load_prepared, save_image_grid, to_uint8_images
 from ddae_core.diffusion import SAMPLERS, build_denoiser, build_loss, default_sampler
 from ddae_core.nn import build_unet, count_parameters
 from ddae_core.precision import resolve_mixed_precision
-from ddae_core.training import TrainingInterrupted, train
-from tasks.common import Paths, StageError, stage_main, write_json_atomic
-from tasks.plots import save_loss_curve, save_loss_table
-from tasks.tracking import stage_run
+from ddae_core.training.loop import TrainingInterrupted, train
+from ddae_core.atomic import write_json_atomic
+from tasks.services.outputs.paths import Paths
+from tasks.services.runner.stage_main import StageError, stage_main
+from tasks.services.outputs.plots import save_loss_curve, save_loss_table
+from tasks.services.tracking.runs import stage_run
 
 
 def run_fingerprint(config: PipelineConfig, data_checksum: str) -> str:

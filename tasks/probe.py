@@ -14,13 +14,15 @@ from safetensors.numpy import save_file
 from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
-from ddae_core.probe import LinearProbe, screen_and_select, select_probe
+from ddae_core.heads.probe import LinearProbe, screen_and_select, select_probe
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
-from tasks.common import Paths, atomic_directory, stage_main, write_csv_atomic, write_json_atomic
-from tasks.feature_store import Candidate, FeatureIndex, load_candidates
-from tasks.plots import save_heatmap
-from tasks.selective import selective_report
-from tasks.tracking import stage_run
+from ddae_core.atomic import atomic_directory, write_csv_atomic, write_json_atomic
+from tasks.services.outputs.paths import Paths
+from tasks.services.runner.stage_main import stage_main
+from tasks.services.outputs.feature_store import Candidate, FeatureIndex, load_candidates
+from tasks.services.outputs.plots import save_heatmap
+from tasks.services.outputs.selective import selective_report
+from tasks.services.tracking.runs import stage_run
 
 
 def probe_pixels(paths: Paths, config: PipelineConfig, num_classes: int) -> dict:
@@ -40,7 +42,7 @@ def probe_pixels(paths: Paths, config: PipelineConfig, num_classes: int) -> dict
 
 def probe_online(paths: Paths, config: PipelineConfig, index: FeatureIndex, readout: Readout,
                  num_classes: int) -> dict:
-    """The paper's online protocol (``ddae_core.probe_online``) on the readout the cached probe chose.
+    """The paper's online protocol (``ddae_core.heads.probe_online``) on the readout the cached probe chose.
 
     Forward passes count network runs of one image at one noise level. ``cached_forward_passes``:
     what the extract stage spends on this readout, train x (1 + extract.augment_copies) + val + test
@@ -48,7 +50,7 @@ def probe_online(paths: Paths, config: PipelineConfig, index: FeatureIndex, read
     what the extract stage spent on its whole grid (the same times the number of levels extracted).
     """
     from ddae_core.checkpoint import load_network
-    from ddae_core.probe_online import online_probe
+    from ddae_core.heads.probe_online import online_probe
 
     _manifest, splits = load_prepared(paths.prepared)
     cfg = config.probe

@@ -3,7 +3,7 @@
 Outside a DVC experiment the new version gets alias ``challenger``; ``champion`` moves to it only when
 there is no champion yet or the new test accuracy beats the champion's by more than
 ``register.min_improvement``, both measured on the same test split, each version scored in a process
-of its own with its own logged code (``tasks.score_model``). The decision (both scores, margin, data
+of its own with its own logged code (``tasks.services.tracking.score_model``). The decision (both scores, margin, data
 version, git commit, why) is tagged on both versions. Inside ``dvc exp run`` the version is registered
 and tagged with the experiment, but no alias moves: only a pipeline run outside experiments promotes.
 """
@@ -30,11 +30,13 @@ from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.readout import Readout
-from tasks.common import Paths, StageError, log, stage_main, write_json_atomic
-from tasks.tracking import check_reachable, content_key, git_commit, register_once, stage_run, tracking_uri
+from ddae_core.atomic import write_json_atomic
+from tasks.services.outputs.paths import Paths
+from tasks.services.runner.stage_main import StageError, log, stage_main
+from tasks.services.tracking.runs import check_reachable, content_key, git_commit, register_once, stage_run, tracking_uri
 
 CLASSIFIER_CODE = Path(__file__).with_name("classifier_model.py")
-# What the classifier's code (tasks/classifier_model.py, ddae_core) imports when MLflow loads it
+# What the classifier's code (tasks/services/tracking/pyfunc_model.py, ddae_core) imports when MLflow loads it
 MODEL_DISTRIBUTIONS = ("torch", "numpy", "pillow", "safetensors", "pandas", "tqdm", "mlflow")
 
 
@@ -75,18 +77,18 @@ def test_inputs(test) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def write_scoring_frame(path: Path, frame: pd.DataFrame, labels: np.ndarray) -> Path:
-    """The test images and labels as the Parquet file ``tasks.score_model`` reads."""
+    """The test images and labels as the Parquet file ``tasks.services.tracking.score_model`` reads."""
     frame.assign(label=labels).to_parquet(path)
     return path
 
 
 def score(root: Path, uri: str, frame_path: Path) -> float:
-    """Accuracy of ``uri`` on the scoring frame, from a fresh ``python -m tasks.score_model``.
+    """Accuracy of ``uri`` on the scoring frame, from a fresh ``python -m tasks.services.tracking.score_model``.
 
     Its log goes to this stage's; a failure re-checks the tracking server (unreachable: transient).
     """
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root)}
-    result = subprocess.run([sys.executable, "-m", "tasks.score_model", uri, str(frame_path)], cwd=root,
+    result = subprocess.run([sys.executable, "-m", "tasks.services.tracking.score_model", uri, str(frame_path)], cwd=root,
                             env=env, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
         check_reachable(root)
@@ -102,7 +104,7 @@ def log_classifier(paths: Paths, network: Path, probe: Path, preprocess: Path, e
     import mlflow
     from mlflow.models import infer_signature
 
-    from tasks.classifier_model import DDAEClassifierModel  # in-process copy, for the signature
+    from tasks.services.tracking.pyfunc_model import DDAEClassifierModel  # in-process copy, for the signature
 
     artifacts = {"network": str(network), "probe": str(probe), "preprocess": str(preprocess)}
     local = DDAEClassifierModel()

@@ -10,7 +10,9 @@ import json
 
 from ddae_core.config import PipelineConfig
 from ddae_core.data.snapshot import source_snapshot
-from tasks.common import Paths, stage_main, write_json_atomic
+from ddae_core.atomic import write_json_atomic
+from tasks.services.outputs.paths import Paths
+from tasks.services.runner.stage_main import stage_main
 
 
 def run(config: PipelineConfig, paths: Paths) -> dict:

@@ -3,9 +3,9 @@
 A stage runs ``python -m <module>``; the files it executes are that module, every project module it
 imports (at module level or inside a function, followed transitively), every project module it
 starts as a child ``python -m`` (a ``"-m", "pkg.mod"`` pair in an argument list: register's
-``tasks.score_model``) with what that imports, and the package ``__init__.py`` files those run. The walk is static (an AST of every import statement) rather
+``tasks.services.tracking.score_model``) with what that imports, and the package ``__init__.py`` files those run. The walk is static (an AST of every import statement) rather
 than an import in a subprocess: importing ``tasks.<stage>`` does not run the imports inside functions
-(``stage_main`` importing ``tasks.tracking``), and those are the ones hand-written deps forget.
+(``stage_main`` importing ``tasks.services.tracking.runs``), and those are the ones hand-written deps forget.
 Imports under ``if TYPE_CHECKING:`` never run and are left out.
 """
 

@@ -66,7 +66,7 @@ def test_a_stale_temp_of_a_killed_process_with_the_same_pid_is_replaced(tmp_path
     assert _names(tmp_path) == ["x.json"]
 
 
-# Today's writers, byte for byte: tasks.common and ddae_core.checkpoint wrote sorted, ASCII-escaped JSON;
+# Today's writers, byte for byte: tasks (then tasks.common) and ddae_core.checkpoint wrote sorted, ASCII-escaped JSON;
 # the prepared manifest is written in insertion order with UTF-8 class names (its bytes are data/prepared's
 # DVC hash). Written out literally, so a change of format fails here.
 DATA = {"splits": {"train": 2}, "class_names": ["café", "T-shirt/top"], "format": 1, "skipped": []}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.committed_params import BACKUP, committed_params, on_committed_params, recover_working_params
-from tasks.run_lock import recorded_holder
+from tasks.services.params.committed import BACKUP, committed_params, on_committed_params, recover_working_params
+from tasks.services.runner.run_lock import recorded_holder
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = b"pretrain:\n  train:\n    lr: 0.0005          # the committed value\n"
@@ -78,7 +78,7 @@ def test_without_a_commit_the_working_params_run_with_a_warning(tmp_path, caplog
 SWAP_AND_HANG = """
 import logging, sys
 from pathlib import Path
-from tasks.committed_params import on_committed_params
+from tasks.services.params.committed import on_committed_params
 with on_committed_params(Path(sys.argv[1]), logging.getLogger("retrain")):
     print("swapped", flush=True)
     sys.stdin.readline()

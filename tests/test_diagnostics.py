@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ddae_core.diagnostics import alignment, knn_accuracy, knn_predict, uniformity
+from ddae_core.heads.diagnostics import alignment, knn_accuracy, knn_predict, uniformity
 
 
 def test_alignment_by_hand():

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.dvc_repro import stage_status
-from tasks.dvc_stage import ProgressThrottle, StageFailed, reproduce
+from tasks.services.runner.dvc_repro import stage_status
+from tasks.services.runner.dvc_stage import ProgressThrottle, StageFailed, reproduce
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,6 +99,6 @@ def test_a_failing_stage_raises_with_dvc_error_in_the_log(tiny_repo):
 
 def test_ddae_run_has_words_for_every_status():
     from flows.cli import STATUS_WORDS
-    from tasks.dvc_repro import STATUSES
+    from tasks.services.runner.dvc_repro import STATUSES
 
     assert set(STATUS_WORDS) == set(STATUSES)

@@ -30,11 +30,11 @@ from ddae_core.checkpoint import (
 )
 from ddae_core.config import DiffusionConfig
 from ddae_core.diffusion import build_denoiser
-from ddae_core.ema import EMA
+from ddae_core.training.ema import EMA
 from ddae_core.nn import build_unet
 from ddae_core.readout import Readout
-from tasks.feature_store import FeatureStoreError, part_path, read_split, write_part
-from tasks.tracking import TrackingUnavailable, configure
+from tasks.services.outputs.feature_store import FeatureStoreError, part_path, read_split, write_part
+from tasks.services.tracking.runs import TrackingUnavailable, configure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,7 @@ def test_register_with_unreachable_tracking_server_exits_75_and_registers_nothin
 
 def test_second_pipeline_run_on_a_locked_repo_fails_clearly_and_leaves_it_intact(tmp_path):
     """While one DVC command holds the repository lock, `dvc repro` and the flow's stage runner refuse."""
-    from tasks.dvc_stage import StageFailed, reproduce
+    from tasks.services.runner.dvc_stage import StageFailed, reproduce
 
     root = h.copy_project(tmp_path / "project", h.TINY_PARAMS)
     holder = subprocess.Popen(
@@ -248,7 +248,7 @@ def test_a_retried_registration_registers_nothing_twice(tmp_path, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
-    from tasks.tracking import content_key, register_once
+    from tasks.services.tracking.runs import content_key, register_once
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -271,7 +271,7 @@ def test_a_retried_registration_registers_nothing_twice(tmp_path, monkeypatch):
 
 
 def _metrics(path: Path) -> None:
-    from tasks.common import write_json_atomic
+    from ddae_core.atomic import write_json_atomic
 
     write_json_atomic(path, {"values": list(range(20_000))})
 

@@ -11,8 +11,8 @@ import torch
 
 from ddae_core.config import FinetuneConfig
 from ddae_core.features import extract_batch, readout
-from ddae_core.finetune import ReadoutClassifier, accuracy, finetune, total_steps, zero_head
-from ddae_core.probe_online import ImageSet, readout_matrix
+from ddae_core.heads.finetune import ReadoutClassifier, accuracy, finetune, total_steps, zero_head
+from ddae_core.heads.probe_online import ImageSet, readout_matrix
 from ddae_core.readout import Readout
 from toy_images import brightness_split, random_tiny_denoiser
 

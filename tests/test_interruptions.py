@@ -28,10 +28,11 @@ from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared, prepare_dataset
 from ddae_core.diffusion import build_denoiser, build_loss
 from ddae_core.nn import build_unet
-from ddae_core.training import train
-from tasks.common import Paths, load_params
+from ddae_core.training.loop import train
+from tasks.services.outputs.paths import Paths
+from tasks.services.params.loading import load_params
 from tasks.extract import build_features, parts_root, plan_units
-from tasks.feature_store import read_unit
+from tasks.services.outputs.feature_store import read_unit
 from test_training import DIFFUSION, _fresh_accelerate_state, make_denoiser, make_images, resume_config  # noqa: F401
 
 TESTS = Path(__file__).resolve().parent
@@ -74,7 +75,7 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 import test_training as T
 from ddae_core.diffusion import build_loss
-from ddae_core.training import train
+from ddae_core.training.loop import train
 config = dataclasses.replace(T.resume_config({steps}), checkpoint_every=1, keep_last=2, log_every=1)
 result = train(T.make_denoiser(), build_loss(T.DIFFUSION), np.load({images!r}, mmap_mode="r"), config,
                out_dir={out!r}, progress=False)

@@ -16,7 +16,7 @@ from test_training import _fresh_accelerate_state, make_denoiser, make_images  #
 
 from ddae_core.checkpoint import latest_checkpoint
 from ddae_core.config import TrainConfig
-from ddae_core.training import train
+from ddae_core.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -27,7 +27,7 @@ import json, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
 import test_multiprocess as M
-from ddae_core.training import train
+from ddae_core.training.loop import train
 result = train(M.make_denoiser(dropout=0.0), M.deterministic_loss, np.load({images!r}), M.config({steps}),
                out_dir={out!r}, progress=False)
 from accelerate import PartialState

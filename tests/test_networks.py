@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ddae_core.cli import main
+from flows.cli import main
 from ddae_core.nn import NETWORKS, UNet, UNetConfig, build_unet, count_parameters, network_config, paper_aliases
 from ddae_core.nn.layers import group_norm, sinusoidal_embedding
 

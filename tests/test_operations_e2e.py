@@ -113,7 +113,7 @@ def test_embed_writes_extract_schema_and_probe_inputs(project, tmp_path, monkeyp
     import pyarrow.parquet as pq
     from safetensors.numpy import load_file
 
-    from ddae_core.probe import LinearProbe
+    from ddae_core.heads.probe import LinearProbe
 
     images = tmp_path / "embed"
     paths = h.make_loose_images(images, 6, corrupt="broken.png")

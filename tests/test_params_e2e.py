@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 import e2e_helpers as h
-from tasks.params_overrides import overridden_params
-from tasks.run_lock import recorded_holder
+from tasks.services.params.overrides import overridden_params
+from tasks.services.runner.run_lock import recorded_holder
 
 pytestmark = pytest.mark.slow
 

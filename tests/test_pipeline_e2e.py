@@ -502,7 +502,8 @@ def test_registry_champion_predicts_and_gate(pipeline, tmp_path, monkeypatch):
     from safetensors.numpy import load_file, save_file
 
     from ddae_core.classifier import Classifier
-    from tasks.common import Paths, load_params
+    from tasks.services.outputs.paths import Paths
+    from tasks.services.params.loading import load_params
     import tasks.register as register
 
     root = pipeline.root
@@ -770,7 +771,7 @@ def test_second_clone_with_the_remote_and_run_cache_skips_every_stage(pipeline, 
 
     # A machine sharing the first one's DVC cache, driven stage by stage as `ddae run` and the flows
     # do: each stage's report says DVC restored it from the run-cache (only the snapshot checksum ran).
-    from tasks.dvc_stage import STAGES, reproduce
+    from tasks.services.runner.dvc_stage import STAGES, reproduce
 
     other = tmp_path / "other"
     h.git(tmp_path, "clone", "-q", str(pipeline.root), str(other))
@@ -783,7 +784,7 @@ def test_second_clone_with_the_remote_and_run_cache_skips_every_stage(pipeline, 
     assert (other / "metrics/probe.json").read_bytes() == (pipeline.root / "metrics/probe.json").read_bytes()
 
     # a profile written into params.yaml (another dataset and network): DVC sees each value it changed
-    from tasks.params_file import flatten
+    from tasks.services.params.editing import flatten
 
     before = flatten(yaml.safe_load((clone / "params.yaml").read_text()))
     applied = h.run([h.tool("ddae"), "profile", "cifar10-ddpm"], clone, timeout=120)

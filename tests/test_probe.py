@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddae_core.probe import LinearProbe, Standardizer, fit_logistic, select_probe
+from ddae_core.heads.probe import LinearProbe, Standardizer, fit_logistic, select_probe
 
 
 def _blobs(n: int, dim: int, classes: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +129,7 @@ def test_warm_start_reaches_the_same_solution() -> None:
 
 
 def test_screening_keeps_the_informative_candidate_and_refits_it_on_all_data():
-    from ddae_core.probe import screen_and_select
+    from ddae_core.heads.probe import screen_and_select
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 6)) * 3

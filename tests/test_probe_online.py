@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ddae_core.config import DiffusionConfig
-from ddae_core.probe import Standardizer
-from ddae_core.probe_online import ImageSet, _RunningMoments, _subset, online_probe, readout_matrix
+from ddae_core.heads.probe import Standardizer
+from ddae_core.heads.probe_online import ImageSet, _RunningMoments, _subset, online_probe, readout_matrix
 from toy_images import brightness_split, random_tiny_denoiser
 
 
@@ -95,8 +95,8 @@ def test_probe_stage_reports_online_beside_cached_cost(denoiser, splits, tmp_pat
     from ddae_core.checkpoint import save_network
     from ddae_core.config import PipelineConfig
     from ddae_core.readout import Readout
-    from tasks.common import Paths
-    from tasks.feature_store import FeatureIndex
+    from tasks.services.outputs.paths import Paths
+    from tasks.services.outputs.feature_store import FeatureIndex
 
     paths = Paths(tmp_path)
     save_network(paths.network, denoiser, {"diffusion": DiffusionConfig(framework="ddpm")})

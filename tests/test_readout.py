@@ -145,7 +145,7 @@ def test_concat_reads_extract_batch_output():
 
 @pytest.mark.parametrize("text, kind", [(PROBE_SELECTION, "probe"), (FINETUNE_SELECTION, "finetune")])
 def test_todays_selection_files_read_and_rewrite_byte_identically(tmp_path, text, kind):
-    from tasks.common import write_json_atomic  # the writer both stages use
+    from ddae_core.atomic import write_json_atomic  # the writer both stages use
 
     (tmp_path / SELECTION_FILE).write_text(text)
     selection = Selection.read(tmp_path)

@@ -28,7 +28,7 @@ FACTS = {"model": NAME, "data_checksum": "data-1", "git_commit": "abc1234"}
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
     """A fresh MLflow store in tmp (sqlite + artifacts); the global tracking URI is put back after."""
-    from tasks.tracking import configure
+    from tasks.services.tracking.runs import configure
 
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -137,9 +137,10 @@ def _fake_project(root: Path, class_id: int) -> None:
     (root / "ddae_core").mkdir(parents=True, exist_ok=True)
     (root / "ddae_core" / "__init__.py").write_text("")
     (root / "ddae_core" / "marker.py").write_text(f"CLASS_ID = {class_id}\n")
-    (root / "tasks").mkdir(exist_ok=True)
-    for name in ("__init__.py", "score_model.py"):
-        shutil.copy2(REPO / "tasks" / name, root / "tasks" / name)
+    for name in ("tasks/__init__.py", "tasks/services/__init__.py", "tasks/services/tracking/__init__.py",
+                 "tasks/services/tracking/score_model.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
 
 
 def test_a_version_is_scored_with_the_code_it_was_logged_with(tracking, tmp_path):
@@ -166,10 +167,11 @@ def test_a_version_is_scored_with_the_code_it_was_logged_with(tracking, tmp_path
 
 def test_the_scorer_imports_none_of_the_project():
     loaded = subprocess.run(
-        [sys.executable, "-c", "import json, sys, tasks.score_model\n"
+        [sys.executable, "-c", "import json, sys, tasks.services.tracking.score_model\n"
          "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('ddae_core', 'tasks', 'flows'))))"],
         cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert json.loads(loaded) == ["tasks", "tasks.score_model"]
+    assert json.loads(loaded) == ["tasks", "tasks.services", "tasks.services.tracking",
+                                  "tasks.services.tracking.score_model"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ def imported_at_load() -> set[str]:
     """
     script = textwrap.dedent("""
         import json, sys
-        import tasks.classifier_model
+        import tasks.services.tracking.pyfunc_model
         from ddae_core.classifier import Classifier
         project = {name: module.__file__ for name, module in sys.modules.items()
                    if name.split('.')[0] in ('ddae_core', 'tasks') and getattr(module, '__file__', None)}

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.run_lock import RepositoryBusy, hold_run_lock, recorded_holder
+from tasks.services.runner.run_lock import RepositoryBusy, hold_run_lock, recorded_holder
 
 REPO = Path(__file__).resolve().parents[1]
 
 HOLD = """
 import sys
 from pathlib import Path
-from tasks.run_lock import hold_run_lock
+from tasks.services.runner.run_lock import hold_run_lock
 with hold_run_lock(Path(sys.argv[1]), wait=False, command="holder under test"):
     print("held", flush=True)
     sys.stdin.readline()  # until the test says release
@@ -26,7 +26,7 @@ with hold_run_lock(Path(sys.argv[1]), wait=False, command="holder under test"):
 WAIT = """
 import sys
 from pathlib import Path
-from tasks.run_lock import hold_run_lock
+from tasks.services.runner.run_lock import hold_run_lock
 with hold_run_lock(Path(sys.argv[1]), wait=True,
                    on_wait=lambda h: print(f"waiting for pid {h.pid}: {h.command}", flush=True)):
     print("acquired", flush=True)

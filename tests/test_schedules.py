@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ddae_core.schedules import lr_factor
+from ddae_core.training.schedules import lr_factor
 
 
 def test_warmup_ramps_linearly_then_stays_at_one():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ddae_core.selective import at_threshold, selective_curve, suggest_threshold
+from ddae_core.heads.selective import at_threshold, selective_curve, suggest_threshold
 
 
 def test_curve_points_accept_whole_ties_and_count_hits():

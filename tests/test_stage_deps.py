@@ -49,14 +49,17 @@ def test_the_derivation_sees_lazy_imports_and_packages_and_not_everything():
     probe = sc.stage_code("probe")
     # module level (plots, selective), inside functions (tracking: stage_main; probe_online: the online
     # probe) and the packages' __init__ files every import runs first
-    assert {"tasks/probe.py", "tasks/plots.py", "tasks/selective.py", "tasks/tracking.py",
-            "tasks/common.py", "tasks/__init__.py", "ddae_core/__init__.py", "ddae_core/probe_online.py",
-            "ddae_core/nn/__init__.py", "ddae_core/nn/unet.py"} <= probe
-    assert "tasks/feature_store.py" in sc.stage_code("evaluate") & sc.stage_code("finetune")
-    assert "tasks/classifier_model.py" in sc.stage_code("register")  # imported inside log_classifier
+    assert {"tasks/probe.py", "tasks/services/outputs/plots.py", "tasks/services/outputs/selective.py",
+            "tasks/services/tracking/runs.py", "tasks/services/runner/stage_main.py", "tasks/__init__.py",
+            "tasks/services/__init__.py", "tasks/services/outputs/__init__.py", "ddae_core/__init__.py",
+            "ddae_core/heads/probe_online.py", "ddae_core/nn/__init__.py", "ddae_core/nn/unet.py"} <= probe
+    assert "tasks/services/outputs/feature_store.py" in sc.stage_code("evaluate") & sc.stage_code("finetune")
+    assert "tasks/services/tracking/pyfunc_model.py" in sc.stage_code("register")  # imported inside log_classifier
     every = set().union(*(sc.stage_code(s) for s in STAGES))
-    assert not every & {"tasks/predict.py", "tasks/embed.py", "tasks/prefect_tasks.py", "ddae_core/cli.py",
-                        "tasks/profiles.py", "tasks/params_file.py", "tasks/run_lock.py"}  # ddae run/profile only
+    assert not every & {"tasks/services/serving/predict.py", "tasks/services/serving/embed.py",
+                        "tasks/services/runner/prefect_tasks.py", "ddae_core/nn/describe.py",
+                        "tasks/services/params/profiles.py", "tasks/services/params/editing.py",
+                        "tasks/services/runner/run_lock.py"}  # ddae run/profile/networks only
     assert not any(path.startswith("flows/") for path in every)
 
 
@@ -64,8 +67,8 @@ def test_write_restores_a_dropped_and_removes_an_extra_code_dep_and_keeps_the_re
     """`python tests/stage_code.py --write` regenerates the lists (a PR that changes imports runs it)."""
     text = (sc.REPO / "dvc.yaml").read_text()
     assert sc.rewrite_code_deps(text) == text  # the committed file is what the imports give
-    edited = text.replace("      - tasks/tracking.py\n", "", 1).replace(
-        "      - tasks/prepare.py\n", "      - tasks/prepare.py\n      - tasks/embed.py\n", 1)
+    edited = text.replace("      - tasks/services/tracking/runs.py\n", "", 1).replace(
+        "      - tasks/prepare.py\n", "      - tasks/prepare.py\n      - tasks/services/serving/embed.py\n", 1)
     assert edited != text and sc.rewrite_code_deps(edited) == text
 
 
@@ -130,5 +133,5 @@ def test_the_static_walk_covers_every_module_a_stage_import_loads():
         derived = sc.stage_code(stage)
         assert set(files) <= derived, f"stage {stage}: the import walk misses {sorted(set(files) - derived)}"
         assert f"tasks/{stage}.py" in files
-    assert "tasks/tracking.py" not in loaded["snapshot"]  # only imported when stage_main runs...
-    assert "tasks/tracking.py" in sc.stage_code("snapshot")  # ...which the walk follows
+    assert "tasks/services/tracking/runs.py" not in loaded["snapshot"]  # only imported when stage_main runs...
+    assert "tasks/services/tracking/runs.py" in sc.stage_code("snapshot")  # ...which the walk follows

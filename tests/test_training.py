@@ -28,10 +28,10 @@ from ddae_core.checkpoint import (
 )
 from ddae_core.config import DiffusionConfig, TrainConfig
 from ddae_core.diffusion import build_denoiser, build_loss
-from ddae_core.ema import EMA
+from ddae_core.training.ema import EMA
 from ddae_core.nn.unet import build_unet
-from ddae_core.schedules import ema_decay_at, lr_factor
-from ddae_core.training import TrainingInterrupted, global_batch_indices, local_micro_batches, train
+from ddae_core.training.schedules import ema_decay_at, lr_factor
+from ddae_core.training.loop import TrainingInterrupted, global_batch_indices, local_micro_batches, train
 
 REPO = Path(__file__).resolve().parents[1]
 DIFFUSION = DiffusionConfig()  # DDPM, T = 1000
@@ -220,7 +220,7 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 import test_training as T
 from ddae_core.diffusion import build_loss
-from ddae_core.training import train
+from ddae_core.training.loop import train
 import torch
 images = np.load({images!r}, mmap_mode="r")
 denoiser = T.make_denoiser()

@@ -1,7 +1,7 @@
 """Run on the params committed in git: the scheduled retrain must not inherit the last one-off override.
 
 ``ddae run --set`` and deployment overrides stay in the working params.yaml. The retrain flow, holding
-the repository's run lock (tasks/run_lock.py), puts ``git show HEAD:params.yaml`` in its place for the
+the repository's run lock (tasks/services/runner/run_lock.py), puts ``git show HEAD:params.yaml`` in its place for the
 run and the working copy back afterwards, kept meanwhile in ``.dvc/tmp/ddae-params.working.yaml``.
 A retrain killed mid-run leaves that backup behind; whoever takes the lock next puts it back first.
 """
@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
-from tasks.common import write_bytes_atomic
+from ddae_core.atomic import write_bytes_atomic
 
 BACKUP = Path(".dvc") / "tmp" / "ddae-params.working.yaml"
 PARAMS = "params.yaml"

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ddae_core.config import ConfigError, PipelineConfig
-from tasks.common import config_from_params, parse_params, read_params_file
-from tasks.params_file import Setting, edit_params, end_of_line_comments, flatten
+from tasks.services.params.loading import config_from_params, parse_params, read_params_file
+from tasks.services.params.editing import Setting, edit_params, end_of_line_comments, flatten
 
 PROFILES_DIR = "profiles"
 PROFILE_KEY = "profile"  # the override that names a profile; never a key of params.yaml
@@ -81,7 +81,7 @@ def apply_profile(params_path: Path, name: str) -> tuple[PipelineConfig, dict[st
     """Write profile ``name`` into params.yaml, validated first; returns the config and what changed.
 
     A leftover ``profile`` key (from ``dvc exp run -S +profile=NAME``) is dropped. The caller holds
-    the repository's run lock (tasks/run_lock.py): params.yaml never changes under a pipeline run.
+    the repository's run lock (tasks/services/runner/run_lock.py): params.yaml never changes under a pipeline run.
     """
     before = read_params_file(params_path)
     source = profile_source(params_path, name)

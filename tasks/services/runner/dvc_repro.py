@@ -1,6 +1,6 @@
-"""``python -m tasks.dvc_repro STAGE REPORT``: ``dvc repro --single-item STAGE``, and how DVC did it.
+"""``python -m tasks.services.runner.dvc_repro STAGE REPORT``: ``dvc repro --single-item STAGE``, and how DVC did it.
 
-``tasks.dvc_stage.reproduce`` runs this in a child process instead of the ``dvc`` CLI, so the status
+``tasks.services.runner.dvc_stage.reproduce`` runs this in a child process instead of the ``dvc`` CLI, so the status
 comes from DVC's own decisions rather than from its console text: ``Repo.reproduce`` returns the
 stages it brought up to date (none: the stage was unchanged), and the run-cache's ``restore``
 succeeds only when DVC checked the outputs out of its cache instead of running the command. The log
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     logger = logging.getLogger("dvc")  # the logger `import dvc` gave DVC's console handlers
 
     if len(argv) != 2:
-        sys.stderr.write("usage: python -m tasks.dvc_repro STAGE REPORT.json\n")
+        sys.stderr.write("usage: python -m tasks.services.runner.dvc_repro STAGE REPORT.json\n")
         return 2
     stage, report = argv
     ui.enable()  # DVC's hints (git add dvc.lock ...), as the CLI prints them

@@ -1,4 +1,4 @@
-"""``python -m tasks.score_model URI FRAME.parquet``: one model's test accuracy, in a process of its own.
+"""``python -m tasks.services.tracking.score_model URI FRAME.parquet``: one model's test accuracy, in a process of its own.
 
 Loading a pyfunc model puts the code it was logged with (``code_paths``: its own ``ddae_core``) first
 on ``sys.path``, but a module already imported stays imported: scored inside the register stage, an
@@ -18,7 +18,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        sys.stderr.write("usage: python -m tasks.score_model MODEL_URI FRAME.parquet\n")
+        sys.stderr.write("usage: python -m tasks.services.tracking.score_model MODEL_URI FRAME.parquet\n")
         return 2
     uri, frame_path = argv
     import mlflow

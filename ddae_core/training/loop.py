@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from ddae_core.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from ddae_core.config import TrainConfig, as_dict
 from ddae_core.data import to_model_input
-from ddae_core.ema import EMA
+from ddae_core.training.ema import EMA
 from ddae_core.precision import resolve_mixed_precision
-from ddae_core.schedules import ema_decay_at, lr_factor
+from ddae_core.training.schedules import ema_decay_at, lr_factor
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tasks.common import write_bytes_atomic, write_csv_atomic  # noqa: E402
+from ddae_core.atomic import write_bytes_atomic, write_csv_atomic  # noqa: E402
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "lr")  # loss.csv; dvc.yaml plots loss against step
 

@@ -36,10 +36,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddae_core.features import extract
-from ddae_core.probe import LinearProbe, Standardizer, unit_std
+from ddae_core.heads.probe import LinearProbe, Standardizer, unit_std
 from ddae_core.readout import FeatureKey, Readout
 from ddae_core.sampling import balanced_subset
-from ddae_core.schedules import lr_factor
+from ddae_core.training.schedules import lr_factor
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Feature service: the registered model's readout for a folder or archive of images, as Parquet.
 
-The rows have the extract stage's columns (``tasks.feature_store.FEATURE_COLUMNS``) plus ``path``:
+The rows have the extract stage's columns (``tasks.services.outputs.feature_store.FEATURE_COLUMNS``) plus ``path``:
 ``sample_id`` is the image's content id (the id the deployed model draws its feature noise from),
 ``split`` is ``"embed"``, ``label`` is -1, ``tap`` the readout's ``tap_name`` (``a+b`` when the probe
 chose a concatenation), and ``feature`` exactly the vector the classifier's probe reads. Images that
@@ -21,11 +21,12 @@ from tqdm import tqdm
 from ddae_core.classifier import content_ids
 from ddae_core.data import preprocess_image
 from ddae_core.data.image_files import count_images
-from tasks.common import atomic_file, load_params
+from ddae_core.atomic import atomic_file
+from tasks.services.params.loading import load_params
 from ddae_core.readout import Readout
-from tasks.feature_store import feature_table
-from tasks.model_source import load_model, model_uri
-from tasks.predict import batches
+from tasks.services.outputs.feature_store import feature_table
+from tasks.services.tracking.model_source import load_model, model_uri
+from tasks.services.serving.predict import batches
 
 
 def feature_schema(dim: int, metadata: dict) -> pa.Schema:

@@ -2,7 +2,7 @@
 
 Both the Prefect flow and ``ddae run`` call this; the stage code itself runs as DVC's command
 (``python -m tasks.<stage>``), exactly as under ``dvc repro``: one cache, nothing computed twice.
-The report (ran, skipped or restored) is DVC's own decision, recorded by ``tasks.dvc_repro``.
+The report (ran, skipped or restored) is DVC's own decision, recorded by ``tasks.services.runner.dvc_repro``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tasks.common import TRANSIENT_MARKER, apply_offline_env
+from tasks.services.runner.process_env import apply_offline_env
+from tasks.services.runner.stage_main import TRANSIENT_MARKER
 
 STAGES = ("snapshot", "prepare", "pretrain", "extract", "probe", "finetune", "evaluate", "register")
 DVC_LOCK_ERROR = "Unable to acquire lock"  # what DVC prints when another DVC command holds the repo
@@ -39,7 +40,7 @@ class StageFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class StageResult:
-    """How DVC brought one stage up to date: ``status`` is one of ``tasks.dvc_repro.STATUSES``.
+    """How DVC brought one stage up to date: ``status`` is one of ``tasks.services.runner.dvc_repro.STATUSES``.
 
     ``ran``: DVC ran its command; ``skipped``: nothing it depends on changed; ``restored``: DVC
     checked its outputs out of the run-cache (computed before, in this DVC cache or a shared one).
@@ -85,7 +86,7 @@ def reproduce(stage: str, root: Path, *, env: dict[str, str] | None = None,
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ddae-stage-") as tmp:
         report = Path(tmp) / "status.json"
-        command = [sys.executable, "-m", "tasks.dvc_repro", stage, str(report)]
+        command = [sys.executable, "-m", "tasks.services.runner.dvc_repro", stage, str(report)]
         process = subprocess.Popen(command, cwd=root, env=stage_env(env), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
         transient = locked = False

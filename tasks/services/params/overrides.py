@@ -1,7 +1,7 @@
 """Apply ``section.key=value`` overrides to params.yaml, validated before the file changes.
 
-``profile=NAME`` among them writes that profile first (tasks/profiles.py), then the other keys. The
-file keeps its comments and order (tasks/params_file.py); a refused override leaves it byte-identical.
+``profile=NAME`` among them writes that profile first (tasks/services/params/profiles.py), then the other keys. The
+file keeps its comments and order (tasks/services/params/editing.py); a refused override leaves it byte-identical.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ddae_core.config import PipelineConfig
-from tasks.common import config_from_params
-from tasks.params_file import edit_params
-from tasks.profiles import PROFILE_KEY, with_profile
+from tasks.services.params.loading import config_from_params
+from tasks.services.params.editing import edit_params
+from tasks.services.params.profiles import PROFILE_KEY, with_profile
 
 
 def overridden_params(params_path: Path, overrides: dict[str, Any], *,
@@ -31,6 +31,6 @@ def overridden_params(params_path: Path, overrides: dict[str, Any], *,
 def apply_overrides(params_path: Path, overrides: dict[str, Any]) -> PipelineConfig:
     """Validate the overridden params and only then rewrite params.yaml (atomically, comments kept).
 
-    The caller holds the repository's run lock (tasks/run_lock.py).
+    The caller holds the repository's run lock (tasks/services/runner/run_lock.py).
     """
     return overridden_params(params_path, overrides, write=True)[1]

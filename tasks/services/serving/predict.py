@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ddae_core.data.image_files import count_images, iter_images
-from tasks.common import atomic_file, load_params
-from tasks.model_source import LoadedModel, load_model, model_uri
+from ddae_core.atomic import atomic_file
+from tasks.services.params.loading import load_params
+from tasks.services.tracking.model_source import LoadedModel, load_model, model_uri
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ from ddae_core.config import ConfigError
 from ddae_core.nn import paper_aliases
 from ddae_core.nn.unet import UNetConfig
 from ddae_core.readout import Readout, Selection, candidates
-from tasks.common import Paths, StageError, write_json_atomic
+from ddae_core.atomic import write_json_atomic
+from tasks.services.outputs.paths import Paths
+from tasks.services.runner.stage_main import StageError
 
 FEATURE_COLUMNS = ("sample_id", "split", "label", "tap", "level", "pool", "copy", "feature")
 INDEX_FILE = "index.json"

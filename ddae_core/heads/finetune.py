@@ -27,9 +27,9 @@ from ddae_core.config import FinetuneConfig
 from ddae_core.data import to_model_input
 from ddae_core.features import readout
 from ddae_core.noise import augment, copy_seed
-from ddae_core.probe import STD_EPS, LinearProbe, Standardizer
-from ddae_core.probe_online import ImageSplit
-from ddae_core.schedules import lr_factor
+from ddae_core.heads.probe import STD_EPS, LinearProbe, Standardizer
+from ddae_core.heads.probe_online import ImageSplit
+from ddae_core.training.schedules import lr_factor
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.common import StageError
-from tasks.tracking import tracking_uri
+from tasks.services.runner.stage_main import StageError
+from tasks.services.tracking.runs import tracking_uri
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import Task, get_run_logger, task
 
-from tasks.dvc_stage import STAGES, StageFailed, reproduce
+from tasks.services.runner.dvc_stage import STAGES, StageFailed, reproduce
 
 
 def _retry_on_io(task_: Task, task_run, state) -> bool:

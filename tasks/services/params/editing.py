@@ -22,7 +22,8 @@ from ruamel.yaml.representer import RoundTripRepresenter
 from ruamel.yaml.tokens import CommentToken
 
 from ddae_core.config import ConfigError
-from tasks.common import parse_params, write_bytes_atomic
+from ddae_core.atomic import write_bytes_atomic
+from tasks.services.params.loading import parse_params
 
 T = TypeVar("T")
 _STR = "tag:yaml.org,2002:str"

