@@ -111,7 +111,7 @@ def pipeline_loop(device: torch.device, batch: int, steps: int) -> dict[str, Any
     """``ddae_core.training.loop.train`` (Accelerate, bf16 on CUDA) on random images: the pipeline's own path."""
     images = np.random.default_rng(0).integers(0, 256, (max(batch * 2, 8), 32, 32, 3), dtype=np.uint8)
     denoiser = build_denoiser(DiffusionConfig(), build_unet("ddpm-35m", in_channels=3, resolution=32))
-    config = TrainConfig(steps=steps, batch_size=batch, lr=4e-4, warmup_steps=1,
+    config = TrainConfig(steps=steps, batch_size=batch, lr=4e-4, warmup_steps=1, ema_decay=0.9999,
                          mixed_precision="bf16" if device.type == "cuda" else "no",
                          checkpoint_every=steps, log_every=steps)  # fmt: skip
     with tempfile.TemporaryDirectory() as out:

@@ -143,8 +143,8 @@ def quick_setup(workdir: Path, config: PipelineConfig, *, train_images: int = 60
     diffusion = DiffusionConfig(framework="ddpm")
     denoiser = build_denoiser(diffusion, unet)
     result = train(denoiser, build_loss(diffusion), np.asarray(splits["train"].images),
-                   TrainConfig(steps=steps, batch_size=32, lr=1e-3, ema_decay=0.9, checkpoint_every=max(steps // 2, 1),
-                               keep_last=4, log_every=max(steps // 2, 1)),
+                   TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=0, ema_decay=0.9, mixed_precision="no",
+                               checkpoint_every=max(steps // 2, 1), keep_last=4, log_every=max(steps // 2, 1)),
                    out_dir=workdir / "run", progress=False)
     save_network(workdir / "network", result.ema_denoiser, {"diffusion": diffusion})
     taps = ["mid.res1"] + [t for t in unet.tap_names() if t.startswith("dec.") and ".res" in t][:2]

@@ -1,7 +1,9 @@
 """Typed, validated configuration: one frozen dataclass per ``params.yaml`` section.
 
 Validation happens once, at the edge (``PipelineConfig.from_dict``); every error names the key, the
-value and what was expected, so a bad ``params.yaml`` fails before any work starts.
+value and what was expected, so a bad ``params.yaml`` fails before any work starts. Each default is
+params.yaml's value, and params.yaml lists every field (``tests/test_defaults.py``): a key left out of
+a params mapping means what the default run uses.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ class DataConfig:
 
     dataset: Literal["fashion-mnist", "cifar10", "imagefolder"] = "fashion-mnist"
     source: str = ""  # folder/archive for imagefolder and a local CIFAR-10 copy; "" = default place
-    image_size: int = 32  # every image is resized (or padded, for 28x28 IDX) to this square size
+    image_size: int = 28  # every image is resized (or padded, for 28x28 IDX) to this square size
     channels: int = 1  # 1 = grayscale, 3 = RGB; images are converted to this mode
     val_fraction: float = 0.1  # share of train carved out (class-stratified) for model selection
     test_fraction: float = 0.2  # imagefolder without train/ and test/ subfolders: share held out
@@ -140,7 +142,7 @@ class DataConfig:
 class NetworkConfig:
     """A named network from ``ddae_core.nn.NETWORKS``; input shape comes from the data section."""
 
-    name: str = "ddpm-small"
+    name: str = "ddpm-cpu"
     dropout: float | None = None  # None = the named configuration's own dropout
 
     def __post_init__(self) -> None:
@@ -169,23 +171,22 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Pretraining loop settings (the paper: Adam 1e-4, clip 1.0, EMA 0.9999 DDPM / 0.9993 EDM)."""
+    """Pretraining loop settings; the defaults are the CPU run's (profiles/ hold the paper's)."""
 
-    steps: int = 1000  # optimizer steps in total
+    steps: int = 800  # optimizer steps in total
     batch_size: int = 128  # global batch (split over processes)
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4
-    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    lr: float = 5e-4
+    warmup_steps: int = 50  # linear warm-up from 0 to lr
     grad_clip: float = 1.0  # max grad norm; 0 disables
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.999
     ema_warmup: bool = True  # decay ramps as min(decay, (1+s)/(10+s)) so short runs are not all init
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: bf16 where native (precision.py)
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"  # auto: bf16 where native (precision.py)
     hflip: bool = True  # random horizontal flip, as in the paper
-    checkpoint_every: int = 200  # steps between resumable checkpoints
+    checkpoint_every: int = 100  # steps between resumable checkpoints
     keep_last: int = 2  # checkpoints kept on disk
     log_every: int = 10
     seed: int = 0
-    num_workers: int = 0  # unused by the in-memory loader; kept for the DataLoader path
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
@@ -195,7 +196,6 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         _require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True)
@@ -225,10 +225,12 @@ class PretrainConfig:
 class ExtractConfig:
     """Which (tap, noise level, pooling) features to cache, and how."""
 
-    taps: tuple[str, ...] = ("mid.res1",)  # block names (UNet.tap_names()) or paper aliases (out_6)
+    taps: tuple[str, ...] = (  # block names (UNet.tap_names()) or paper aliases (out_6)
+        "mid.res1", "dec.7x7.res0", "dec.7x7.res1", "dec.14x14.res0", "dec.14x14.res1", "dec.28x28.res0",
+        "dec.28x28.res1")
     levels: tuple[float, ...] = (11.0,)  # DDPM: t in 1..T; EDM: sigma (see sigma_indices)
     sigma_indices: tuple[int, ...] = ()  # EDM only: the paper's step indices, converted to sigma
-    pools: tuple[int, ...] = (1,)  # 1 = global average pooling (paper); k = k x k average pooling
+    pools: tuple[int, ...] = (1, 2)  # 1 = global average pooling (paper); k = k x k average pooling
     augment_copies: int = 0  # extra flipped/cropped copies of the train split
     batch_size: int = 256
     seed: int = 0
@@ -251,11 +253,14 @@ class ExtractConfig:
 class ProbeConfig:
     """Linear probe grid: candidates are single (tap, level, pool) and the listed concatenations."""
 
-    l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)  # L2 strengths tried; chosen on validation
+    l2_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3)  # L2 strengths tried; chosen on validation
     max_iter: int = 200  # L-BFGS iterations per fit
-    screen_train: int = 0  # >0: rank all candidates on this many train images first (two-phase search)
-    finalists: int = 2  # candidates refitted on the full train split after screening
-    concat: tuple[tuple[str, ...], ...] = ()  # tap groups whose features are concatenated
+    screen_train: int = 5000  # >0: rank all candidates on this many train images first (two-phase search)
+    finalists: int = 1  # candidates refitted on the full train split after screening
+    concat: tuple[tuple[str, ...], ...] = (  # tap groups whose features are concatenated
+        ("mid.res1", "dec.7x7.res0", "dec.7x7.res1"),
+        ("mid.res1", "dec.7x7.res0", "dec.7x7.res1", "dec.14x14.res0", "dec.14x14.res1", "dec.28x28.res0",
+         "dec.28x28.res1"))
     raw_pixels: bool = True  # also probe raw pixels through the same code (the floor)
     online: bool = False  # also run the paper's online protocol on the chosen readout (slow)
     online_epochs: int = 15  # paper: 15 epochs, Adam lr 1e-3, cosine, batch 128, flip/crop + fresh noise
@@ -308,7 +313,7 @@ class LabelEfficiencyConfig:
 class DiagnosticsConfig:
     """Alignment/uniformity of two augmented views and a kNN probe, per tap and noise level."""
 
-    pairs: int = 512  # train images whose two augmented views are compared (0 disables alignment/uniformity)
+    pairs: int = 256  # train images whose two augmented views are compared (0 disables alignment/uniformity)
     pool: int = 1  # pooling grid of the per-tap features studied (1 = global average, the paper)
     knn_k: int = 20  # neighbours voting in the kNN probe
     knn_temperature: float = 0.07  # votes weigh exp(cosine similarity / temperature)
@@ -334,12 +339,12 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 10  # linear warm-up, then cosine decay to 0
     epochs: int = 10  # passes over the labelled subset ...
-    max_steps: int = 0  # ... capped at this many optimizer steps per model (0 = no cap)
+    max_steps: int = 40  # ... capped at this many optimizer steps per model (0 = no cap)
     batch_size: int = 64
     eval_every: int = 20  # steps between validation checks (early stopping keeps the best)
     patience: int = 3  # validation checks without improvement before stopping
-    val_max: int = 1000  # validation images used for early stopping (0 = all)
-    test_max: int = 0  # test images scored once at the end (0 = all)
+    val_max: int = 500  # validation images used for early stopping (0 = all)
+    test_max: int = 2000  # test images scored once at the end (0 = all)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -67,7 +67,7 @@ def make_fashion_mnist(folder: Path, per_class_train: int = 6, per_class_test: i
 
 
 def fm_config(folder: Path, **kwargs) -> DataConfig:
-    return DataConfig(dataset="fashion-mnist", source=str(folder), **kwargs)
+    return DataConfig(**{"dataset": "fashion-mnist", "source": str(folder), "image_size": 32, **kwargs})
 
 
 def write_cifar(folder: Path, per_batch: int = 3) -> dict:
@@ -455,7 +455,7 @@ def test_real_fashion_mnist(tmp_path):
     assert idx_shape(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz") == (60000, 28, 28)
     assert idx_shape(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz") == (10000, 28, 28)
     assert idx_shape(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz") == (10000,)
-    manifest = prepare_dataset(DataConfig(max_train=200, max_test=50), tmp_path / "fm", progress=False)
+    manifest = prepare_dataset(DataConfig(image_size=32, max_train=200, max_test=50), tmp_path / "fm", progress=False)
     assert manifest["splits"] == {"train": 180, "val": 20, "test": 50}
     assert manifest["class_names"][0] == "T-shirt/top" and manifest["class_names"][9] == "Ankle boot"
     _, splits = load_prepared(tmp_path / "fm")

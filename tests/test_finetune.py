@@ -41,7 +41,7 @@ def _model(denoiser, split: ImageSet) -> ReadoutClassifier:
 
 def _config(**overrides) -> FinetuneConfig:
     values = dict(lr=3e-2, backbone_lr_scale=0.1, weight_decay=0.0, warmup_steps=2, epochs=4, batch_size=16,
-                  eval_every=3, patience=10, seed=0)
+                  eval_every=3, patience=10, max_steps=0, seed=0)
     return FinetuneConfig(**{**values, **overrides})
 
 

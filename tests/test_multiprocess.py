@@ -46,7 +46,8 @@ def deterministic_loss(net, x0: torch.Tensor, generator: torch.Generator) -> tor
 
 def config(steps: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=8, grad_accum=2, lr=2e-3, warmup_steps=2, ema_decay=0.9,
-                       hflip=False, checkpoint_every=2, keep_last=3, log_every=1, seed=1)  # fmt: skip
+                       hflip=False, checkpoint_every=2, keep_last=3, log_every=1, seed=1,
+                       mixed_precision="no")  # fmt: skip
 
 
 def launch_two_processes(tmp_path: Path, images: Path, steps: int, out: Path) -> dict:

@@ -65,7 +65,7 @@ def store(tmp_path_factory):
 
 def config(concat) -> PipelineConfig:
     return PipelineConfig.from_dict({"probe": {"concat": concat, "raw_pixels": False, "max_iter": 30,
-                                               "l2_grid": [1e-3, 1e-2]}})
+                                               "l2_grid": [1e-3, 1e-2], "screen_train": 0, "finalists": 2}})
 
 
 def test_the_index_reads_back_with_the_networks_paper_aliases(store):

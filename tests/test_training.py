@@ -68,7 +68,7 @@ def make_images(n: int = 64, seed: int = 0) -> np.ndarray:
 def resume_config(steps: int) -> TrainConfig:
     return TrainConfig(
         steps=steps, batch_size=8, grad_accum=2, lr=2e-3, warmup_steps=5, ema_decay=0.99,
-        ema_warmup=True, hflip=True, checkpoint_every=5, keep_last=2, log_every=5, seed=3,
+        ema_warmup=True, hflip=True, checkpoint_every=5, keep_last=2, log_every=5, seed=3, mixed_precision="no",
     )  # fmt: skip
 
 
@@ -272,7 +272,7 @@ def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path):
 
 def test_tiny_unet_overfits_64_images(tmp_path):
     config = TrainConfig(steps=60, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.99,
-                         hflip=False, checkpoint_every=1000, log_every=1, seed=0)  # fmt: skip
+                         hflip=False, checkpoint_every=1000, log_every=1, seed=0, mixed_precision="no")  # fmt: skip
     result = train(make_denoiser(dropout=0.0), build_loss(DIFFUSION), make_images(64), config,
                    out_dir=tmp_path, progress=False)  # fmt: skip
     losses = [h["loss"] for h in result.history]
@@ -293,7 +293,8 @@ def test_sigterm_finishes_the_step_saves_and_raises(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     from accelerate import Accelerator
 
-    config = TrainConfig(steps=50, batch_size=8, grad_accum=2, lr=1e-3, checkpoint_every=100, log_every=1)
+    config = TrainConfig(steps=50, batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=0, ema_decay=0.9999,
+                         mixed_precision="no", checkpoint_every=100, log_every=1)  # fmt: skip
     accelerator = Accelerator(cpu=True)  # made by the caller without accumulation: train sets it
     with pytest.raises(TrainingInterrupted) as info:
         train(make_denoiser(), build_loss(DIFFUSION), make_images(16), config, out_dir=tmp_path,

@@ -38,7 +38,7 @@ LossFn = Callable[..., torch.Tensor]  # loss(net, x0, generator) -> (N,)
 _DATA_ORDER, _STEP_RNG = 0, 1  # stream tags, so data-order and per-step seeds never coincide
 _SEED_MASK = (1 << 64) - 1
 # config keys that may change between a checkpoint and its resumption without breaking exactness
-_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "log_every", "num_workers"}
+_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "log_every"}
 
 
 class TrainingInterrupted(RuntimeError):
