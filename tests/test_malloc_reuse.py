@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _CHURN = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
-    from tasks.common import keep_freed_memory
+    from tasks.services.runner.process_env import keep_freed_memory
     applied = keep_freed_memory() if sys.argv[1] == "reuse" else None
     def churn():
         arrays = [np.ones(n) for n in (1_000_000, 3_000_000, 2_000_000, 3_500_000)]
