@@ -1,6 +1,6 @@
 """Probe cost (cached vs online) and the accuracy table (checkpoints, raw pixels, random init).
 
-Every row goes through the same readout code (``ddae_core.features.extract`` -> ``readout_matrix``)
+Every row goes through the same readout code (``ddae_core.features.extract`` -> ``Readout.concat``)
 and the same probe code (``ddae_core.heads.probe.select_probe``: L2 chosen on validation, test once).
 """
 
@@ -27,7 +27,7 @@ from ddae_core.features import extract
 from ddae_core.nn import build_unet
 from ddae_core.nn.unet import UNet, UNetConfig
 from ddae_core.heads.probe import select_probe
-from ddae_core.heads.probe_online import ImageSet, online_probe, readout_matrix
+from ddae_core.heads.probe_online import ImageSet, online_probe
 from ddae_core.readout import Readout, Selection
 
 log = logging.getLogger("bench")
@@ -183,7 +183,7 @@ def _features(net: nn.Module, setup: Setup, split: str, *, taps: list[str] | Non
                                      pools=[setup.pool], seed=setup.seed, batch_size=setup.extract_batch_size,
                                      copy=copy, progress=False):
             for t in taps:
-                per_tap[t].append(readout_matrix(batch, [t], setup.level, setup.pool))
+                per_tap[t].append(Readout((t,), setup.level, setup.pool, setup.seed).concat(batch))
     return {t: np.concatenate(v) for t, v in per_tap.items()}
 
 
@@ -243,10 +243,10 @@ def probe_cost(setup: Setup, progress: bool = True) -> dict[str, Any]:
     """Cached-feature probe vs the online protocol on the same readout: forward passes, wall, accuracy."""
     net = load_network(setup.network_dir)
     cached = readout_probe(net, setup)
-    online = online_probe(net, setup.splits["train"], setup.splits["val"], setup.splits["test"], taps=setup.taps,
-                          level=setup.level, pool=setup.pool, num_classes=setup.num_classes, seed=setup.seed,
-                          epochs=setup.online_epochs, lr=setup.online_lr, batch_size=setup.online_batch_size,
-                          eval_batch_size=setup.extract_batch_size, progress=progress)
+    online = online_probe(net, setup.splits["train"], setup.splits["val"], setup.splits["test"],
+                          readout=Readout(tuple(setup.taps), setup.level, setup.pool, setup.seed),
+                          num_classes=setup.num_classes, epochs=setup.online_epochs, lr=setup.online_lr,
+                          batch_size=setup.online_batch_size, eval_batch_size=setup.extract_batch_size, progress=progress)
     return {
         "readout": {"taps": setup.taps, "level": setup.level, "pool": setup.pool},
         "cached": cached,

@@ -187,17 +187,13 @@ def _noised_taps(
     return _forward_taps(denoiser, x_noisy, level_tensor, taps)
 
 
-def readout(
+def live_features(
     denoiser: nn.Module,
     x0: torch.Tensor,
     sample_ids: torch.Tensor | np.ndarray | Sequence[int],
-    *,
-    taps: Sequence[str],
-    level: float,
-    pool_grid: int,
-    seed: int,
+    readout: Readout,
 ) -> torch.Tensor:
-    """Differentiable features (N, D) of ``x0``: taps at one level, pooled, concatenated in order.
+    """Differentiable features (N, D) of ``x0`` read out as ``readout`` (its taps concatenated in order).
 
     The same noise, forward and pooling as ``extract_batch`` (so a fine-tuned network is read out
     exactly as it was probed), but under the caller's grad mode and train/eval state: fine-tuning
@@ -207,9 +203,8 @@ def readout(
         raise ValueError(f"x0 must be (N, C, H, W), got shape {tuple(x0.shape)}")
     if len(sample_ids) != x0.shape[0]:
         raise ValueError(f"{len(sample_ids)} sample ids for {x0.shape[0]} images")
-    captured = _noised_taps(denoiser, x0, sample_ids, float(level), taps, seed)
-    chosen = Readout(tuple(taps), level, pool_grid, seed)
-    return chosen.concat({key: pool(captured[key[0]].float(), pool_grid) for key in chosen.feature_keys})
+    captured = _noised_taps(denoiser, x0, sample_ids, readout.level, readout.taps, readout.seed)
+    return readout.concat({key: pool(captured[key[0]].float(), readout.pool) for key in readout.feature_keys})
 
 
 def feature_dims(

@@ -1,4 +1,4 @@
-"""Stage 3, extract: features of every (tap, level, pool) for train, val and test, to Parquet.
+"""The extract stage: features of every (tap, level, pool) for train, val and test, to Parquet.
 
 The feature path is ``ddae_core.features.extract`` (the same one inference uses); this stage only
 resolves names and levels and schedules the work. Work is cut into *units* (a block of

@@ -100,8 +100,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             else:
                 denoiser = random_denoiser(paths.network, cfg.seed)
                 head = scratch_head(denoiser, splits["train"], rows, readout, num_classes, cfg.seed)
-            model = ReadoutClassifier(denoiser, head, taps=readout.taps, level=readout.level, pool=readout.pool,
-                                      seed=readout.seed)
+            model = ReadoutClassifier(denoiser, head, readout)
             log.info("finetune: %s on %s of the labels (%d images)", model_name, fraction_label(fraction), len(rows))
             result = finetune(model, splits["train"], rows, splits["val"], val_rows, cfg, progress=True)
             test_acc = accuracy(result.model, splits["test"], test_rows)

@@ -1,4 +1,4 @@
-"""Stage 1, prepare: read the configured dataset into the canonical prepared format (data/prepared)."""
+"""The prepare stage: read the configured dataset into the canonical prepared format (data/prepared)."""
 
 from __future__ import annotations
 

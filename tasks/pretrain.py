@@ -1,4 +1,4 @@
-"""Stage 2, pretrain: train the diffusion model on the prepared train split with Accelerate.
+"""The pretrain stage: train the diffusion model on the prepared train split with Accelerate.
 
 Runs as ``python -m tasks.pretrain`` or ``accelerate launch -m tasks.pretrain``. Checkpoints live in
 ``outputs/checkpoints/<fingerprint>`` (kept between runs, so a rerun resumes); the stage output is

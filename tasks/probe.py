@@ -1,4 +1,4 @@
-"""Stage 4, probe: a linear probe per (tap, level, pool) and per configured tap concatenation.
+"""The probe stage: a linear probe per (tap, level, pool) and per configured tap concatenation.
 
 Fit on train, choose (representation, L2) on validation, report test accuracy once. Raw pixels go
 through the same probe code as the floor to beat.
@@ -55,9 +55,8 @@ def probe_online(paths: Paths, config: PipelineConfig, index: FeatureIndex, read
     _manifest, splits = load_prepared(paths.prepared)
     cfg = config.probe
     result = online_probe(
-        load_network(paths.network), splits["train"], splits["val"], splits["test"], taps=list(readout.taps),
-        level=readout.level, pool=readout.pool, num_classes=num_classes, seed=readout.seed,
-        epochs=cfg.online_epochs, lr=cfg.online_lr,
+        load_network(paths.network), splits["train"], splits["val"], splits["test"], readout=readout,
+        num_classes=num_classes, epochs=cfg.online_epochs, lr=cfg.online_lr,
         batch_size=cfg.online_batch_size, progress=True,
     )
     sizes = index.splits

@@ -1,4 +1,4 @@
-"""Stage 5, register: log the winning classifier as an MLflow pyfunc model and gate ``champion``.
+"""The register stage: log the winning classifier as an MLflow pyfunc model and gate ``champion``.
 
 Outside a DVC experiment the new version gets alias ``challenger``; ``champion`` moves to it only when
 there is no champion yet or the new test accuracy beats the champion's by more than

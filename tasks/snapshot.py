@@ -1,4 +1,4 @@
-"""Stage 0, snapshot: record the content checksum of the dataset's source (data/snapshot.json).
+"""The snapshot stage: record the content checksum of the dataset's source (data/snapshot.json).
 
 DVC runs it on every ``repro`` (``always_changed``); the file is rewritten only when the checksum
 moved, so an unchanged source leaves ``prepare`` and everything after it cached.

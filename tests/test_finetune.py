@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ddae_core.config import FinetuneConfig
-from ddae_core.features import extract_batch, readout
+from ddae_core.features import extract_batch, live_features
 from ddae_core.heads.finetune import ReadoutClassifier, accuracy, finetune, total_steps, zero_head
-from ddae_core.heads.probe_online import ImageSet, readout_matrix
+from ddae_core.heads.probe_online import ImageSet
 from ddae_core.readout import Readout
 from toy_images import brightness_split, random_tiny_denoiser
 
@@ -35,8 +35,8 @@ def _model(denoiser, split: ImageSet) -> ReadoutClassifier:
     net = copy.deepcopy(denoiser)
     feats = extract_batch(net, to_model_input(split.images), split.sample_ids, taps=TAPS, levels=[11.0],
                           pools=[1], seed=3)
-    head = zero_head(readout_matrix(feats, TAPS, 11.0, 1), num_classes=3)
-    return ReadoutClassifier(net, head, taps=TAPS, level=11.0, pool=1, seed=3)
+    head = zero_head(Readout(TAPS, 11.0, 1, 3).concat(feats), num_classes=3)
+    return ReadoutClassifier(net, head, Readout(TAPS, 11.0, 1, 3))
 
 
 def _config(**overrides) -> FinetuneConfig:
@@ -50,10 +50,11 @@ def test_readout_equals_cached_features_and_is_differentiable(denoiser, splits) 
 
     train = splits[0]
     x0 = to_model_input(train.images[:6])
-    cached = readout_matrix(extract_batch(denoiser, x0, train.sample_ids[:6], taps=TAPS, levels=[11.0],
-                                          pools=[2], seed=3), TAPS, 11.0, 2)
+    chosen = Readout(TAPS, 11.0, 2, 3)
+    cached = chosen.concat(extract_batch(denoiser, x0, train.sample_ids[:6], taps=TAPS, levels=[11.0],
+                                         pools=[2], seed=3))
     net = copy.deepcopy(denoiser)
-    live = readout(net, x0, train.sample_ids[:6], taps=TAPS, level=11.0, pool_grid=2, seed=3)
+    live = live_features(net, x0, train.sample_ids[:6], chosen)
     np.testing.assert_allclose(live.detach().numpy(), cached, rtol=1e-5, atol=1e-6)
     live.square().sum().backward()
     first = next(net.unet.parameters())

@@ -8,7 +8,8 @@ import torch
 
 from ddae_core.config import DiffusionConfig
 from ddae_core.heads.probe import Standardizer
-from ddae_core.heads.probe_online import ImageSet, _RunningMoments, _subset, online_probe, readout_matrix
+from ddae_core.heads.probe_online import ImageSet, _RunningMoments, _subset, online_probe
+from ddae_core.readout import Readout
 from toy_images import brightness_split, random_tiny_denoiser
 
 
@@ -22,11 +23,10 @@ def splits() -> tuple[ImageSet, ImageSet, ImageSet]:
     return brightness_split(60, 0, 1), brightness_split(30, 1000, 2), brightness_split(24, 2000, 3)
 
 
-def _run(denoiser, splits, **overrides):
-    kwargs = dict(taps=["mid.res1", "dec.8x8.res0"], level=11.0, pool=1, num_classes=3, seed=5, epochs=3,
-                  batch_size=16, lr=1e-2, progress=False)
+def _run(denoiser, splits, taps=("mid.res1", "dec.8x8.res0"), seed=5, **overrides):
+    kwargs = dict(num_classes=3, epochs=3, batch_size=16, lr=1e-2, progress=False)
     kwargs.update(overrides)
-    return online_probe(denoiser, *splits, **kwargs)
+    return online_probe(denoiser, *splits, readout=Readout(tuple(taps), 11.0, 1, seed), **kwargs)
 
 
 def test_counts_forward_passes_and_learns_brightness(denoiser, splits) -> None:
@@ -82,11 +82,6 @@ def test_running_moments_give_the_cached_probes_standardizer() -> None:
     np.testing.assert_allclose(online.mean, cached.mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(online.std, cached.std, rtol=1e-6)
     assert online.std[2] == 1.0 and online.mean.dtype == online.std.dtype == np.float32
-
-
-def test_readout_matrix() -> None:
-    feats = {("a", 11.0, 1): np.ones((2, 3), np.float32), ("b", 11.0, 1): np.zeros((2, 2), np.float32)}
-    assert readout_matrix(feats, ["b", "a"], 11, 1).tolist() == [[0, 0, 1, 1, 1]] * 2
 
 
 def test_probe_stage_reports_online_beside_cached_cost(denoiser, splits, tmp_path, monkeypatch) -> None:

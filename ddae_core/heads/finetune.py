@@ -1,6 +1,6 @@
 """Fine-tuning: the denoiser up to its readout, at the readout's noise level, plus a linear head.
 
-The classifier reads features through ``features.readout`` (the probe's noise, forward and pooling,
+The classifier reads features through ``features.live_features`` (the probe's noise, forward and pooling,
 differentiable), standardises them with fixed statistics and applies the head, so a fine-tuned model
 is again "network + ``LinearProbe``" and serves through ``classifier.Classifier`` unchanged.
 Training: AdamW with a lower learning rate for the network than for the head, linear warm-up then
@@ -11,11 +11,11 @@ cosine decay, keyed flip/crop augmentation and fresh noise per epoch, early stop
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,23 +25,23 @@ from tqdm.auto import tqdm
 
 from ddae_core.config import FinetuneConfig
 from ddae_core.data import to_model_input
-from ddae_core.features import readout
+from ddae_core.features import live_features
 from ddae_core.noise import augment, copy_seed
 from ddae_core.heads.probe import STD_EPS, LinearProbe, Standardizer
 from ddae_core.heads.probe_online import ImageSplit
+from ddae_core.readout import Readout
 from ddae_core.training.schedules import lr_factor
 
 logger = logging.getLogger(__name__)
 
 
 class ReadoutClassifier(nn.Module):
-    """``logits = head((readout(x0) - mean) / std)``: a denoiser read at (taps, level, pool) + a head."""
+    """``logits = head((features(x0) - mean) / std)``: a denoiser read out as ``readout`` + a head."""
 
-    def __init__(self, denoiser: nn.Module, head: LinearProbe, *, taps: Sequence[str], level: float,
-                 pool: int, seed: int) -> None:
+    def __init__(self, denoiser: nn.Module, head: LinearProbe, readout: Readout) -> None:
         super().__init__()
         self.denoiser = denoiser
-        self.taps, self.level, self.pool, self.seed = tuple(taps), float(level), int(pool), int(seed)
+        self.readout = readout
         self.head = nn.Linear(head.weight.shape[1], head.num_classes)
         with torch.no_grad():
             self.head.weight.copy_(torch.from_numpy(head.weight))
@@ -51,9 +51,8 @@ class ReadoutClassifier(nn.Module):
 
     def forward(self, x0: torch.Tensor, sample_ids: np.ndarray, noise_seed: int | None = None) -> torch.Tensor:
         """Class scores (N, K) of clean images ``x0`` (N, C, H, W) in [-1, 1]."""
-        seed = self.seed if noise_seed is None else noise_seed
-        features = readout(self.denoiser, x0, sample_ids, taps=self.taps, level=self.level,
-                           pool_grid=self.pool, seed=seed)  # (N, D)
+        readout = self.readout if noise_seed is None else dataclasses.replace(self.readout, seed=noise_seed)
+        features = live_features(self.denoiser, x0, sample_ids, readout)  # (N, D)
         return self.head((features - self.mean) / self.std)
 
     def to_probe(self) -> LinearProbe:
@@ -155,7 +154,7 @@ def finetune(model: ReadoutClassifier, train: ImageSplit, train_rows: np.ndarray
                                                                total_steps=steps_total)
                 x0 = augment(x0, ids, epoch + 1, config.seed)
                 with torch.enable_grad():
-                    loss = F.cross_entropy(model(x0, ids, noise_seed=copy_seed(model.seed, epoch + 1)), labels)
+                    loss = F.cross_entropy(model(x0, ids, noise_seed=copy_seed(model.readout.seed, epoch + 1)), labels)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ddae_core.features import extract
 from ddae_core.heads.probe import LinearProbe, Standardizer, unit_std
-from ddae_core.readout import FeatureKey, Readout
+from ddae_core.readout import Readout
 from ddae_core.sampling import balanced_subset
 from ddae_core.training.schedules import lr_factor
 
@@ -75,13 +75,6 @@ class OnlineProbeResult:
     test_images: int
     probe: LinearProbe  # weight/bias in standardised units, with the frozen first-epoch mean/std
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss, train_acc, val_acc, lr
-
-
-def readout_matrix(
-    features: dict[FeatureKey, np.ndarray], taps: Sequence[str], level: float, pool: int
-) -> np.ndarray:
-    """The readout's feature matrix: ``(tap, level, pool)`` blocks concatenated in ``taps`` order, (N, D)."""
-    return Readout(tuple(taps), level, pool, seed=0).concat(features)  # the seed is not part of a key
 
 
 class _RunningMoments:
@@ -134,25 +127,81 @@ def _subset(split: ImageSplit, limit: int | None, seed: int, stream: int) -> Ima
                     sample_ids=np.asarray(split.sample_ids, np.int64)[rows])
 
 
-def _eval_features(
-    denoiser: nn.Module, split: ImageSet, *, taps: Sequence[str], level: float, pool: int, seed: int,
-    batch_size: int, device: torch.device,
-) -> np.ndarray:
+def _eval_features(denoiser: nn.Module, split: ImageSet, readout: Readout, *, batch_size: int,
+                   device: torch.device) -> torch.Tensor:
     """Copy-0 features (no augmentation, one noise draw) of a whole split, (N, D)."""
-    chunks = [
-        readout_matrix(batch, taps, level, pool)
-        for _a, _b, batch in extract(denoiser, split.images, split.sample_ids, taps=taps, levels=[level],
-                                     pools=[pool], seed=seed, batch_size=batch_size, copy=0,
-                                     progress=False, device=device)
-    ]
-    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    chunks = [readout.concat(batch) for _a, _b, batch in _extract(denoiser, split.images, split.sample_ids, readout,
+                                                                  copy=0, batch_size=batch_size, device=device)]
+    return torch.from_numpy(np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32))
 
 
-def _accuracy(x: torch.Tensor, y: torch.Tensor, linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> float:
-    if len(y) == 0:
-        return 0.0
-    with torch.no_grad():
-        return float((linear((x - mean) / std).argmax(1) == y).double().mean())
+def _extract(denoiser: nn.Module, images: Any, sample_ids: np.ndarray, readout: Readout, *, copy: int,
+             batch_size: int, device: torch.device):
+    """The one feature path (``features.extract``) for this readout's taps at its level and pool."""
+    return extract(denoiser, images, sample_ids, taps=list(readout.taps), levels=[readout.level],
+                   pools=[readout.pool], seed=readout.seed, batch_size=batch_size, copy=copy, progress=False,
+                   device=device)
+
+
+class _Head:
+    """The linear layer, its Adam state and the standardisation it trains under (set during epoch 1)."""
+
+    def __init__(self, dim: int, num_classes: int, lr: float, seed: int) -> None:
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 4]).integers(2**62)))
+        self.linear = nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(dim)
+            self.linear.weight.uniform_(-bound, bound, generator=gen)
+            self.linear.bias.uniform_(-bound, bound, generator=gen)
+        self.optimizer = torch.optim.Adam(self.linear.parameters(), lr=lr)
+        self.moments = _RunningMoments(dim)
+        self.mean = self.std = torch.empty(0)
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Epoch 1: merge ``x`` (B, D) into the running statistics and train under them from now on."""
+        self.moments.update(x)
+        scaler = self.moments.standardizer()
+        self.mean, self.std = torch.from_numpy(scaler.mean), torch.from_numpy(scaler.std)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, int]:
+        """One Adam step on the batch at ``lr``; returns the batch's summed loss and its hits."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.enable_grad():
+            logits = self.linear((x - self.mean) / self.std)
+            loss = F.cross_entropy(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return float(loss.detach()) * len(y), int((logits.detach().argmax(1) == y).sum())
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        if len(y) == 0:
+            return 0.0
+        with torch.no_grad():
+            return float((self.linear((x - self.mean) / self.std).argmax(1) == y).double().mean())
+
+    def probe(self) -> LinearProbe:
+        """The trained layer as a ``LinearProbe`` (weights in standardised units, with the frozen mean/std)."""
+        return LinearProbe(weight=self.linear.weight.detach().numpy().copy(),
+                           bias=self.linear.bias.detach().numpy().copy(),
+                           mean=self.mean.numpy().copy(), std=self.std.numpy().copy())
+
+
+def _check(epochs: int, lr: float, batch_size: int, eval_batch_size: int, num_classes: int,
+           splits: dict[str, ImageSet]) -> None:
+    """Reject settings and labels the protocol cannot run on, naming the value."""
+    if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
+        raise ValueError(f"epochs, batch_size and eval_batch_size must be >= 1, "
+                         f"got {epochs}, {batch_size}, {eval_batch_size}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if len(splits["train"].labels) == 0:
+        raise ValueError("the train split is empty")
+    for name, split in splits.items():
+        labels = split.labels
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{name} labels must be in [0, {num_classes})")
 
 
 def online_probe(
@@ -161,11 +210,8 @@ def online_probe(
     val: ImageSplit,
     test: ImageSplit,
     *,
-    taps: Sequence[str],
-    level: float,
-    pool: int,
+    readout: Readout,
     num_classes: int,
-    seed: int = 0,
     epochs: int = 15,
     lr: float = 1e-3,
     batch_size: int = 128,
@@ -175,112 +221,63 @@ def online_probe(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> OnlineProbeResult:
-    """Train one linear layer on the readout ``(taps, level, pool)`` of a frozen ``denoiser``, re-run every batch.
+    """Train one linear layer on ``readout`` of a frozen ``denoiser``, re-running the network every batch.
 
-    ``seed`` keys the features' noise and augmentation (use the extract stage's seed to share its
-    val/test features), the epoch orders and the layer's initialisation; the result is
-    deterministic given it (and the thread count). ``max_train`` / ``max_eval`` cap the train and
-    each of the val/test splits to a seeded class-balanced subset (``sampling.balanced_subset``;
-    quick runs, tests). The denoiser must live on ``device``; the probe itself trains on the CPU.
+    ``readout.seed`` keys the features' noise and augmentation (the extract stage's seed shares its
+    val/test features), the epoch orders and the layer's initialisation; the result is deterministic
+    given it (and the thread count). ``max_train`` / ``max_eval`` cap the train and each of the
+    val/test splits to a seeded class-balanced subset (``sampling.balanced_subset``; quick runs,
+    tests). The denoiser must live on ``device``; the probe itself trains on the CPU.
     """
-    if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
-        raise ValueError(f"epochs, batch_size and eval_batch_size must be >= 1, "
-                         f"got {epochs}, {batch_size}, {eval_batch_size}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if not taps:
-        raise ValueError("taps is empty")
     started = time.perf_counter()
-    device = torch.device(device)
-    level, pool = float(level), int(pool)
-    train_set = _subset(train, max_train, seed, 0)
-    val_set = _subset(val, max_eval, seed, 1)
-    test_set = _subset(test, max_eval, seed, 2)
-    n_train = len(train_set.labels)
-    if n_train == 0:
-        raise ValueError("the train split is empty")
-    for name, split in (("train", train_set), ("val", val_set), ("test", test_set)):
-        labels = split.labels
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"{name} labels must be in [0, {num_classes})")
-    forward_passes = 0
+    device, seed = torch.device(device), readout.seed
+    splits = {"train": _subset(train, max_train, seed, 0), "val": _subset(val, max_eval, seed, 1),
+              "test": _subset(test, max_eval, seed, 2)}
+    _check(epochs, lr, batch_size, eval_batch_size, num_classes, splits)
+    train_set, n_train = splits["train"], len(splits["train"].labels)
 
-    x_val = torch.from_numpy(_eval_features(denoiser, val_set, taps=taps, level=level, pool=pool, seed=seed,
-                                            batch_size=eval_batch_size, device=device))
-    forward_passes += len(val_set.labels)
-    y_val = torch.from_numpy(val_set.labels)
-
-    linear: nn.Linear | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    moments: _RunningMoments | None = None
-    mean = std = torch.empty(0)
-    steps_per_epoch = math.ceil(n_train / batch_size)
-    total_steps = epochs * steps_per_epoch
+    x_val = _eval_features(denoiser, splits["val"], readout, batch_size=eval_batch_size, device=device)
+    y_val = torch.from_numpy(splits["val"].labels)
+    total_steps = epochs * math.ceil(n_train / batch_size)
+    schedule = lambda step: lr * lr_factor(step, warmup_steps=0, total_steps=total_steps)  # noqa: E731
+    head: _Head | None = None
     step = 0
     history: list[dict[str, float]] = []
     bar = tqdm(total=total_steps, disable=not progress, desc="online probe", unit="batch", dynamic_ncols=True)
     try:
-        for epoch in range(epochs):
+        for epoch in range(epochs):  # epoch e reads augmented copy e + 1: new flip/crop and noise
             order = np.random.default_rng([seed, 3, epoch]).permutation(n_train)
-            view = _Permuted(train_set.images, order)
             labels = torch.from_numpy(train_set.labels[order])
             loss_sum, hits = 0.0, 0
-            for start, stop, batch in extract(
-                denoiser, view, train_set.sample_ids[order], taps=taps, levels=[level], pools=[pool],
-                seed=seed, batch_size=batch_size, copy=epoch + 1, progress=False, device=device,
-            ):
-                x = torch.from_numpy(readout_matrix(batch, taps, level, pool))  # (B, D)
-                y = labels[start:stop]
-                forward_passes += stop - start
-                if linear is None:  # first batch: the width is known now
-                    gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 4]).integers(2**62)))
-                    linear = nn.Linear(x.shape[1], num_classes)
-                    with torch.no_grad():
-                        bound = 1.0 / math.sqrt(x.shape[1])
-                        linear.weight.uniform_(-bound, bound, generator=gen)
-                        linear.bias.uniform_(-bound, bound, generator=gen)
-                    optimizer = torch.optim.Adam(linear.parameters(), lr=lr)
-                    moments = _RunningMoments(x.shape[1])
-                assert optimizer is not None and moments is not None
+            for start, stop, batch in _extract(denoiser, _Permuted(train_set.images, order),
+                                               train_set.sample_ids[order], readout, copy=epoch + 1,
+                                               batch_size=batch_size, device=device):
+                x = torch.from_numpy(readout.concat(batch))  # (B, D)
+                head = head or _Head(x.shape[1], num_classes, lr, seed)  # the width is known at the first batch
                 if epoch == 0:
-                    moments.update(x)
-                    scaler = moments.standardizer()
-                    mean, std = torch.from_numpy(scaler.mean), torch.from_numpy(scaler.std)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * lr_factor(step, warmup_steps=0, total_steps=total_steps)
-                with torch.enable_grad():
-                    logits = linear((x - mean) / std)
-                    loss = F.cross_entropy(logits, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                loss_sum += float(loss.detach()) * len(y)
-                hits += int((logits.detach().argmax(1) == y).sum())
-                step += 1
+                    head.observe(x)
+                batch_loss, batch_hits = head.step(x, labels[start:stop], schedule(step))
+                loss_sum, hits, step = loss_sum + batch_loss, hits + batch_hits, step + 1
                 bar.update(1)
-            assert linear is not None
+            assert head is not None
             row = {"epoch": epoch + 1, "loss": loss_sum / n_train, "train_acc": hits / n_train,
-                   "val_acc": _accuracy(x_val, y_val, linear, mean, std),
-                   "lr": lr * lr_factor(step, warmup_steps=0, total_steps=total_steps)}
+                   "val_acc": head.accuracy(x_val, y_val), "lr": schedule(step)}
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row['val_acc']:.3f}")
             logger.info("online probe epoch %d loss=%.4f train_acc=%.4f val_acc=%.4f",
                         epoch + 1, row["loss"], row["train_acc"], row["val_acc"])
     finally:
         bar.close()
-    assert linear is not None
+    assert head is not None
 
-    x_test = torch.from_numpy(_eval_features(denoiser, test_set, taps=taps, level=level, pool=pool, seed=seed,
-                                             batch_size=eval_batch_size, device=device))
-    forward_passes += len(test_set.labels)
-    test_acc = _accuracy(x_test, torch.from_numpy(test_set.labels), linear, mean, std)
-    probe = LinearProbe(weight=linear.weight.detach().numpy().copy(), bias=linear.bias.detach().numpy().copy(),
-                        mean=mean.numpy().copy(), std=std.numpy().copy())
+    test_set = splits["test"]
+    x_test = _eval_features(denoiser, test_set, readout, batch_size=eval_batch_size, device=device)
     return OnlineProbeResult(
-        val_acc=history[-1]["val_acc"], test_acc=test_acc, forward_passes=forward_passes,
+        val_acc=history[-1]["val_acc"], test_acc=head.accuracy(x_test, torch.from_numpy(test_set.labels)),
+        forward_passes=epochs * n_train + len(splits["val"].labels) + len(test_set.labels),
         wall_s=time.perf_counter() - started, epochs=epochs, train_images=n_train,
-        val_images=len(val_set.labels), test_images=len(test_set.labels), probe=probe, history=history,
+        val_images=len(splits["val"].labels), test_images=len(test_set.labels), probe=head.probe(), history=history,
     )
 
 
-__all__ = ["ImageSet", "ImageSplit", "OnlineProbeResult", "online_probe", "readout_matrix"]
+__all__ = ["ImageSet", "ImageSplit", "OnlineProbeResult", "online_probe"]
