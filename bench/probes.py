@@ -24,10 +24,10 @@ from ddae_core.config import DataConfig, DiffusionConfig, PipelineConfig, TrainC
 from ddae_core.data import load_prepared
 from ddae_core.diffusion import build_denoiser, build_loss
 from ddae_core.features import extract
-from ddae_core.nn import build_unet
-from ddae_core.nn.unet import UNet, UNetConfig
 from ddae_core.heads.probe import select_probe
 from ddae_core.heads.probe_online import ImageSet, online_probe
+from ddae_core.nn import build_unet
+from ddae_core.nn.unet import UNet, UNetConfig
 from ddae_core.readout import Readout, Selection
 
 log = logging.getLogger("bench")

@@ -74,8 +74,8 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
     Exit codes: 2 invalid params, 1 a stage failed, 75 another run holds the repository.
     """
     from tasks.services.outputs.paths import resolve_root
-    from tasks.services.runner.process_env import apply_offline_env
     from tasks.services.params.overrides import overridden_params
+    from tasks.services.runner.process_env import apply_offline_env
     from tasks.services.runner.run_lock import BUSY_EXIT_CODE, RepositoryBusy, hold_run_lock, log_waiting
 
     apply_offline_env()
@@ -135,8 +135,8 @@ def _run_profile(args: argparse.Namespace, out: TextIO) -> int:
     Exit codes: 2 unknown profile or invalid result (params.yaml unchanged), 75 a pipeline run holds
     the repository (params.yaml never changes under a run).
     """
-    from tasks.services.params.committed import recover_working_params
     from tasks.services.outputs.paths import resolve_root
+    from tasks.services.params.committed import recover_working_params
     from tasks.services.params.profiles import apply_profile, available_profiles
     from tasks.services.runner.run_lock import BUSY_EXIT_CODE, RepositoryBusy, hold_run_lock
 

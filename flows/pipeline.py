@@ -14,14 +14,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.services.params.committed import recover_working_params
 from tasks.services.outputs.paths import REPO_ENV, resolve_root
-from tasks.services.params.loading import read_params_file
-from tasks.services.runner.process_env import apply_offline_env
-from tasks.services.runner.dvc_stage import STAGES
+from tasks.services.params.committed import recover_working_params
 from tasks.services.params.editing import flatten
+from tasks.services.params.loading import read_params_file
 from tasks.services.params.overrides import apply_overrides
+from tasks.services.runner.dvc_stage import STAGES
 from tasks.services.runner.prefect_tasks import STAGE_TASKS
+from tasks.services.runner.process_env import apply_offline_env
 from tasks.services.runner.run_lock import hold_run_lock, log_waiting
 from tasks.services.tracking.runs import PARENT_ENV, pipeline_run
 

@@ -20,8 +20,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import ddae_pipeline
-from tasks.services.params.committed import on_committed_params, recover_working_params
 from tasks.services.outputs.paths import REPO_ENV, resolve_root
+from tasks.services.params.committed import on_committed_params, recover_working_params
 from tasks.services.runner.process_env import apply_offline_env
 from tasks.services.runner.run_lock import hold_run_lock, log_waiting
 

@@ -13,19 +13,19 @@ import logging
 
 import numpy as np
 
+from ddae_core.atomic import atomic_directory, write_bytes_atomic, write_csv_atomic, write_json_atomic
 from ddae_core.checkpoint import load_network, network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
-from ddae_core.heads.diagnostics import alignment, knn_accuracy, uniformity
 from ddae_core.features import extract_all
+from ddae_core.heads.diagnostics import alignment, knn_accuracy, uniformity
 from ddae_core.heads.probe import select_probe
 from ddae_core.readout import Readout
 from ddae_core.sampling import capped_subset, fraction_label, label_subsets, nested_subset
-from ddae_core.atomic import atomic_directory, write_bytes_atomic, write_csv_atomic, write_json_atomic
-from tasks.services.outputs.paths import Paths
-from tasks.services.runner.stage_main import StageError, stage_main
 from tasks.services.outputs.feature_store import FeatureIndex, load_selection, read_readout
+from tasks.services.outputs.paths import Paths
 from tasks.services.outputs.plots import save_label_efficiency
+from tasks.services.runner.stage_main import StageError, stage_main
 from tasks.services.tracking.runs import stage_run
 
 log = logging.getLogger("ddae")

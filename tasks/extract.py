@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ddae_core.atomic import atomic_directory
 from ddae_core.checkpoint import load_network, network_hash, read_network_config
 from ddae_core.config import PipelineConfig, as_dict
 from ddae_core.data import load_prepared
@@ -29,10 +30,17 @@ from ddae_core.diffusion import feature_levels, level_kind
 from ddae_core.features import extract
 from ddae_core.nn import paper_aliases
 from ddae_core.readout import Readout, resolve_taps
-from ddae_core.atomic import atomic_directory
+from tasks.services.outputs.feature_store import (
+    INDEX_FILE,
+    FeatureIndex,
+    part_path,
+    read_unit,
+    unit_rows,
+    write_part,
+    write_unit,
+)
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import StageError, stage_main
-from tasks.services.outputs.feature_store import INDEX_FILE, FeatureIndex, part_path, read_unit, unit_rows, write_part, write_unit
 from tasks.services.tracking.runs import stage_run
 
 log = logging.getLogger("ddae.extract")
@@ -75,21 +83,25 @@ def parts_root(paths: Paths) -> Path:
     return paths.root / "outputs" / "extract-parts"
 
 
-def build_features(config: PipelineConfig, paths: Paths, *, process_index: int = 0, num_processes: int = 1,
-                   device: str | torch.device = "cpu", barrier: Callable[[], None] = lambda: None) -> dict:
-    """Extract this process's share of the units, wait for all, then (main process) assemble.
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """What an extraction computes: the single-tap readouts, their metadata, the units and where they go."""
 
-    Returns:
-        A summary dict: keys, rows, levels, taps, units (all), units_done (by this process now),
-        units_reused (this process's units already finished by an earlier run).
-    """
-    if not (paths.network / "network.json").is_file():
-        raise StageError(f"{paths.network}/network.json not found: run the pretrain stage first")
+    taps: list[str]
+    levels: list[float]
+    keys: list[Readout]
+    metadata: dict  # network hash and config, data checksum, level kind, seed: written into every part
+    copies: dict[str, int]  # split -> copies (train: 1 + augment_copies)
+    units: list[Unit]
+    work: Path  # parts_root/<fingerprint>
+
+
+def plan_extraction(config: PipelineConfig, paths: Paths, denoiser: torch.nn.Module, manifest: dict,
+                    splits: dict) -> ExtractionPlan:
+    """Resolve taps (paper aliases) and levels, and cut every split and copy into units."""
     cfg = config.extract
-    denoiser = load_network(paths.network, device=device).eval()
     taps = resolve_taps(cfg.taps, denoiser.unet.tap_names(), paper_aliases(denoiser.unet.config), "extract.taps")
     levels = feature_levels(config.pretrain.diffusion, cfg.levels, cfg.sigma_indices)
-    manifest, splits = load_prepared(paths.prepared)
     keys = [Readout((tap,), level, pool, cfg.seed) for tap in taps for level in levels for pool in cfg.pools]
     metadata = {
         "network_hash": network_hash(paths.network),
@@ -100,45 +112,73 @@ def build_features(config: PipelineConfig, paths: Paths, *, process_index: int =
     }
     copies = {split: 1 + (cfg.augment_copies if split == "train" else 0) for split in SPLITS}
     units = plan_units({s: len(splits[s]) for s in SPLITS}, copies, cfg.part_rows)
-    fingerprint = work_fingerprint(metadata, keys, config)
-    work = parts_root(paths) / fingerprint
-    if process_index == 0 and parts_root(paths).is_dir():  # units of other weights/settings never fit
-        for stale in parts_root(paths).iterdir():
-            if stale.name != fingerprint:
-                shutil.rmtree(stale, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    work = parts_root(paths) / work_fingerprint(metadata, keys, config)
+    return ExtractionPlan(list(taps), list(levels), keys, metadata, copies, units, work)
 
-    mine = units[process_index::num_processes]
-    pending = [u for u in mine if unit_rows(work / u.file_name) != u.stop - u.start]
-    log.info("process %d/%d: %d of its %d units already finished, %d to extract (%s)", process_index,
-             num_processes, len(mine) - len(pending), len(mine), len(pending), work)
+
+def remove_other_work(paths: Paths, keep: Path) -> None:
+    """Delete unit folders of other weights or settings: they can never be part of this extraction."""
+    if parts_root(paths).is_dir():
+        for stale in parts_root(paths).iterdir():
+            if stale != keep:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def extract_units(denoiser: torch.nn.Module, plan: ExtractionPlan, splits: dict, pending: list[Unit],
+                  config: PipelineConfig, device: str | torch.device, label: str) -> None:
+    """Run the one feature path on each pending unit and write it atomically (``label`` names the bar)."""
+    cfg = config.extract
     bar = tqdm(total=sum(u.stop - u.start for u in pending), unit="img", dynamic_ncols=True,
-               desc=f"extract ({len(keys)} features, process {process_index})")
+               desc=f"extract ({len(plan.keys)} features, {label})")
     for unit in pending:
         data = splits[unit.split]
         ids = data.sample_ids[unit.start:unit.stop]
         chunks: dict[tuple, list[np.ndarray]] = {}
         for _start, _stop, batch in extract(
-            denoiser, data.images[unit.start:unit.stop], ids, taps=taps, levels=levels, pools=cfg.pools,
+            denoiser, data.images[unit.start:unit.stop], ids, taps=plan.taps, levels=plan.levels, pools=cfg.pools,
             seed=cfg.seed, batch_size=cfg.batch_size, copy=unit.copy, progress=False, device=device,
         ):
             for k, value in batch.items():
                 chunks.setdefault(k, []).append(value)
-        features = [np.concatenate(chunks[k.feature_keys[0]]) for k in keys]
-        write_unit(work / unit.file_name, ids, data.labels[unit.start:unit.stop], features, metadata)
+        features = [np.concatenate(chunks[k.feature_keys[0]]) for k in plan.keys]
+        write_unit(plan.work / unit.file_name, ids, data.labels[unit.start:unit.stop], features, plan.metadata)
         bar.update(unit.stop - unit.start)
     bar.close()
-    summary = {"keys": len(keys), "levels": list(levels), "taps": list(taps), "units": len(units),
+
+
+def build_features(config: PipelineConfig, paths: Paths, *, process_index: int = 0, num_processes: int = 1,
+                   device: str | torch.device = "cpu", barrier: Callable[[], None] = lambda: None) -> dict:
+    """Extract this process's share of the units, wait for all, then (main process) assemble.
+
+    Returns:
+        A summary dict: keys, rows, levels, taps, units (all), units_done (by this process now),
+        units_reused (this process's units already finished by an earlier run).
+    """
+    if not (paths.network / "network.json").is_file():
+        raise StageError(f"{paths.network}/network.json not found: run the pretrain stage first")
+    denoiser = load_network(paths.network, device=device).eval()
+    manifest, splits = load_prepared(paths.prepared)
+    plan = plan_extraction(config, paths, denoiser, manifest, splits)
+    if process_index == 0:
+        remove_other_work(paths, plan.work)
+    plan.work.mkdir(parents=True, exist_ok=True)
+
+    mine = plan.units[process_index::num_processes]
+    pending = [u for u in mine if unit_rows(plan.work / u.file_name) != u.stop - u.start]
+    log.info("process %d/%d: %d of its %d units already finished, %d to extract (%s)", process_index,
+             num_processes, len(mine) - len(pending), len(mine), len(pending), plan.work)
+    extract_units(denoiser, plan, splits, pending, config, device, f"process {process_index}")
+    summary = {"keys": len(plan.keys), "levels": plan.levels, "taps": plan.taps, "units": len(plan.units),
                "units_done": len(pending), "units_reused": len(mine) - len(pending)}
     barrier()
     if process_index != 0:
         return summary
 
     with atomic_directory(paths.features) as staging:
-        rows = assemble(work, units, keys, splits, staging, metadata)
-        FeatureIndex.write(staging / INDEX_FILE, metadata, keys, {s: len(splits[s]) for s in SPLITS},
-                           copies["train"], manifest["class_names"])
-    shutil.rmtree(work, ignore_errors=True)
+        rows = assemble(plan.work, plan.units, plan.keys, splits, staging, plan.metadata)
+        FeatureIndex.write(staging / INDEX_FILE, plan.metadata, plan.keys, {s: len(splits[s]) for s in SPLITS},
+                           plan.copies["train"], manifest["class_names"])
+    shutil.rmtree(plan.work, ignore_errors=True)
     return {**summary, "rows": rows, "data_checksum": manifest["checksum"]}
 
 

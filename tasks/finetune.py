@@ -15,20 +15,20 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from ddae_core.atomic import atomic_directory, write_json_atomic
 from ddae_core.checkpoint import load_network, network_hash, read_network_config, save_network
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.diffusion import build_denoiser
 from ddae_core.features import extract_all
 from ddae_core.heads.finetune import ReadoutClassifier, accuracy, finetune, zero_head
-from ddae_core.nn.unet import UNet, UNetConfig
 from ddae_core.heads.probe import LinearProbe, fit_logistic
+from ddae_core.nn.unet import UNet, UNetConfig
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
 from ddae_core.sampling import capped_subset, fraction_label, label_subsets
-from ddae_core.atomic import atomic_directory, write_json_atomic
+from tasks.services.outputs.feature_store import FeatureIndex, load_selection, read_readout
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import StageError, stage_main
-from tasks.services.outputs.feature_store import FeatureIndex, load_selection, read_readout
 from tasks.services.tracking.runs import stage_run
 
 log = logging.getLogger("ddae")
@@ -119,6 +119,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     with stage_run(paths.root, "finetune", {"ddae.network_hash": checkpoint,
                                             "ddae.data_checksum": index.data_checksum}):
         import mlflow
+
         from ddae_core.config import as_dict
 
         mlflow.log_params({f"finetune.{k}": v for k, v in as_dict(cfg).items()} | {"readout": readout.label})

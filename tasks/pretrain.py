@@ -14,17 +14,17 @@ import time
 
 import torch
 
+from ddae_core.atomic import write_json_atomic
 from ddae_core.checkpoint import save_network
 from ddae_core.config import PipelineConfig, as_dict
 from ddae_core.data import load_prepared, save_image_grid, to_uint8_images
 from ddae_core.diffusion import SAMPLERS, build_denoiser, build_loss, default_sampler
 from ddae_core.nn import build_unet, count_parameters
 from ddae_core.precision import resolve_mixed_precision
-from ddae_core.training.loop import TrainingInterrupted, train
-from ddae_core.atomic import write_json_atomic
+from ddae_core.training.loop import TrainingInterrupted, TrainResult, train
 from tasks.services.outputs.paths import Paths
-from tasks.services.runner.stage_main import StageError, stage_main
 from tasks.services.outputs.plots import save_loss_curve, save_loss_table
+from tasks.services.runner.stage_main import StageError, stage_main
 from tasks.services.tracking.runs import stage_run
 
 
@@ -47,9 +47,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         raise StageError(f"{paths.prepared}/manifest.json not found: run the prepare stage first")
     manifest, splits = load_prepared(paths.prepared)
     cfg = config.pretrain
-    overrides = {} if cfg.network.dropout is None else {"dropout": cfg.network.dropout}
-    unet = build_unet(cfg.network.name, in_channels=config.data.channels,
-                      resolution=config.data.image_size, **overrides)
+    unet = build_network(config)
     denoiser = build_denoiser(cfg.diffusion, unet)
     loss_fn = build_loss(cfg.diffusion)
 
@@ -57,10 +55,8 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     run_dir = paths.checkpoints / fingerprint
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
                               cpu=not torch.cuda.is_available())
-    if accelerator.is_main_process and paths.checkpoints.is_dir():
-        for stale in paths.checkpoints.iterdir():  # checkpoints of other configurations can never be resumed
-            if stale.name != fingerprint:
-                shutil.rmtree(stale, ignore_errors=True)
+    if accelerator.is_main_process:
+        remove_other_checkpoints(paths, fingerprint)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:  # other ranks train; only the main process logs and saves
         train(denoiser, loss_fn, splits["train"].images, cfg.train, out_dir=run_dir,
@@ -86,28 +82,48 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         except TrainingInterrupted as err:
             raise KeyboardInterrupt(str(err)) from err
 
-        ema = result.ema_denoiser.eval()
-        save_network(paths.network, ema, {"diffusion": cfg.diffusion,
-                                          "data": {"checksum": manifest["checksum"],
-                                                   "preprocess": manifest["preprocess"]}})
-        paths.pretrain.mkdir(parents=True, exist_ok=True)
-        save_loss_curve(result.history, paths.pretrain / "loss.png")
-        save_loss_table(result.history, paths.pretrain / "loss.csv")  # the same curve as data, for `dvc plots diff`
-        sample_s = draw_sample_grid(ema, config, paths.pretrain / "samples.png")
-        speeds = [h["images_per_s"] for h in result.history if "images_per_s" in h]
-        summary = {
-            "steps": result.step,
-            "final_loss": result.history[-1]["loss"] if result.history else None,
-            "images_per_s": sum(speeds) / len(speeds) if speeds else None,
-            "parameters": count_parameters(unet),
-            "train_wall_s": result.wall_s,
-            "sample_wall_s": sample_s,
-        }
-        write_json_atomic(paths.metrics / "pretrain.json", summary)
+        summary = publish(result, config, manifest, paths, parameters=count_parameters(unet))
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         for artifact in ("loss.png", "samples.png"):
             if (paths.pretrain / artifact).is_file():
                 mlflow.log_artifact(str(paths.pretrain / artifact))
+    return summary
+
+
+def build_network(config: PipelineConfig) -> torch.nn.Module:
+    """The configured UNet for the prepared images' channels and size (dropout overridden if set)."""
+    network = config.pretrain.network
+    overrides = {} if network.dropout is None else {"dropout": network.dropout}
+    return build_unet(network.name, in_channels=config.data.channels, resolution=config.data.image_size, **overrides)
+
+
+def remove_other_checkpoints(paths: Paths, fingerprint: str) -> None:
+    """Delete checkpoint folders of other configurations: no run with this config can resume them."""
+    if paths.checkpoints.is_dir():
+        for stale in paths.checkpoints.iterdir():
+            if stale.name != fingerprint:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def publish(result: TrainResult, config: PipelineConfig, manifest: dict, paths: Paths, *, parameters: int) -> dict:
+    """Write the stage's outputs (EMA network, loss curve as PNG and CSV, sample grid, metrics); the summary."""
+    ema = result.ema_denoiser.eval()
+    save_network(paths.network, ema, {"diffusion": config.pretrain.diffusion,
+                                      "data": {"checksum": manifest["checksum"], "preprocess": manifest["preprocess"]}})
+    paths.pretrain.mkdir(parents=True, exist_ok=True)
+    save_loss_curve(result.history, paths.pretrain / "loss.png")
+    save_loss_table(result.history, paths.pretrain / "loss.csv")  # the same curve as data, for `dvc plots diff`
+    sample_s = draw_sample_grid(ema, config, paths.pretrain / "samples.png")
+    speeds = [h["images_per_s"] for h in result.history if "images_per_s" in h]
+    summary = {
+        "steps": result.step,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "images_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "parameters": parameters,
+        "train_wall_s": result.wall_s,
+        "sample_wall_s": sample_s,
+    }
+    write_json_atomic(paths.metrics / "pretrain.json", summary)
     return summary
 
 

@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from ddae_core.atomic import atomic_directory, write_csv_atomic, write_json_atomic
 from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.heads.probe import LinearProbe, screen_and_select, select_probe
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
-from ddae_core.atomic import atomic_directory, write_csv_atomic, write_json_atomic
-from tasks.services.outputs.paths import Paths
-from tasks.services.runner.stage_main import stage_main
 from tasks.services.outputs.feature_store import Candidate, FeatureIndex, load_candidates
+from tasks.services.outputs.paths import Paths
 from tasks.services.outputs.plots import save_heatmap
 from tasks.services.outputs.selective import selective_report
+from tasks.services.runner.stage_main import stage_main
 from tasks.services.tracking.runs import stage_run
 
 

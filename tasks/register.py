@@ -26,14 +26,21 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ddae_core.atomic import write_json_atomic
 from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.readout import Readout
-from ddae_core.atomic import write_json_atomic
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import StageError, log, stage_main
-from tasks.services.tracking.runs import check_reachable, content_key, git_commit, register_once, stage_run, tracking_uri
+from tasks.services.tracking.runs import (
+    check_reachable,
+    content_key,
+    git_commit,
+    register_once,
+    stage_run,
+    tracking_uri,
+)
 
 CLASSIFIER_CODE = Path(__file__).with_name("classifier_model.py")
 # What the classifier's code (tasks/services/tracking/pyfunc_model.py, ddae_core) imports when MLflow loads it

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 
+from ddae_core.atomic import write_json_atomic
 from ddae_core.config import PipelineConfig
 from ddae_core.data.snapshot import source_snapshot
-from ddae_core.atomic import write_json_atomic
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import stage_main
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from ddae_core.config import PipelineConfig
-from tasks.services.params.loading import read_params_file
 from tasks.services.params.editing import flatten
+from tasks.services.params.loading import read_params_file
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = sorted((REPO / "profiles").glob("*.yaml"))

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ddae_core.readout import Readout
-from ddae_core.heads.selective import selective_curve
 from ddae_core.atomic import write_bytes_atomic, write_csv_atomic
+from ddae_core.heads.selective import selective_curve
+from ddae_core.readout import Readout
 from tasks.evaluate import EFFICIENCY_COLUMNS, efficiency_table
+from tasks.probe import TABLE_COLUMNS, write_table
 from tasks.services.outputs.feature_store import Candidate
 from tasks.services.outputs.plots import LOSS_COLUMNS, save_loss_table
-from tasks.probe import TABLE_COLUMNS, write_table
 from tasks.services.outputs.selective import CURVE_COLUMNS, curve_table, write_curve_csv
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,6 @@ the user sees and that no output was lost or corrupted."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import resource
@@ -13,12 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import e2e_helpers as h
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import e2e_helpers as h
 from ddae_core.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -30,9 +29,9 @@ from ddae_core.checkpoint import (
 )
 from ddae_core.config import DiffusionConfig
 from ddae_core.diffusion import build_denoiser
-from ddae_core.training.ema import EMA
 from ddae_core.nn import build_unet
 from ddae_core.readout import Readout
+from ddae_core.training.ema import EMA
 from tasks.services.outputs.feature_store import FeatureStoreError, part_path, read_split, write_part
 from tasks.services.tracking.runs import TrackingUnavailable, configure
 
@@ -224,8 +223,9 @@ def test_second_pipeline_run_on_a_locked_repo_fails_clearly_and_leaves_it_intact
 
 def test_each_unreadable_file_is_listed_with_its_reason_and_nothing_is_written(tmp_path):
     """Corrupt, truncated, zero-byte and non-image files in a class folder: one line each, no output."""
-    from ddae_core.data import CorruptImagesError, prepare_dataset
     from test_data import LAYOUT_FLAT, img_config, make_tree, write_bad_files
+
+    from ddae_core.data import CorruptImagesError, prepare_dataset
 
     make_tree(tmp_path / "src", LAYOUT_FLAT)
     write_bad_files(tmp_path / "src" / "dog")

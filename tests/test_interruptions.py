@@ -12,28 +12,27 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
+import e2e_helpers as h
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training import DIFFUSION, _fresh_accelerate_state, make_denoiser, make_images, resume_config  # noqa: F401
 
-import e2e_helpers as h
 from ddae_core.checkpoint import save_network
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared, prepare_dataset
 from ddae_core.diffusion import build_denoiser, build_loss
 from ddae_core.nn import build_unet
 from ddae_core.training.loop import train
-from tasks.services.outputs.paths import Paths
-from tasks.services.params.loading import load_params
 from tasks.extract import build_features, parts_root, plan_units
 from tasks.services.outputs.feature_store import read_unit
-from test_training import DIFFUSION, _fresh_accelerate_state, make_denoiser, make_images, resume_config  # noqa: F401
+from tasks.services.outputs.paths import Paths
+from tasks.services.params.loading import load_params
 
 TESTS = Path(__file__).resolve().parent
 

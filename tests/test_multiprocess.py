@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-
 from test_training import _fresh_accelerate_state, make_denoiser, make_images  # noqa: F401 (fixture)
 
 from ddae_core.checkpoint import latest_checkpoint

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from flows.cli import main
 from ddae_core.nn import NETWORKS, UNet, UNetConfig, build_unet, count_parameters, network_config, paper_aliases
 from ddae_core.nn.layers import group_norm, sinusoidal_embedding
+from flows.cli import main
 
 
 def _meta_unet(name: str, **kwargs: object) -> UNet:

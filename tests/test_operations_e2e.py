@@ -14,11 +14,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import e2e_helpers as h
 import numpy as np
 import pandas as pd
 import pytest
 
-import e2e_helpers as h
 from ddae_core.readout import Selection
 
 pytestmark = pytest.mark.slow

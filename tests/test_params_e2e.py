@@ -15,10 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import e2e_helpers as h
 import pytest
 import yaml
 
-import e2e_helpers as h
 from tasks.services.params.overrides import overridden_params
 from tasks.services.runner.run_lock import recorded_holder
 

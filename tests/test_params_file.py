@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from ddae_core.config import ConfigError
-from tasks.services.params.loading import load_params
 from tasks.services.params.editing import Setting, planned_text
+from tasks.services.params.loading import load_params
 from tasks.services.params.overrides import apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]

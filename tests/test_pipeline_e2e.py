@@ -19,12 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import e2e_helpers as h
 import numpy as np
 import pytest
-import yaml
-
-import e2e_helpers as h
 import stage_code as sc
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -501,10 +500,10 @@ def test_registry_champion_predicts_and_gate(pipeline, tmp_path, monkeypatch):
     from mlflow import MlflowClient
     from safetensors.numpy import load_file, save_file
 
+    import tasks.register as register
     from ddae_core.classifier import Classifier
     from tasks.services.outputs.paths import Paths
     from tasks.services.params.loading import load_params
-    import tasks.register as register
 
     root = pipeline.root
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -592,7 +591,6 @@ def _zeroed_probe(probe_file: Path, tmp_path: Path) -> bytes:
 def test_registered_model_pins_what_its_code_imports_at_load(pipeline, monkeypatch):
     """The champion's requirements.txt, read back from the registry, pins each module its code loads."""
     import mlflow
-
     from test_register import check_pinned, imported_at_load
 
     uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"

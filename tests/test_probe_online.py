@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from toy_images import brightness_split, random_tiny_denoiser
 
 from ddae_core.config import DiffusionConfig
 from ddae_core.heads.probe import Standardizer
 from ddae_core.heads.probe_online import ImageSet, _RunningMoments, _subset, online_probe
 from ddae_core.readout import Readout
-from toy_images import brightness_split, random_tiny_denoiser
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +90,8 @@ def test_probe_stage_reports_online_beside_cached_cost(denoiser, splits, tmp_pat
     from ddae_core.checkpoint import save_network
     from ddae_core.config import PipelineConfig
     from ddae_core.readout import Readout
-    from tasks.services.outputs.paths import Paths
     from tasks.services.outputs.feature_store import FeatureIndex
+    from tasks.services.outputs.paths import Paths
 
     paths = Paths(tmp_path)
     save_network(paths.network, denoiser, {"diffusion": DiffusionConfig(framework="ddpm")})

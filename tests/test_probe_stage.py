@@ -23,8 +23,8 @@ from ddae_core.features import extract_all
 from ddae_core.nn import build_unet
 from ddae_core.readout import Readout, Selection
 from tasks import probe as probe_stage
-from tasks.services.outputs.paths import Paths
 from tasks.services.outputs.feature_store import FeatureIndex, load_candidates, part_path, read_readout, write_part
+from tasks.services.outputs.paths import Paths
 
 TAPS = ("mid.res1", "dec.16x16.res0")  # out_1 is dec.16x16.res0 in ddpm-tiny at 32x32
 LEVEL, POOLS, SEED = 11.0, (1, 2), 5

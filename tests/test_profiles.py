@@ -10,17 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from test_training import _fresh_accelerate_state  # noqa: F401 (autouse fixture)
 
 from ddae_core.config import ConfigError
 from ddae_core.diffusion import build_denoiser, build_loss, feature_levels
 from ddae_core.nn import build_unet, count_parameters
-from ddae_core.training.loop import train
-from ddae_core.readout import resolve_taps
 from ddae_core.nn.unet import network_config, paper_aliases, tap_names
-from tasks.services.params.loading import load_params
+from ddae_core.readout import resolve_taps
+from ddae_core.training.loop import train
 from tasks.services.params.editing import flatten
+from tasks.services.params.loading import load_params
 from tasks.services.params.overrides import apply_overrides, overridden_params
 from tasks.services.params.profiles import apply_profile, available_profiles
 

@@ -15,10 +15,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from test_boundaries import imported_roots
 
 from tasks import register
 from tasks.register import Experiment, gate_version, model_requirements, promotion
-from test_boundaries import imported_roots
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "ddae-classifier"

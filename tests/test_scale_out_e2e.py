@@ -10,9 +10,8 @@ import json
 import shutil
 import sys
 
-import pytest
-
 import e2e_helpers as h
+import pytest
 
 pytestmark = pytest.mark.slow
 

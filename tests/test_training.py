@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,10 @@ from ddae_core.checkpoint import (
 )
 from ddae_core.config import DiffusionConfig, TrainConfig
 from ddae_core.diffusion import build_denoiser, build_loss
-from ddae_core.training.ema import EMA
 from ddae_core.nn.unet import build_unet
-from ddae_core.training.schedules import ema_decay_at, lr_factor
+from ddae_core.training.ema import EMA
 from ddae_core.training.loop import TrainingInterrupted, global_batch_indices, local_micro_batches, train
+from ddae_core.training.schedules import ema_decay_at, lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 DIFFUSION = DiffusionConfig()  # DDPM, T = 1000

@@ -7,8 +7,8 @@ import torch
 
 from ddae_core.config import DiffusionConfig
 from ddae_core.diffusion import build_denoiser
-from ddae_core.nn import build_unet
 from ddae_core.heads.probe_online import ImageSet
+from ddae_core.nn import build_unet
 
 RES = 16
 

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from ddae_core.config import FinetuneConfig
 from ddae_core.data import to_model_input
 from ddae_core.features import live_features
-from ddae_core.noise import augment, copy_seed
 from ddae_core.heads.probe import STD_EPS, LinearProbe, Standardizer
 from ddae_core.heads.probe_online import ImageSplit
+from ddae_core.noise import augment, copy_seed
 from ddae_core.readout import Readout
 from ddae_core.training.schedules import lr_factor
 

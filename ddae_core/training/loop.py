@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from ddae_core.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from ddae_core.config import TrainConfig, as_dict
 from ddae_core.data import to_model_input
-from ddae_core.training.ema import EMA
 from ddae_core.precision import resolve_mixed_precision
+from ddae_core.training.ema import EMA
 from ddae_core.training.schedules import ema_decay_at, lr_factor
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,74 @@ def _warn_config_changes(meta: dict, config: TrainConfig, num_images: int) -> No
         log.warning("resuming with changed settings %s: the run will not equal an uninterrupted one", changed)
 
 
+def _accelerator_for(config: TrainConfig, accelerator: Any) -> Any:
+    """The given accelerator (its gradient accumulation set to the config's) or a new one."""
+    accelerator = accelerator if accelerator is not None else _make_accelerator(config)
+    if accelerator.gradient_accumulation_steps != config.grad_accum:  # the config decides
+        log.info("setting accelerator.gradient_accumulation_steps to config.grad_accum=%d", config.grad_accum)
+        accelerator.gradient_accumulation_steps = config.grad_accum
+    return accelerator
+
+
+@dataclass
+class _Session:
+    """What a training run steps and checkpoints: the prepared model, the bare module, optimizer, schedule, EMA."""
+
+    accelerator: Any
+    model: nn.Module
+    bare: nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    ema: EMA
+
+
+def _prepare(denoiser: nn.Module, config: TrainConfig, accelerator: Any) -> _Session:
+    """Adam, the warm-up schedule and the fp32 EMA around ``denoiser``, prepared by Accelerate."""
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.lr)
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    bare = accelerator.unwrap_model(model)
+    # not prepared: Accelerate would step it once per process; we step it once per optimizer step
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+        lambda s: lr_factor(s, warmup_steps=config.warmup_steps),
+    )
+    return _Session(accelerator, model, bare, optimizer, lr_scheduler, EMA(bare))
+
+
+def _resume(session: _Session, ckpt_root: Path, config: TrainConfig, num_images: int) -> int:
+    """Load the newest complete checkpoint under ``ckpt_root`` into the session; its step (0 if none)."""
+    resume_from = latest_checkpoint(ckpt_root)
+    if resume_from is None:
+        return 0
+    meta = load_training_state(resume_from, model=session.bare, ema=session.ema, optimizer=session.optimizer,
+                               lr_scheduler=session.lr_scheduler)
+    _warn_config_changes(meta, config, num_images)
+    log.info("resuming from %s (step %d)", resume_from, int(meta["step"]))
+    return int(meta["step"])
+
+
+def _save(session: _Session, ckpt_root: Path, step: int, config: TrainConfig, num_images: int) -> Path | None:
+    """Checkpoint ``step`` (main process writes, every process waits); the path on the main process."""
+    accelerator, path = session.accelerator, None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = {
+            "config": as_dict(config),
+            "data": {
+                "num_images": num_images,
+                "images_seen": step * config.batch_size,
+                "epoch": step * config.batch_size / num_images,
+            },
+            "num_processes": accelerator.num_processes,
+        }
+        path = save_training_state(
+            ckpt_root, step, model=session.bare, ema=session.ema, optimizer=session.optimizer,
+            lr_scheduler=session.lr_scheduler, meta=meta, keep_last=config.keep_last,
+        )  # fmt: skip
+    accelerator.wait_for_everyone()
+    return path
+
+
 def train(
     denoiser: nn.Module,
     loss_fn: LossFn,
@@ -218,52 +286,13 @@ def train(
     A given ``accelerator`` gets its gradient accumulation set to ``config.grad_accum``.
     """
     started = time.perf_counter()
-    accelerator = accelerator if accelerator is not None else _make_accelerator(config)
-    if accelerator.gradient_accumulation_steps != config.grad_accum:  # the config decides
-        log.info("setting accelerator.gradient_accumulation_steps to config.grad_accum=%d", config.grad_accum)
-        accelerator.gradient_accumulation_steps = config.grad_accum
+    accelerator = _accelerator_for(config, accelerator)
     _check_inputs(images, config, accelerator.num_processes)
     ckpt_root = Path(out_dir) / "checkpoints"
     num_images = images.shape[0]
-
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.lr)
-    model, optimizer = accelerator.prepare(denoiser, optimizer)
-    bare = accelerator.unwrap_model(model)
-    # not prepared: Accelerate would step it once per process; we step it once per optimizer step
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-        lambda s: lr_factor(s, warmup_steps=config.warmup_steps),
-    )
-    ema = EMA(bare)
-
-    start_step = 0
-    resume_from = latest_checkpoint(ckpt_root)
-    if resume_from is not None:
-        meta = load_training_state(resume_from, model=bare, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
-        start_step = int(meta["step"])
-        _warn_config_changes(meta, config, num_images)
-        log.info("resuming from %s (step %d)", resume_from, start_step)
-
-    def save(step: int) -> Path | None:
-        path = None
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            meta = {
-                "config": as_dict(config),
-                "data": {
-                    "num_images": num_images,
-                    "images_seen": step * config.batch_size,
-                    "epoch": step * config.batch_size / num_images,
-                },
-                "num_processes": accelerator.num_processes,
-            }
-            path = save_training_state(
-                ckpt_root, step, model=bare, ema=ema, optimizer=optimizer,
-                lr_scheduler=lr_scheduler, meta=meta, keep_last=config.keep_last,
-            )  # fmt: skip
-        accelerator.wait_for_everyone()
-        return path
-
+    session = _prepare(denoiser, config, accelerator)
+    model, bare, ema = session.model, session.bare, session.ema
+    start_step = _resume(session, ckpt_root, config, num_images)
     if start_step >= config.steps:
         log.info("checkpoint at step %d already covers config.steps=%d: nothing to train", start_step, config.steps)
     view = _LossView(model, bare)
@@ -281,7 +310,8 @@ def train(
     try:
         with _stop_on_signals(stop):
             while step < config.steps:
-                loss = _train_step(step, model, view, loss_fn, images, config, accelerator, optimizer, lr_scheduler)
+                loss = _train_step(step, model, view, loss_fn, images, config, accelerator, session.optimizer,
+                                   session.lr_scheduler)
                 window.add(loss)
                 ema.update(bare, ema_decay_at(step, config.ema_decay, config.ema_warmup))
                 step += 1
@@ -296,7 +326,7 @@ def train(
                             callback(step, metrics)
                 stopping = _any_process_stopping(stop, accelerator)
                 if stopping or step % config.checkpoint_every == 0 or step == config.steps:
-                    path = save(step)
+                    path = _save(session, ckpt_root, step, config, num_images)
                 if stopping and step < config.steps:
                     raise TrainingInterrupted(step, path)
     finally:

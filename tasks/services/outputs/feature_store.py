@@ -20,12 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ddae_core.atomic import atomic_file
+from ddae_core.atomic import atomic_file, write_json_atomic
 from ddae_core.config import ConfigError
 from ddae_core.nn import paper_aliases
 from ddae_core.nn.unet import UNetConfig
 from ddae_core.readout import Readout, Selection, candidates
-from ddae_core.atomic import write_json_atomic
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import StageError
 

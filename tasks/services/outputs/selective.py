@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddae_core.heads.selective import SelectiveCurve, at_threshold, selective_curve, suggest_threshold
 from ddae_core.atomic import write_csv_atomic
+from ddae_core.heads.selective import SelectiveCurve, at_threshold, selective_curve, suggest_threshold
 from tasks.services.outputs.plots import plt, save_figure
 
 COVERAGE_STEPS = np.linspace(0.05, 1.0, 20)

@@ -16,13 +16,13 @@ from typing import Any, Callable, Iterable, TypeVar
 import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import YAMLError as RuamelYAMLError
 from ruamel.yaml.error import CommentMark
+from ruamel.yaml.error import YAMLError as RuamelYAMLError
 from ruamel.yaml.representer import RoundTripRepresenter
 from ruamel.yaml.tokens import CommentToken
 
-from ddae_core.config import ConfigError
 from ddae_core.atomic import write_bytes_atomic
+from ddae_core.config import ConfigError
 from tasks.services.params.loading import parse_params
 
 T = TypeVar("T")

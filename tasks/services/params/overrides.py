@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ddae_core.config import PipelineConfig
-from tasks.services.params.loading import config_from_params
 from tasks.services.params.editing import edit_params
+from tasks.services.params.loading import config_from_params
 from tasks.services.params.profiles import PROFILE_KEY, with_profile
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ddae_core.config import ConfigError, PipelineConfig
-from tasks.services.params.loading import config_from_params, parse_params, read_params_file
 from tasks.services.params.editing import Setting, edit_params, end_of_line_comments, flatten
+from tasks.services.params.loading import config_from_params, parse_params, read_params_file
 
 PROFILES_DIR = "profiles"
 PROFILE_KEY = "profile"  # the override that names a profile; never a key of params.yaml

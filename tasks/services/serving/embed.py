@@ -18,15 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from ddae_core.atomic import atomic_file
 from ddae_core.classifier import content_ids
 from ddae_core.data import preprocess_image
 from ddae_core.data.image_files import count_images
-from ddae_core.atomic import atomic_file
-from tasks.services.params.loading import load_params
 from ddae_core.readout import Readout
 from tasks.services.outputs.feature_store import feature_table
-from tasks.services.tracking.model_source import load_model, model_uri
+from tasks.services.params.loading import load_params
 from tasks.services.serving.predict import batches
+from tasks.services.tracking.model_source import load_model, model_uri
 
 
 def feature_schema(dim: int, metadata: dict) -> pa.Schema:

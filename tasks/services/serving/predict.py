@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ddae_core.data.image_files import count_images, iter_images
 from ddae_core.atomic import atomic_file
+from ddae_core.data.image_files import count_images, iter_images
 from tasks.services.params.loading import load_params
 from tasks.services.tracking.model_source import LoadedModel, load_model, model_uri
 
