@@ -30,7 +30,7 @@ from ddae_core.atomic import write_json_atomic
 from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
-from ddae_core.readout import Readout
+from ddae_core.readout import SELECTION_FILE, Selection
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import StageError, log, stage_main
 from tasks.services.tracking.runs import (
@@ -135,13 +135,13 @@ def register_finetuned(paths: Paths, name: str, tags: dict, preprocess: Path, fr
     from mlflow import MlflowClient
 
     network, head = paths.root / "outputs" / "finetune" / "network", paths.root / "outputs" / "finetune" / "head"
-    if not (head / "selection.json").is_file():
+    if not (head / SELECTION_FILE).is_file():
         return None
-    selection = json.loads((head / "selection.json").read_text())
+    selection = Selection.read(head)
     info = log_classifier(paths, network, head, preprocess, frame.head(2), "finetune_model")
     key = content_key([network, head], extra=preprocess.read_text())
     version = register_once(info.model_uri, name, {  # a retried stage registers nothing twice
-        **tags, "ddae.network_hash": network_hash(network), "ddae.finetune_test_acc": f"{selection['test_acc']:.6f}"}, key)
+        **tags, "ddae.network_hash": network_hash(network), "ddae.finetune_test_acc": f"{selection.test_acc:.6f}"}, key)
     client = MlflowClient()
     if experiment is None:
         client.set_registered_model_alias(name, "finetune", version.version)
@@ -227,19 +227,19 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    for required in (paths.network / "network.json", paths.probe / "selection.json"):
+    for required in (paths.network / "network.json", paths.probe / SELECTION_FILE):
         if not required.is_file():
             raise StageError(f"{required} not found: run the pretrain and probe stages first")
     manifest, splits = load_prepared(paths.prepared)
-    selection = json.loads((paths.probe / "selection.json").read_text())
+    selection = Selection.read(paths.probe)
     name = config.register.model_name
     experiment = Experiment.from_env(os.environ)
     tags = {
         "ddae.kind": "probe",
         "ddae.data_checksum": manifest["checksum"],
         "ddae.network_hash": network_hash(paths.network),
-        "ddae.probe_test_acc": f"{selection['test_acc']:.6f}",  # on cached features (probe stage)
-        "ddae.readout": Readout.from_json(selection).label,
+        "ddae.probe_test_acc": f"{selection.test_acc:.6f}",  # on cached features (probe stage)
+        "ddae.readout": selection.readout.label,
         "ddae.git_commit": git_commit(paths.root),
     }
     if experiment is not None:
