@@ -42,7 +42,7 @@ from tasks.services.tracking.runs import (
     tracking_uri,
 )
 
-CLASSIFIER_CODE = Path(__file__).with_name("classifier_model.py")
+CLASSIFIER_CODE = Path(__file__).parent / "services" / "tracking" / "pyfunc_model.py"
 # What the classifier's code (tasks/services/tracking/pyfunc_model.py, ddae_core) imports when MLflow loads it
 MODEL_DISTRIBUTIONS = ("torch", "numpy", "pillow", "safetensors", "pandas", "tqdm", "mlflow")
 

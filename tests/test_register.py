@@ -220,3 +220,10 @@ def test_requirements_pin_every_module_the_classifier_imports_at_load():
     assert all("==" in line and "+" not in line for line in requirements), requirements
     torch_pin = next(line for line in requirements if line.startswith("torch=="))
     assert torch_pin == f"torch=={metadata.version('torch').split('+')[0]}"
+
+
+def test_the_logged_model_code_is_the_pyfunc_module():
+    """register logs the pyfunc model from its file: that path must be the module tests import."""
+    import tasks.services.tracking.pyfunc_model as pyfunc_model
+
+    assert register.CLASSIFIER_CODE.resolve() == Path(pyfunc_model.__file__).resolve()
