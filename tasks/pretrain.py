@@ -91,8 +91,10 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
 
 
 def build_network(config: PipelineConfig) -> torch.nn.Module:
-    """The configured UNet for the prepared images' channels and size (dropout overridden if set)."""
+    """The configured UNet for the prepared images' channels and size (dropout overridden if set), its
+    initial weights drawn from ``pretrain.train.seed``: the same params start from the same weights."""
     network = config.pretrain.network
+    torch.manual_seed(config.pretrain.train.seed)
     overrides = {} if network.dropout is None else {"dropout": network.dropout}
     return build_unet(network.name, in_channels=config.data.channels, resolution=config.data.image_size, **overrides)
 
