@@ -48,6 +48,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     manifest, splits = load_prepared(paths.prepared)
     cfg = config.pretrain
     overrides = {} if cfg.network.dropout is None else {"dropout": cfg.network.dropout}
+    torch.manual_seed(cfg.train.seed)  # the same params start from the same weights: reruns reproduce outputs
     unet = build_unet(cfg.network.name, in_channels=config.data.channels,
                       resolution=config.data.image_size, **overrides)
     denoiser = build_denoiser(cfg.diffusion, unet)
