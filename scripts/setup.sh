@@ -36,8 +36,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "==> installing torch ${TORCH_VERSION}"
   if command -v nvidia-smi >/dev/null 2>&1; then
     "${PIP[@]}" install "torch==${TORCH_VERSION}"
-  else
-    "${PIP[@]}" install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
+  else  # few retries: where that index is unreachable, pip would retry it 5 times per package (minutes)
+    "${PIP[@]}" install --retries 2 --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
       || "${PIP[@]}" install "torch==${TORCH_VERSION}"
   fi
 fi

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,26 @@ TINY_PARAMS: dict[str, Any] = {
     "probe.concat": [["mid.res1", "out_1"]],  # a paper alias (out_1 = dec.16x16.res0): resolved end to end
     "probe.max_iter": 50,
 }
+
+
+def imagefolder_params(source: Path, **extra) -> dict[str, Any]:
+    """TINY_PARAMS on a generated image folder (or archive) at ``source``."""
+    return {**TINY_PARAMS, "data.dataset": "imagefolder", "data.source": str(source), "data.channels": 3,
+            "data.max_train": 0, "data.max_test": 0, "pretrain.train.batch_size": 16, **extra}
+
+
+@dataclass
+class Project:
+    """The session's tiny project after its first ``dvc repro`` (the ``pipeline`` fixture, conftest.py)."""
+
+    root: Path
+    dataset: str
+    repro: Any  # CompletedProcess of the first `dvc repro`
+    seconds: float
+
+    @property
+    def env(self) -> dict[str, str]:
+        return project_env(self.root)
 
 
 def fashion_mnist_available() -> bool:

@@ -1,16 +1,17 @@
 """End-to-end: what a run uses is params.yaml, one run at a time, and MLflow and DVC say so.
 
-Two ``ddae run --set`` on one tiny project: the second fails at once (or, with ``--wait``, queues)
-and never touches params.yaml while the first runs; each finished run's MLflow parent run records
-exactly the params its pretrain stage logged. A profile applied with ``ddae profile`` shows in
-``dvc params diff``, a ``dvc exp run -S`` of one of its keys takes effect, and ``-S profile=...`` is
-refused naming the key. Everything runs in tmp directories on loopback.
+Two ``ddae run --set`` on a copy of the session's tiny project: the second fails at once (or, with
+``--wait``, queues) and never touches params.yaml while the first runs; each finished run's MLflow
+parent run records exactly the params its pretrain stage logged. A profile applied with ``ddae
+profile`` shows in ``dvc params diff``, a ``dvc exp run -S`` of one of its keys takes effect, and
+``-S profile=...`` is refused naming the key. Everything runs in tmp directories on loopback.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import e2e_helpers as h
 import pytest
 import yaml
 
+from tasks.services.params.editing import flatten
 from tasks.services.params.overrides import overridden_params
 from tasks.services.runner.run_lock import recorded_holder
 
@@ -35,14 +37,6 @@ def tiny_params(tmp_path: Path) -> dict:
         params.update({"data.dataset": "imagefolder", "data.source": str(source), "data.channels": 3,
                        "data.max_train": 0, "data.max_test": 0, "pretrain.train.batch_size": 16})
     return params
-
-
-def commented_project(tmp_path: Path, params: dict) -> Path:
-    """A committed copy of the project with ``params`` written the way ddae writes them (comments kept)."""
-    root = h.copy_project(tmp_path / "project")
-    overridden_params(root / "params.yaml", params, write=True)
-    h.git(root, "commit", "-q", "-am", "tiny params")
-    return root
 
 
 def wait_for(condition, what: str, timeout: float = 300.0, poll: float = 0.2):
@@ -72,28 +66,54 @@ def runs_of(root: Path) -> tuple[object, list]:
     return client, client.search_runs([experiment.experiment_id], max_results=1000)
 
 
-def test_two_runs_at_once_never_mix_params(tmp_path):
-    root = commented_project(tmp_path, tiny_params(tmp_path))
+def finished_copy(pipeline, tmp_path: Path) -> Path:
+    """A committed copy of the session's finished project, params.yaml written the way ddae writes it.
+
+    Its values are the ones its outputs were made with, so every stage is up to date; a fresh MLflow
+    store and no run-lock record, so what the test reads is its own runs' doing.
+    """
+    root = tmp_path / "project"
+    shutil.copytree(pipeline.root, root, symlinks=True)
+    for store in ("mlflow.db", "mlartifacts", ".dvc/tmp/ddae-run.lock"):
+        path = root / store
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    values = flatten(yaml.safe_load((root / "params.yaml").read_text()))
+    shutil.copy2(h.REPO / "params.yaml", root / "params.yaml")  # the commented file, then the same values
+    overridden_params(root / "params.yaml", values, write=True)
+    assert flatten(yaml.safe_load((root / "params.yaml").read_text())) == values  # nothing for DVC to rerun
+    h.git(root, "commit", "-q", "-am", "params as ddae writes them")
+    return root
+
+
+def stage_report(log: Path) -> dict[str, str]:
+    """Stage -> ran/skipped/restored, from the table ``ddae run`` prints when it finishes."""
+    return dict(re.findall(r"^(\w+) +(ran|skipped|restored)\b", log.read_text(errors="replace"), flags=re.M))
+
+
+def test_two_runs_at_once_never_mix_params(pipeline, tmp_path):
+    # Each run overrides checkpoint_every: a pretrain param, so pretrain reruns and logs it, training
+    # afresh (the checkpoint fingerprint changes) from the same seeded weights, to the same outputs.
+    root = finished_copy(pipeline, tmp_path)
     comments = [line for line in (root / "params.yaml").read_text().splitlines() if "#" in line]
-    first, first_log = start(root, "first", "--set", "pretrain.train.lr=0.0001")
+    first, first_log = start(root, "first", "--set", "pretrain.train.checkpoint_every=5")
     waiter = None
     try:
         # the first run holds the repository and has written its override
         holder = wait_for(lambda: recorded_holder(root), "the first run to take the lock")
-        assert holder.pid == first.pid and "pretrain.train.lr=0.0001" in holder.command
-        wait_for(lambda: "lr: 0.0001" in (root / "params.yaml").read_text() or first.poll() is not None,
+        assert holder.pid == first.pid and "pretrain.train.checkpoint_every=5" in holder.command
+        wait_for(lambda: "checkpoint_every: 5" in (root / "params.yaml").read_text() or first.poll() is not None,
                  "the first run's override")
         assert first.poll() is None, first_log.read_text()[-6000:]
         before = (root / "params.yaml").read_bytes()
 
-        refused = h.run([h.tool("ddae"), "run", "--set", "pretrain.train.lr=0.0003"], root, timeout=120)
+        refused = h.run([h.tool("ddae"), "run", "--set", "pretrain.train.checkpoint_every=4"], root, timeout=120)
         assert refused.returncode == 75, refused.stdout[-3000:]
-        assert re.search(rf"error: another pipeline run holds .*\(pid {first.pid}, since .*pretrain.train.lr=0.0001\)",
-                         refused.stdout), refused.stdout[-3000:]
+        assert re.search(rf"error: another pipeline run holds .*\(pid {first.pid}, since "
+                         rf".*pretrain.train.checkpoint_every=5\)", refused.stdout), refused.stdout[-3000:]
         assert (root / "params.yaml").read_bytes() == before  # the refused run wrote nothing
         assert first.poll() is None
 
-        waiter, waiter_log = start(root, "waiter", "--wait", "--set", "pretrain.train.lr=0.0009")
+        waiter, waiter_log = start(root, "waiter", "--wait", "--set", "pretrain.train.checkpoint_every=2")
         wait_for(lambda: "waiting for the pipeline run holding" in waiter_log.read_text(errors="replace")
                  or waiter.poll() is not None, "the queued run to say it waits")
         assert f"pid {first.pid}" in waiter_log.read_text(), waiter_log.read_text()[-3000:]
@@ -104,24 +124,29 @@ def test_two_runs_at_once_never_mix_params(tmp_path):
             if process is not None and process.poll() is None:
                 process.kill()
 
+    # pretrain ran in each; its outputs came out the same, so DVC skipped every stage after it
+    expected = {"snapshot": "ran", "prepare": "skipped", "pretrain": "ran",
+                **{stage: "skipped" for stage in ("extract", "probe", "finetune", "evaluate", "register")}}
+    assert [stage_report(first_log), stage_report(waiter_log)] == [expected, expected], waiter_log.read_text()[-3000:]
     written = (root / "params.yaml").read_text()
-    assert yaml.safe_load(written)["pretrain"]["train"]["lr"] == 0.0009  # the last finished run's override
+    assert yaml.safe_load(written)["pretrain"]["train"]["checkpoint_every"] == 2  # the last finished run's override
     assert [line for line in written.splitlines() if "#" in line] == comments  # every comment kept
     client, runs = runs_of(root)
     parents = sorted((r for r in runs if r.data.tags.get("ddae.stage") == "pipeline"), key=lambda r: r.info.start_time)
-    assert [p.data.params["pretrain.train.lr"] for p in parents] == ["0.0001", "0.0009"]
-    assert [json.loads(p.data.tags["ddae.overrides"]) for p in parents] == [{"pretrain.train.lr": 0.0001},
-                                                                         {"pretrain.train.lr": 0.0009}]
+    assert [p.data.params["pretrain.train.checkpoint_every"] for p in parents] == ["5", "2"]
+    assert [json.loads(p.data.tags["ddae.overrides"]) for p in parents] == [{"pretrain.train.checkpoint_every": 5},
+                                                                         {"pretrain.train.checkpoint_every": 2}]
     assert parents[0].info.end_time <= parents[1].info.start_time  # one after the other, never overlapping
     for parent in parents:
         [pretrain] = [r for r in runs if r.data.tags.get("ddae.pipeline_run") == parent.info.run_id
-                      and r.data.tags["ddae.stage"] == "pretrain"]  # lr changed: each run trained
+                      and r.data.tags["ddae.stage"] == "pretrain"]  # a pretrain param changed: each run trained
         compared = {}  # every param pretrain logged that params.yaml holds too: the same value
         for key, value in pretrain.data.params.items():
             if f"pretrain.{key}" in parent.data.params:
                 compared[key] = value
                 assert parent.data.params[f"pretrain.{key}"] == value, key
-        assert {"train.lr", "train.steps", "train.batch_size", "diffusion.framework"} <= set(compared), compared
+        assert {"train.checkpoint_every", "train.lr", "train.steps", "train.batch_size",
+                "diffusion.framework"} <= set(compared), compared
 
 
 def profile_for_test(tmp_path: Path) -> dict:

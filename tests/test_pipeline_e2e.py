@@ -1,7 +1,8 @@
 """End-to-end tests: the real pipeline (DVC, Prefect, MLflow) on a tiny copy of the project.
 
-One session-scoped copy runs ``dvc repro`` once (about a minute on two cores); the tests after it
-read its outputs, drive a real Prefect server and worker over it, and check the model registry.
+One session-scoped copy (the ``pipeline`` fixture in conftest.py) runs ``dvc repro`` once (about a
+minute on two cores); the tests after it read its outputs, drive a real Prefect server and worker
+over it, and check the model registry.
 Tests in this file run in order and share that copy: the ones that change it (registry gate,
 params change) come last among its users and leave it consistent for the next.
 
@@ -15,8 +16,6 @@ import os
 import re
 import shutil
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import e2e_helpers as h
@@ -24,54 +23,9 @@ import numpy as np
 import pytest
 import stage_code as sc
 import yaml
+from e2e_helpers import imagefolder_params
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class Project:
-    root: Path
-    dataset: str
-    repro: object  # CompletedProcess of the first `dvc repro`
-    seconds: float
-
-    @property
-    def env(self) -> dict[str, str]:
-        return h.project_env(self.root)
-
-
-@pytest.fixture(scope="session")
-def image_tree(tmp_path_factory) -> dict[str, Path]:
-    """A generated 3-class tree of 16x16 PNGs (40 each), the same with one corrupt file, and zips."""
-    base = tmp_path_factory.mktemp("images")
-    clean = h.make_image_tree(base / "shapes", per_class=40)
-    broken = h.make_image_tree(base / "shapes-broken", per_class=40, corrupt="disc/broken.png")
-    return {
-        "clean": clean,
-        "broken": broken,
-        "broken_zip": h.zip_tree(broken, base / "shapes-broken.zip"),
-    }
-
-
-def imagefolder_params(source: Path, **extra) -> dict:
-    return {**h.TINY_PARAMS, "data.dataset": "imagefolder", "data.source": str(source), "data.channels": 3,
-            "data.max_train": 0, "data.max_test": 0, "pretrain.train.batch_size": 16, **extra}
-
-
-@pytest.fixture(scope="session")
-def pipeline(tmp_path_factory, image_tree) -> Project:
-    """The tiny project after one `dvc repro`: Fashion-MNIST when installed, else the generated tree."""
-    if h.fashion_mnist_available():
-        dataset, params = "fashion-mnist", dict(h.TINY_PARAMS)
-    else:
-        dataset, params = "imagefolder", imagefolder_params(image_tree["clean"])
-    root = h.copy_project(tmp_path_factory.mktemp("e2e") / "project", params)
-    start = time.monotonic()
-    result = h.dvc(root, "repro", timeout=600)
-    seconds = time.monotonic() - start
-    if result.returncode != 0:
-        pytest.fail(f"dvc repro failed ({result.returncode}):\n{result.stdout[-6000:]}")
-    return Project(root, dataset, result, seconds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,12 +238,26 @@ def test_second_repro_reruns_nothing(pipeline):
 # One process edits each project file in turn and asks DVC's Python API what is stale: each stage's
 # status (stale when more than "always changed"), and the plan `dvc repro --downstream` makes from the
 # stale stages (them and their descendants); each file is restored before the next. One Repo, lock
-# held throughout: a `dvc status` process per file would spend most of its time starting.
+# held throughout: a `dvc status` process per file would spend most of its time starting. Only .py
+# files are edited, so DVC's parse of params.yaml (most of each status call) is reused while the
+# file's size, mtime and inode stay the same; any change to it is read afresh.
 _EDIT_EACH_FILE = """
-import json, sys
+import copy, json, sys
 from pathlib import Path
+import dvc.dependency.param as dvc_param
 from dvc.repo import Repo
 from dvc.repo.reproduce import get_active_graph, plan_repro
+
+read_param_file, parsed = dvc_param.read_param_file, {}
+
+def read_unchanged_once(fs, path, *args, **kwargs):
+    info = fs.info(path)
+    key = (path, info.get("size"), info.get("mtime"), info.get("inode"), repr(args), repr(sorted(kwargs.items())))
+    if key not in parsed:
+        parsed[key] = read_param_file(fs, path, *args, **kwargs)
+    return copy.deepcopy(parsed[key])
+
+dvc_param.read_param_file = read_unchanged_once
 
 root, report = Path(sys.argv[1]), {}
 with Repo(str(root)) as repo, repo.lock:
