@@ -2,7 +2,7 @@
 
 Validation happens once, at the edge (``PipelineConfig.from_dict``); every error names the key, the
 value and what was expected, so a bad ``params.yaml`` fails before any work starts. Each default is
-params.yaml's value, and params.yaml lists every field (``tests/test_defaults.py``): a key left out of
+params.yaml's value, and params.yaml lists every field (``tests/unit/test_defaults.py``): a key left out of
 a params mapping means what the default run uses.
 """
 

@@ -9,7 +9,7 @@ import pytest
 from tasks.services.runner.dvc_repro import stage_status
 from tasks.services.runner.dvc_stage import ProgressThrottle, StageFailed, reproduce
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_progress_redraws_are_throttled_but_messages_and_completion_pass():

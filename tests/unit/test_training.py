@@ -32,43 +32,8 @@ from ddae_core.training.ema import EMA
 from ddae_core.training.loop import TrainingInterrupted, global_batch_indices, local_micro_batches, train
 from ddae_core.training.schedules import ema_decay_at, lr_factor
 
-REPO = Path(__file__).resolve().parents[1]
-DIFFUSION = DiffusionConfig()  # DDPM, T = 1000
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; reset them so each train() call starts clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def make_denoiser(seed: int = 0, dropout: float = 0.1) -> nn.Module:
-    """ddpm-tiny at 16x16x1 with dropout on, so the loop's dropout seeding is exercised too."""
-    torch.manual_seed(seed)
-    return build_denoiser(DIFFUSION, build_unet("ddpm-tiny", in_channels=1, resolution=16, dropout=dropout))
-
-
-def make_images(n: int = 64, seed: int = 0) -> np.ndarray:
-    """uint8 (n, 16, 16, 1): smooth random blobs, a little structure for the network to learn."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:16, 0:16]
-    centres = rng.uniform(3, 13, size=(n, 2, 1, 1))
-    width = rng.uniform(2, 5, size=(n, 1, 1))
-    blob = np.exp(-((yy - centres[:, 0]) ** 2 + (xx - centres[:, 1]) ** 2) / (2 * width**2))
-    return (blob * 255).round().astype(np.uint8)[..., None]
-
-
-def resume_config(steps: int) -> TrainConfig:
-    return TrainConfig(
-        steps=steps, batch_size=8, grad_accum=2, lr=2e-3, warmup_steps=5, ema_decay=0.99,
-        ema_warmup=True, hflip=True, checkpoint_every=5, keep_last=2, log_every=5, seed=3, mixed_precision="no",
-    )  # fmt: skip
+REPO = Path(__file__).resolve().parents[2]
+from toy_training import DIFFUSION, _fresh_accelerate_state, make_denoiser, make_images, resume_config  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- schedules (lr: test_schedules.py)
@@ -217,7 +182,7 @@ _RESUME_SCRIPT = """
 import json, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
-import test_training as T
+import toy_training as T
 from ddae_core.diffusion import build_loss
 from ddae_core.training.loop import train
 import torch
@@ -246,7 +211,7 @@ def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path):
     assert straight.step == 20
 
     train(make_denoiser(), loss, images, resume_config(10), out_dir=tmp_path / "b", progress=False)
-    script = _RESUME_SCRIPT.format(tests=str(Path(__file__).parent), images=str(tmp_path / "images.npy"),
+    script = _RESUME_SCRIPT.format(tests=str(Path(__file__).resolve().parents[1]), images=str(tmp_path / "images.npy"),
                                    steps=20, out=str(tmp_path / "b"))  # fmt: skip
     logged_steps = json.loads(_run_in_fresh_process(script).strip().splitlines()[-1])
     assert logged_steps == [15, 20]  # it resumed at 10 rather than starting over

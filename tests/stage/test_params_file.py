@@ -14,7 +14,7 @@ from tasks.services.params.editing import Setting, planned_text
 from tasks.services.params.loading import load_params
 from tasks.services.params.overrides import apply_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import DIFFUSION, _fresh_accelerate_state, make_denoiser, make_images, resume_config  # noqa: F401
+from toy_training import DIFFUSION, _fresh_accelerate_state, make_denoiser, make_images, resume_config  # noqa: F401
 
 from ddae_core.checkpoint import save_network
 from ddae_core.config import PipelineConfig
@@ -34,7 +34,7 @@ from tasks.services.outputs.feature_store import read_unit
 from tasks.services.outputs.paths import Paths
 from tasks.services.params.loading import load_params
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # toy_training.py's folder
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +72,7 @@ _TRAIN_SCRIPT = """
 import dataclasses, json, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
-import test_training as T
+import toy_training as T
 from ddae_core.diffusion import build_loss
 from ddae_core.training.loop import train
 config = dataclasses.replace(T.resume_config({steps}), checkpoint_every=1, keep_last=2, log_every=1)

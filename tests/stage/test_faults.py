@@ -35,7 +35,7 @@ from ddae_core.training.ema import EMA
 from tasks.services.outputs.feature_store import FeatureStoreError, part_path, read_split, write_part
 from tasks.services.tracking.runs import TrackingUnavailable, configure
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def training_objects(width: int = 128, seed: int = 0):

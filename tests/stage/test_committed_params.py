@@ -14,7 +14,7 @@ import pytest
 from tasks.services.params.committed import BACKUP, committed_params, on_committed_params, recover_working_params
 from tasks.services.runner.run_lock import recorded_holder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMMITTED = b"pretrain:\n  train:\n    lr: 0.0005          # the committed value\n"
 WORKING = b"pretrain:\n  train:\n    lr: 0.0009          # a one-off override\n"
 log = logging.getLogger("test")

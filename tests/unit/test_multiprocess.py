@@ -11,20 +11,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from test_training import _fresh_accelerate_state, make_denoiser, make_images  # noqa: F401 (fixture)
+from toy_training import _fresh_accelerate_state, make_denoiser, make_images  # noqa: F401 (fixture)
 
 from ddae_core.checkpoint import latest_checkpoint
 from ddae_core.config import TrainConfig
 from ddae_core.training.loop import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 # Run by `accelerate launch`: every process trains; the main one prints what it saw.
 _SCRIPT = """
 import json, sys
 import numpy as np
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {here!r}]
 import test_multiprocess as M
 from ddae_core.training.loop import train
 result = train(M.make_denoiser(dropout=0.0), M.deterministic_loss, np.load({images!r}), M.config({steps}),
@@ -51,7 +51,8 @@ def config(steps: int) -> TrainConfig:
 
 def launch_two_processes(tmp_path: Path, images: Path, steps: int, out: Path) -> dict:
     script = tmp_path / "train_two.py"
-    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent), images=str(images), steps=steps, out=str(out)))
+    here = Path(__file__).resolve().parent
+    script.write_text(_SCRIPT.format(tests=str(here.parent), here=str(here), images=str(images), steps=steps, out=str(out)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}  # fmt: skip
     # `--cpu --num_processes 2` would start ONE process; CPU DDP (gloo) is --multi_gpu with ACCELERATE_USE_CPU

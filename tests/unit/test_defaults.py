@@ -17,7 +17,7 @@ from ddae_core.config import PipelineConfig
 from tasks.services.params.editing import flatten
 from tasks.services.params.loading import read_params_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROFILES = sorted((REPO / "profiles").glob("*.yaml"))
 
 

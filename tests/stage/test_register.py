@@ -20,7 +20,7 @@ from test_boundaries import imported_roots
 from tasks import register
 from tasks.register import Experiment, gate_version, model_requirements, promotion
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAME = "ddae-classifier"
 FACTS = {"model": NAME, "data_checksum": "data-1", "git_commit": "abc1234"}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Allocate and free 76 MB in four arrays (8-28 MB, the sizes of ddpm-cpu activations) seven times and
 # count the minor page faults of the last five rounds.

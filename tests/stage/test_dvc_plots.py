@@ -24,7 +24,7 @@ from tasks.services.outputs.feature_store import Candidate
 from tasks.services.outputs.plots import LOSS_COLUMNS, save_loss_table
 from tasks.services.outputs.selective import CURVE_COLUMNS, curve_table, write_curve_csv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DVC = Path(sys.executable).parent / "dvc"
 COLUMNS = {  # each table dvc.yaml draws -> the columns its writer writes
     "outputs/pretrain/loss.csv": LOSS_COLUMNS,

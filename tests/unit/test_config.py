@@ -9,7 +9,7 @@ import yaml
 from ddae_core.config import ConfigError, PipelineConfig
 from ddae_core.validation import validate_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -30,7 +30,7 @@ def test_shipped_params_are_valid(params):
 
 
 def test_defaults_alone_are_valid():
-    assert check({}).pretrain.train.ema_decay == 0.999  # params.yaml's (tests/test_defaults.py: all of them)
+    assert check({}).pretrain.train.ema_decay == 0.999  # params.yaml's (tests/unit/test_defaults.py: all of them)
 
 
 @pytest.mark.parametrize(

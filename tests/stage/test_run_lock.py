@@ -12,7 +12,7 @@ import pytest
 
 from tasks.services.runner.run_lock import RepositoryBusy, hold_run_lock, recorded_holder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 HOLD = """
 import sys
