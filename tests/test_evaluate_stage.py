@@ -229,7 +229,7 @@ def test_diagnostics_score_knn_per_tap_and_level_at_the_configured_pool(project)
         evaluate.diagnostics(config(diagnostics={"pool": 3}), paths, index, checkpoint)
 
 
-def test_alignment_and_uniformity_compare_augmented_copies_1_and_2_of_the_pair_images(evaluated, project):
+def test_alignment_and_uniformity_compare_augmented_copies_1_and_2_of_the_pair_images(evaluated):
     paths, *_ = evaluated
     with open(paths.plots / "evaluate" / "diagnostics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
