@@ -56,7 +56,10 @@ def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> l
     stage's fits (with the extract stage's augmented copies, when it made any).
     """
     selection = load_selection(paths)
-    probe_metrics = json.loads((paths.metrics / "probe.json").read_text())
+    probe_path = paths.metrics / "probe.json"
+    if not probe_path.is_file():  # like selection.json: one line from stage_main, not a traceback
+        raise StageError(f"{probe_path} not found: run the probe stage first")
+    probe_metrics = json.loads(probe_path.read_text())
     x, y = {}, {}
     for split in ("train", "val", "test"):
         x[split], y[split] = read_readout(paths.features, selection.readout, split, checkpoint)

@@ -12,18 +12,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from feature_store_builder import save_tiny_network, write_feature_store
 
 from ddae_core.atomic import write_json_atomic
-from ddae_core.checkpoint import network_hash, read_network_config, save_network
 from ddae_core.classifier import Classifier
-from ddae_core.config import ConfigError, DiffusionConfig, PipelineConfig
-from ddae_core.diffusion import build_denoiser
+from ddae_core.config import ConfigError, PipelineConfig
 from ddae_core.features import extract_all
-from ddae_core.nn import build_unet
 from ddae_core.readout import Readout, Selection
 from tasks import probe as probe_stage
-from tasks.services.outputs.feature_store import FeatureIndex, load_candidates, part_path, read_readout, write_part
+from tasks.services.outputs.feature_store import FeatureIndex, load_candidates, read_readout
 from tasks.services.outputs.paths import Paths
 
 TAPS = ("mid.res1", "dec.16x16.res0")  # out_1 is dec.16x16.res0 in ddpm-tiny at 32x32
@@ -36,10 +33,7 @@ CLASSES = ("a", "b", "c")
 def store(tmp_path_factory):
     """A network, its images, and the extract stage's feature store and index for them."""
     paths = Paths(tmp_path_factory.mktemp("probe-stage"))
-    torch.manual_seed(0)
-    denoiser = build_denoiser(DiffusionConfig(framework="ddpm"),
-                              build_unet("ddpm-tiny", in_channels=1, resolution=32)).eval()
-    save_network(paths.network, denoiser, {"diffusion": DiffusionConfig(framework="ddpm")})
+    denoiser = save_tiny_network(paths, resolution=32)
     rng = np.random.default_rng(0)
     images, labels, ids, start = {}, {}, {}, 0
     for split, n in SIZES.items():
@@ -50,16 +44,9 @@ def store(tmp_path_factory):
         ids[split] = np.arange(start, start + n)
         start += n
     singles = [Readout((tap,), LEVEL, pool, SEED) for tap in TAPS for pool in POOLS]
-    metadata = {"network_hash": network_hash(paths.network), "network_config": read_network_config(paths.network),
-                "data_checksum": "data-1", "level_kind": "t", "seed": SEED}
-    features = {}
-    for split in SIZES:
-        features[split] = extract_all(denoiser, images[split], ids[split], taps=TAPS, levels=[LEVEL], pools=POOLS,
-                                      seed=SEED, progress=False)
-        for single in singles:
-            write_part(part_path(paths.features, single, split, 0), single, split, 0, ids[split], labels[split],
-                       features[split][single.feature_keys[0]], metadata)
-    FeatureIndex.write(paths.features / "index.json", metadata, singles, SIZES, 1, CLASSES)
+    features = {split: extract_all(denoiser, images[split], ids[split], taps=TAPS, levels=[LEVEL], pools=POOLS,
+                                   seed=SEED, progress=False) for split in SIZES}
+    write_feature_store(paths, singles, ids, labels, features, CLASSES)
     return paths, images, ids, features
 
 
