@@ -25,16 +25,21 @@ from ddae_core.checkpoint import (
     save_network,
     save_training_state,
 )
-from ddae_core.config import DiffusionConfig, TrainConfig
-from ddae_core.diffusion import build_denoiser, build_loss
-from ddae_core.nn.unet import build_unet
+from ddae_core.config import TrainConfig
+from ddae_core.diffusion import build_loss
 from ddae_core.training.ema import EMA
 from ddae_core.training.loop import TrainingInterrupted, global_batch_indices, local_micro_batches, train
 from ddae_core.training.schedules import ema_decay_at, lr_factor
 
-REPO = Path(__file__).resolve().parents[2]
-from toy_training import DIFFUSION, _fresh_accelerate_state, make_denoiser, make_images, resume_config  # noqa: E402,F401
+from toy_training import (  # noqa: F401 (the autouse fixture)
+    DIFFUSION,
+    _fresh_accelerate_state,
+    make_denoiser,
+    make_images,
+    resume_config,
+)
 
+REPO = Path(__file__).resolve().parents[2]
 
 # ----------------------------------------------------------------------------- schedules (lr: test_schedules.py)
 
