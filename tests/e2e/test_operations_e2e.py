@@ -14,12 +14,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-import e2e_helpers as h
 import numpy as np
 import pandas as pd
 import pytest
 
 from ddae_core.readout import Selection
+
+import e2e_helpers as h
 
 pytestmark = pytest.mark.slow
 

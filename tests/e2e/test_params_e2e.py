@@ -16,13 +16,14 @@ import subprocess
 import time
 from pathlib import Path
 
-import e2e_helpers as h
 import pytest
 import yaml
 
 from tasks.services.params.editing import flatten
 from tasks.services.params.overrides import overridden_params
 from tasks.services.runner.run_lock import recorded_holder
+
+import e2e_helpers as h
 
 pytestmark = pytest.mark.slow
 

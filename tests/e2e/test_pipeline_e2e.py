@@ -18,11 +18,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import e2e_helpers as h
 import numpy as np
 import pytest
-import stage_code as sc
 import yaml
+
+import e2e_helpers as h
+import stage_code as sc
 from e2e_helpers import imagefolder_params
 
 pytestmark = pytest.mark.slow
@@ -559,7 +560,8 @@ def _zeroed_probe(probe_file: Path, tmp_path: Path) -> bytes:
 def test_registered_model_pins_what_its_code_imports_at_load(pipeline, monkeypatch):
     """The champion's requirements.txt, read back from the registry, pins each module its code loads."""
     import mlflow
-    from test_register import check_pinned, imported_at_load
+
+    from source_imports import check_pinned, imported_at_load
 
     uri = f"sqlite:///{pipeline.root / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -10,8 +10,9 @@ import json
 import shutil
 import sys
 
-import e2e_helpers as h
 import pytest
+
+import e2e_helpers as h
 
 pytestmark = pytest.mark.slow
 

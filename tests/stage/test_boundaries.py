@@ -5,19 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from source_imports import imported_roots
+
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN_IN_CORE = {"prefect", "mlflow", "dvc"}
-
-
-def imported_roots(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    roots = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            roots.add(node.module.split(".")[0])
-    return roots
 
 
 def test_core_sources_import_no_orchestration_stack():

@@ -16,7 +16,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from feature_store_builder import save_tiny_network, write_feature_store
 from PIL import Image
 
 from ddae_core.atomic import write_json_atomic
@@ -32,6 +31,8 @@ from tasks import evaluate
 from tasks.services.outputs.feature_store import FeatureIndex, FeatureStoreError, part_path, read_readout
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import StageError
+
+from feature_store_builder import save_tiny_network, write_feature_store
 
 RES, SEED = 16, 7
 TAPS = ("mid.res1", "dec.8x8.res0")

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import e2e_helpers as h
 import numpy as np
 import pytest
 import torch
@@ -34,6 +33,8 @@ from ddae_core.readout import Readout
 from ddae_core.training.ema import EMA
 from tasks.services.outputs.feature_store import FeatureStoreError, part_path, read_split, write_part
 from tasks.services.tracking.runs import TrackingUnavailable, configure
+
+import e2e_helpers as h
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -223,9 +224,9 @@ def test_second_pipeline_run_on_a_locked_repo_fails_clearly_and_leaves_it_intact
 
 def test_each_unreadable_file_is_listed_with_its_reason_and_nothing_is_written(tmp_path):
     """Corrupt, truncated, zero-byte and non-image files in a class folder: one line each, no output."""
-    from test_data import LAYOUT_FLAT, img_config, make_tree, write_bad_files
-
     from ddae_core.data import CorruptImagesError, prepare_dataset
+
+    from image_trees import LAYOUT_FLAT, img_config, make_tree, write_bad_files
 
     make_tree(tmp_path / "src", LAYOUT_FLAT)
     write_bad_files(tmp_path / "src" / "dog")

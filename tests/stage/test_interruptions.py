@@ -15,13 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import e2e_helpers as h
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy_training import DIFFUSION, _fresh_accelerate_state, make_denoiser, make_images, resume_config  # noqa: F401
 
 from ddae_core.checkpoint import save_network
 from ddae_core.config import PipelineConfig
@@ -33,6 +31,9 @@ from tasks.extract import build_features, parts_root, plan_units
 from tasks.services.outputs.feature_store import read_unit
 from tasks.services.outputs.paths import Paths
 from tasks.services.params.loading import load_params
+
+import e2e_helpers as h
+from toy_training import DIFFUSION, _fresh_accelerate_state, make_denoiser, make_images, resume_config  # noqa: F401
 
 TESTS = Path(__file__).resolve().parents[1]  # toy_training.py's folder
 

@@ -12,7 +12,6 @@ import json
 
 import numpy as np
 import pytest
-from feature_store_builder import save_tiny_network, write_feature_store
 
 from ddae_core.atomic import write_json_atomic
 from ddae_core.classifier import Classifier
@@ -22,6 +21,8 @@ from ddae_core.readout import Readout, Selection
 from tasks import probe as probe_stage
 from tasks.services.outputs.feature_store import FeatureIndex, load_candidates, read_readout
 from tasks.services.outputs.paths import Paths
+
+from feature_store_builder import save_tiny_network, write_feature_store
 
 TAPS = ("mid.res1", "dec.16x16.res0")  # out_1 is dec.16x16.res0 in ddpm-tiny at 32x32
 LEVEL, POOLS, SEED = 11.0, (1, 2), 5

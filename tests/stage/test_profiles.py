@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from toy_training import _fresh_accelerate_state  # noqa: F401 (autouse fixture)
 
 from ddae_core.config import ConfigError
 from ddae_core.diffusion import build_denoiser, build_loss, feature_levels
@@ -22,6 +21,8 @@ from tasks.services.params.editing import flatten
 from tasks.services.params.loading import load_params
 from tasks.services.params.overrides import apply_overrides, overridden_params
 from tasks.services.params.profiles import apply_profile, available_profiles
+
+from toy_training import _fresh_accelerate_state  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,10 +15,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from test_boundaries import imported_roots
 
 from tasks import register
 from tasks.register import Experiment, gate_version, model_requirements, promotion
+
+from source_imports import check_pinned, imported_at_load
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "ddae-classifier"
@@ -160,7 +161,7 @@ def test_a_version_is_scored_with_the_code_it_was_logged_with(tracking, tmp_path
     # Control: a process that imported the project's ddae_core first scores with Y, whatever is logged.
     shadowed = subprocess.run(
         [sys.executable, "-c", "import ddae_core.marker, sys, mlflow\n"
-         f"print(mlflow.pyfunc.load_model(sys.argv[1]).predict({{'image': [b'x']}})['class_id'][0])",
+         "print(mlflow.pyfunc.load_model(sys.argv[1]).predict({'image': [b'x']})['class_id'][0])",
          info.model_uri], cwd=project, capture_output=True, text=True, check=True)
     assert shadowed.stdout.strip() == "0"
 
@@ -176,40 +177,6 @@ def test_the_scorer_imports_none_of_the_project():
 
 # ---------------------------------------------------------------------------------------------
 # Requirements
-
-
-def imported_at_load() -> set[str]:
-    """Top-level third-party modules the classifier's own code imports when MLflow loads it.
-
-    Loads what ``DDAEClassifierModel.load_context`` loads in a fresh interpreter, then reads the
-    import statements of every project module that got loaded, keeping the names that were imported.
-    """
-    script = textwrap.dedent("""
-        import json, sys
-        import tasks.services.tracking.pyfunc_model
-        from ddae_core.classifier import Classifier
-        project = {name: module.__file__ for name, module in sys.modules.items()
-                   if name.split('.')[0] in ('ddae_core', 'tasks') and getattr(module, '__file__', None)}
-        print(json.dumps({"project": project, "loaded": sorted(sys.modules)}))
-    """)
-    out = json.loads(subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                                    check=True).stdout)
-    names = set().union(*(imported_roots(Path(path)) for path in out["project"].values()))
-    loaded = set(out["loaded"])
-    return {n for n in names - set(sys.stdlib_module_names) - {"ddae_core", "tasks"} if n in loaded}
-
-
-def check_pinned(requirements: list[str], modules: set[str]) -> None:
-    """Each module's distribution is pinned ``==`` the version installed here (public part)."""
-    pins = dict(line.split("==", 1) for line in requirements if "==" in line)
-    distributions = metadata.packages_distributions()
-    for module in sorted(modules):
-        candidates = distributions.get(module, [])
-        pinned = [d for d in candidates if d.lower() in {p.lower() for p in pins}]
-        assert pinned, f"{module} (from {candidates}) is imported when the model loads but not pinned: {requirements}"
-        for dist in pinned:
-            pin = next(v for p, v in pins.items() if p.lower() == dist.lower())
-            assert pin == metadata.version(dist).split("+")[0], (dist, pin)
 
 
 def test_requirements_pin_every_module_the_classifier_imports_at_load():

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 import stage_code as sc
 
 STAGES = sc.dvc_stages()

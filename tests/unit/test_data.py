@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import tarfile
 import zipfile
 from pathlib import Path
@@ -36,6 +35,8 @@ from ddae_core.data import (
     to_model_input,
     to_uint8_images,
 )
+
+from image_trees import LAYOUT_FLAT, img_config, make_tree, write_bad_files
 
 # --- generators -----------------------------------------------------------------------------------
 
@@ -85,20 +86,6 @@ def write_cifar(folder: Path, per_batch: int = 3) -> dict:
     return out
 
 
-def solid(size: tuple[int, int], value: int, mode: str = "RGB") -> Image.Image:
-    return Image.new(mode, size, (value,) * len(mode) if mode != "L" else value)
-
-
-def make_tree(root: Path, layout: dict[str, dict[str, int]], size: int = 12) -> None:
-    """``layout``: {relative class folder: {"count": n}}; PNGs with a distinct value per image."""
-    k = 0
-    for folder, count in layout.items():
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            k += 1
-            solid((size, size), (k * 7) % 256).save(root / folder / f"img{i:03d}.png")
-
-
 def pack(root: Path, kind: str, dest: Path) -> Path:
     """Archive the contents of ``root`` as .zip or .tar.gz."""
     if kind == "zip":
@@ -113,12 +100,6 @@ def pack(root: Path, kind: str, dest: Path) -> Path:
             for f in sorted(root.iterdir()):
                 tar.add(f, arcname=f.name)
     return path
-
-
-def img_config(source: Path, **kwargs) -> DataConfig:
-    base = dict(dataset="imagefolder", source=str(source), image_size=8, channels=3)
-    base.update(kwargs)
-    return DataConfig(**base)
 
 
 # --- readers --------------------------------------------------------------------------------------
@@ -190,7 +171,6 @@ def test_cifar10_prepare_at_32_is_pixel_exact(tmp_path):
 
 # --- image folders --------------------------------------------------------------------------------
 
-LAYOUT_FLAT = {"cat": 10, "dog": 10, "eel": 10}
 LAYOUT_SPLIT = {"train/cat": 6, "train/dog": 6, "train/eel": 6, "test/cat": 2, "test/dog": 2}
 
 
@@ -238,16 +218,6 @@ def test_manifest_is_written_in_key_order_with_utf8_class_names(tmp_path):
     written = (tmp_path / "out" / "manifest.json").read_bytes()
     assert written == (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     assert list(json.loads(written))[:3] == ["format", "dataset", "source"] and '"café"'.encode() in written
-
-
-def write_bad_files(folder: Path) -> list[str]:
-    good = io.BytesIO()
-    solid((16, 16), 200).save(good, format="PNG")
-    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(40))
-    (folder / "truncated.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
-    (folder / "empty.jpg").write_bytes(b"")
-    (folder / "notes.jpeg").write_text("this is not an image")
-    return ["corrupt.png", "truncated.png", "empty.jpg", "notes.jpeg"]
 
 
 def test_corrupt_files_fail_listing_all_and_keep_old_output(tmp_path):

@@ -8,13 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from toy_images import brightness_split, random_tiny_denoiser
 
 from ddae_core.config import FinetuneConfig
 from ddae_core.features import extract_batch, live_features
 from ddae_core.heads.finetune import ReadoutClassifier, accuracy, finetune, total_steps, zero_head
 from ddae_core.heads.probe_online import ImageSet
 from ddae_core.readout import Readout
+
+from toy_images import brightness_split, random_tiny_denoiser
 
 TAPS = ("mid.res1", "dec.8x8.res0")
 

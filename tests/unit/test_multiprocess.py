@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from toy_training import _fresh_accelerate_state, make_denoiser, make_images  # noqa: F401 (fixture)
 
 from ddae_core.checkpoint import latest_checkpoint
 from ddae_core.config import TrainConfig
 from ddae_core.training.loop import train
+
+from toy_training import _fresh_accelerate_state, make_denoiser, make_images  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).parent / "accelerate"

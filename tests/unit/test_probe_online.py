@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from toy_images import brightness_split, random_tiny_denoiser
 
 from ddae_core.config import DiffusionConfig
 from ddae_core.heads.probe import Standardizer
 from ddae_core.heads.probe_online import ImageSet, _RunningMoments, _subset, online_probe
 from ddae_core.readout import Readout
+
+from toy_images import brightness_split, random_tiny_denoiser
 
 
 @pytest.fixture(scope="module")
