@@ -2,7 +2,7 @@
 
 To add a subcommand, write ``configure(parser)`` and ``run(args, out) -> exit code`` and add an entry;
 handlers write their report to ``out`` (stdout) and diagnostics to logging. Each handler imports what
-it needs when it runs, so ``ddae networks`` starts no orchestration stack and ``ddae run`` no torch.
+it needs when it runs, so ``ddae networks`` starts no orchestration stack.
 """
 
 from __future__ import annotations
@@ -211,9 +211,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "networks": Subcommand(help="list the named networks with exact parameter counts and their taps",
                            configure=_configure_networks, run=_run_networks),
     "run": Subcommand(help="run the whole pipeline (prepare, pretrain, extract, probe, finetune, evaluate, register)",
-                               configure=_configure_run, run=_run_run),
+                      configure=_configure_run, run=_run_run),
     "profile": Subcommand(help="apply a profile (profiles/NAME.yaml, the paper's settings) to params.yaml",
-                                   configure=_configure_profile, run=_run_profile),
+                          configure=_configure_profile, run=_run_profile),
     "predict": Subcommand(
         help="batch inference: a folder or archive of images -> a Parquet file of predictions",
         configure=partial(_configure_batch, predict=True), run=partial(_run_batch, predict=True)),
@@ -225,7 +225,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per subcommand."""
-    parser = argparse.ArgumentParser(prog="ddae", description="Denoising diffusion autoencoders (DDAE): images to a classifier.")
+    parser = argparse.ArgumentParser(prog="ddae",
+                                     description="Denoising diffusion autoencoders (DDAE): images to a classifier.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
