@@ -128,11 +128,18 @@ def load_network(directory: str | Path, device: str | torch.device = "cpu") -> n
 
 
 def network_hash(directory: str | Path) -> str:
-    """sha256 (hex) of ``network.safetensors``: identifies the weights, e.g. in MLflow tags."""
+    """sha256 (hex) of ``network.safetensors``: identifies the weights, e.g. in MLflow tags.
+
+    A missing file is a ``CheckpointError`` naming it, which a stage reports in one line.
+    """
+    path = Path(directory) / NETWORK_WEIGHTS
     digest = hashlib.sha256()
-    with open(Path(directory) / NETWORK_WEIGHTS, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found: run the pretrain stage first") from None
     return digest.hexdigest()
 
 

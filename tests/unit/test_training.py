@@ -279,3 +279,9 @@ def test_sigterm_finishes_the_step_saves_and_raises(tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     meta = load_training_state(path, model=fresh, ema=EMA(fresh), optimizer=optimizer, lr_scheduler=scheduler)
     assert meta["step"] == 3 and meta["config"]["steps"] == 50
+
+
+def test_network_hash_of_a_missing_network_names_the_file(tmp_path):
+    (tmp_path / "network").mkdir()
+    with pytest.raises(CheckpointError, match=r"network/network.safetensors not found: run the pretrain stage"):
+        network_hash(tmp_path / "network")
