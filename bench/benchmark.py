@@ -34,6 +34,7 @@ import probes  # noqa: E402
 import speed  # noqa: E402
 
 from ddae_core.config import PipelineConfig  # noqa: E402
+from ddae_core.data.shape import declared_shape  # noqa: E402
 from ddae_core.precision import resolve_mixed_precision  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
 
     # a. + b. training speed against diffusers, FLOPs, matmul peak
-    shape = (config.data.channels, config.data.image_size, config.data.image_size)
+    channels, size = declared_shape(config.data) or (3, config.data.max_image_size)
+    shape = (channels, size, size)
     batch = 32 if args.quick else config.pretrain.train.batch_size
     precision = resolve_mixed_precision(config.pretrain.train.mixed_precision, device)
     log.info("a. training images/s: %s vs diffusers UNet2DModel, batch %d, %s", config.pretrain.network.name, batch, precision)

@@ -22,6 +22,7 @@ from torch import nn
 from ddae_core.checkpoint import load_network, read_network_config
 from ddae_core.config import DataConfig, DiffusionConfig, PipelineConfig, TrainConfig
 from ddae_core.data import load_prepared
+from ddae_core.data.shape import declared_shape
 from ddae_core.diffusion import build_denoiser, build_loss
 from ddae_core.features import extract
 from ddae_core.heads.probe import select_probe
@@ -124,8 +125,9 @@ def quick_setup(workdir: Path, config: PipelineConfig, *, train_images: int = 60
     from ddae_core.training.loop import train
 
     notes = []
+    channels, size = declared_shape(config.data) or (3, config.data.max_image_size)
     data_cfg = DataConfig(max_train=train_images, max_test=test_images, val_fraction=0.2,
-                          image_size=config.data.image_size, channels=config.data.channels)
+                          image_size=size, channels=channels)
     try:
         from ddae_core.data import prepare_dataset
 
@@ -134,12 +136,12 @@ def quick_setup(workdir: Path, config: PipelineConfig, *, train_images: int = 60
         num_classes = len(manifest["class_names"])
         notes.append(f"Fashion-MNIST subset: {manifest['splits']}")
     except Exception as err:  # no dataset installed: toy brightness classes
-        shape = (config.data.channels, config.data.image_size, config.data.image_size)
+        shape = (channels, size, size)
         sizes = {"train": int(train_images * 0.8), "val": int(train_images * 0.2), "test": test_images}
         splits, num_classes = _synthetic_splits(shape, sizes), 4
         notes.append(f"no dataset ({type(err).__name__}: {err}); toy brightness classes {sizes}")
     torch.manual_seed(0)
-    unet = build_unet("ddpm-tiny", in_channels=config.data.channels, resolution=config.data.image_size)
+    unet = build_unet("ddpm-tiny", in_channels=channels, resolution=size)
     diffusion = DiffusionConfig(framework="ddpm")
     denoiser = build_denoiser(diffusion, unet)
     result = train(denoiser, build_loss(diffusion), np.asarray(splits["train"].images),

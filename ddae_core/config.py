@@ -120,8 +120,9 @@ class DataConfig:
 
     dataset: Literal["fashion-mnist", "cifar10", "imagefolder"] = "fashion-mnist"
     source: str = ""  # folder/archive for imagefolder and a local CIFAR-10 copy; "" = default place
-    image_size: int = 28  # every image is resized (or padded, for 28x28 IDX) to this square size
-    channels: int = 1  # 1 = grayscale, 3 = RGB; images are converted to this mode
+    image_size: int | Literal["auto"] = "auto"  # square working size; auto: the rule in data/shape.py
+    channels: int | Literal["auto"] = "auto"  # 1 = grayscale, 3 = RGB; auto: 3 if the images hold colour
+    max_image_size: int = 64  # auto never picks a larger size (bigger photos are resized once, at prepare)
     val_fraction: float = 0.1  # share of train carved out (class-stratified) for model selection
     test_fraction: float = 0.2  # imagefolder without train/ and test/ subfolders: share held out
     split_seed: int = 0
@@ -130,8 +131,10 @@ class DataConfig:
     max_test: int = 0  # 0 = all
 
     def __post_init__(self) -> None:
-        _require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
-        _require(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+        _require(self.image_size == "auto" or self.image_size >= 8, "image_size",
+                 f"must be >= 8 or auto, got {self.image_size}")
+        _require(self.channels in (1, 3, "auto"), "channels", f"must be 1, 3 or auto, got {self.channels}")
+        _require(self.max_image_size >= 8, "max_image_size", f"must be >= 8, got {self.max_image_size}")
         _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _require(0.0 < self.test_fraction < 1.0, "test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         _require(self.max_train >= 0, "max_train", f"must be >= 0, got {self.max_train}")
@@ -173,7 +176,10 @@ class DiffusionConfig:
 class TrainConfig:
     """Pretraining loop settings; the defaults are the CPU run's (profiles/ hold the paper's)."""
 
-    steps: int = 800  # optimizer steps in total
+    steps: int = 0  # optimizer steps in total; 0 = planned from epochs (``planned_steps``)
+    epochs: float = 2.0  # passes over the train split, kept within [min_images, max_images] images seen
+    min_images: int = 25600  # a small dataset still trains this many images (many epochs)
+    max_images: int = 102400  # a large one stops here (the CPU budget; profiles set steps instead)
     batch_size: int = 128  # global batch (split over processes)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-4
@@ -189,9 +195,13 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
+        for key in ("batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every", "min_images"):
             value = getattr(self, key)
             _require(value >= 1, key, f"must be >= 1, got {value}")
+        _require(self.steps >= 0, "steps", f"must be >= 0 (0 = planned from epochs), got {self.steps}")
+        _require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        _require(self.max_images >= self.min_images, "max_images",
+                 f"must be >= min_images ({self.min_images}), got {self.max_images}")
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
@@ -225,9 +235,7 @@ class PretrainConfig:
 class ExtractConfig:
     """Which (tap, noise level, pooling) features to cache, and how."""
 
-    taps: tuple[str, ...] = (  # block names (UNet.tap_names()) or paper aliases (out_6)
-        "mid.res1", "dec.7x7.res0", "dec.7x7.res1", "dec.14x14.res0", "dec.14x14.res1", "dec.28x28.res0",
-        "dec.28x28.res1")
+    taps: tuple[str, ...] = ("mid", "decoder")  # selectors (nn.tap_selectors: mid, decoder, dec1, out_6) or blocks
     levels: tuple[float, ...] = (11.0,)  # DDPM: t in 1..T; EDM: sigma (see sigma_indices)
     sigma_indices: tuple[int, ...] = ()  # EDM only: the paper's step indices, converted to sigma
     pools: tuple[int, ...] = (1, 2)  # 1 = global average pooling (paper); k = k x k average pooling
@@ -257,10 +265,7 @@ class ProbeConfig:
     max_iter: int = 200  # L-BFGS iterations per fit
     screen_train: int = 5000  # >0: rank all candidates on this many train images first (two-phase search)
     finalists: int = 1  # candidates refitted on the full train split after screening
-    concat: tuple[tuple[str, ...], ...] = (  # tap groups whose features are concatenated
-        ("mid.res1", "dec.7x7.res0", "dec.7x7.res1"),
-        ("mid.res1", "dec.7x7.res0", "dec.7x7.res1", "dec.14x14.res0", "dec.14x14.res1", "dec.28x28.res0",
-         "dec.28x28.res1"))
+    concat: tuple[tuple[str, ...], ...] = (("mid", "dec1"), ("mid", "decoder"))  # tap groups, concatenated
     raw_pixels: bool = True  # also probe raw pixels through the same code (the floor)
     online: bool = False  # also run the paper's online protocol on the chosen readout (slow)
     online_epochs: int = 15  # paper: 15 epochs, Adam lr 1e-3, cosine, batch 128, flip/crop + fresh noise

@@ -3,8 +3,8 @@
 Taps (concatenated in order), one noise level, a pooling grid and the seed that keys the feature
 noise: the extract stage writes single-tap readouts, the probe chooses one (``candidates``), and
 ``selection.json`` (``Selection``) carries it to fine-tuning and to the registered model. Taps are
-always block names (``UNet.tap_names()``); paper aliases (``out_6``) are resolved once, by
-``resolve_taps``, before a readout is built.
+always block names (``UNet.tap_names()``); selectors (``mid``, ``decoder``, ``dec1``, the paper's
+``out_6``: ``nn.tap_selectors``) are expanded once, by ``resolve_taps``, before a readout is built.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Readout:
     """Blocks (features concatenated in this order) read at one noise level (DDPM t / EDM sigma),
     pooled on a ``pool`` x ``pool`` grid (1 = global average), with noise keyed by ``seed``."""
 
-    taps: tuple[str, ...]  # block names, never paper aliases; non-empty, none containing TAP_SEPARATOR
+    taps: tuple[str, ...]  # block names, never selectors; non-empty, none containing TAP_SEPARATOR
     level: float
     pool: int
     seed: int  # extract.seed: with the sample id and level it keys the noise, so it is part of the features
@@ -171,28 +171,31 @@ def _require(data: Mapping[str, Any], keys: Sequence[str]) -> None:
         raise ValueError(f"missing key(s) {', '.join(map(repr, missing))}")
 
 
-def resolve_taps(taps: Sequence[str], known: Sequence[str], aliases: Mapping[str, str], key: str) -> tuple[str, ...]:
-    """Our block names for ``taps`` (paper ``out_N`` aliases translated); unknown ones fail by name."""
-    resolved = []
+def resolve_taps(taps: Sequence[str], known: Sequence[str], selectors: Mapping[str, Sequence[str]],
+                 key: str) -> tuple[str, ...]:
+    """Block names for ``taps``: selectors (``mid``, ``decoder``, ``dec1``, ``out_6``) expanded to their
+    blocks, block names kept, each block once in first-seen order; an unknown name fails by name."""
+    resolved: list[str] = []
     for i, tap in enumerate(taps):
-        name = aliases.get(tap, tap)
-        if name not in known:
-            raise ConfigError(
-                f"{key}[{i}]: unknown tap {tap!r}; this network's taps: {', '.join(known)}"
-                + (f"; paper aliases: {', '.join(aliases)}" if aliases else "")
-            )
-        resolved.append(name)
+        blocks = tuple(selectors.get(tap, (tap,)))
+        for name in blocks:
+            if name not in known:
+                raise ConfigError(
+                    f"{key}[{i}]: unknown tap {tap!r}; this network's taps: {', '.join(known)}"
+                    + (f"; selectors: {', '.join(selectors)}" if selectors else "")
+                )
+        resolved += [name for name in blocks if name not in resolved]
     return tuple(resolved)
 
 
 def candidates(singles: Sequence[Readout], concat: Sequence[Sequence[str]],
-               aliases: Mapping[str, str]) -> list[Readout]:
+               selectors: Mapping[str, Sequence[str]]) -> list[Readout]:
     """Every readout the probe compares: ``singles`` in their order, then each ``concat`` group
-    (aliases resolved to blocks) at every level, then every pool, both ascending.
+    (selectors expanded to blocks) at every level, then every pool, both ascending.
 
     This order decides ties in the probe's selection, so it is kept exactly as it has always been;
     a readout listed twice keeps its first place. A group member whose block was not extracted raises
-    ConfigError naming the member and, for an alias, the block it stands for.
+    ConfigError naming the member and, for a selector, the block it stands for.
     """
     for single in singles:
         if len(single.taps) != 1:
@@ -205,15 +208,18 @@ def candidates(singles: Sequence[Readout], concat: Sequence[Sequence[str]],
     pools = sorted({single.pool for single in singles})
     found = {single.key: single for single in singles}
     for g, group in enumerate(concat):
-        blocks = tuple(aliases.get(tap, tap) for tap in group)
-        for i, (tap, block) in enumerate(zip(group, blocks)):
-            if block not in extracted_taps:
-                named = f"tap {tap!r}" + (f" (block {block!r})" if block != tap else "")
-                raise ConfigError(f"probe.concat[{g}][{i}]: {named} was not extracted; "
-                                  f"extracted taps: {', '.join(extracted_taps)}")
+        blocks: list[str] = []
+        for i, tap in enumerate(group):
+            for block in selectors.get(tap, (tap,)):
+                if block not in extracted_taps:
+                    named = f"tap {tap!r}" + (f" (block {block!r})" if block != tap else "")
+                    raise ConfigError(f"probe.concat[{g}][{i}]: {named} was not extracted; "
+                                      f"extracted taps: {', '.join(extracted_taps)}")
+                if block not in blocks:
+                    blocks.append(block)
         for level in levels:
             for pool in pools:
-                readout = Readout(blocks, level, pool, singles[0].seed)  # extracted taps: singles is not empty
+                readout = Readout(tuple(blocks), level, pool, singles[0].seed)  # extracted taps: singles is not empty
                 absent = [member.label for member in readout.members if member.key not in extracted]
                 if absent:
                     raise ConfigError(f"probe.concat[{g}]: no extracted features for {', '.join(absent)}")

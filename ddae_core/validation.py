@@ -7,33 +7,61 @@ without building a network.
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 from ddae_core.config import ConfigError, PipelineConfig
 from ddae_core.diffusion import feature_levels
-from ddae_core.nn import NETWORKS, paper_aliases
-from ddae_core.nn.unet import network_config, tap_names
+from ddae_core.nn import NETWORKS, tap_selectors
+from ddae_core.nn.unet import UNetConfig, network_config, tap_names
 from ddae_core.readout import resolve_taps
 
 
+def validate_readouts(config: PipelineConfig, unet_config: UNetConfig) -> None:
+    """Raise ConfigError if ``extract.taps`` or ``probe.concat`` name blocks this network does not have,
+    or a concat group reads a block that extract does not cache."""
+    known, selectors = tap_names(unet_config), tap_selectors(unet_config)
+    extracted = resolve_taps(config.extract.taps, known, selectors, "extract.taps")
+    for g, group in enumerate(config.probe.concat):
+        for tap in resolve_taps(group, known, selectors, f"probe.concat[{g}]"):
+            if tap not in extracted:
+                raise ConfigError(f"probe.concat[{g}]: tap {tap!r} is not in extract.taps")
+
+
+_SIZED_BLOCK = re.compile(r"^(enc|dec)\.\d+x\d+\.")  # dec.7x7.res0: exists only at one input size
+
+
+def _without_sized_blocks(config: PipelineConfig) -> PipelineConfig:
+    """``config`` with block names that depend on the input size left out of taps and concat groups."""
+    def keep(taps: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(tap for tap in taps if not _SIZED_BLOCK.match(tap))
+
+    extract = dataclasses.replace(config.extract, taps=keep(config.extract.taps) or ("mid",))
+    probe = dataclasses.replace(config.probe, concat=tuple(keep(group) for group in config.probe.concat))
+    return dataclasses.replace(config, extract=extract, probe=probe)
+
+
 def validate_pipeline(config: PipelineConfig, source: str = "params.yaml") -> None:
-    """Raise ConfigError (naming the key) if the sections do not fit together."""
+    """Raise ConfigError (naming the key) if the sections do not fit together.
+
+    With ``data.image_size: auto`` the size is known only after prepare, so block names that depend
+    on it (``dec.7x7.res0``) are checked by the pretrain stage; every other name (``mid``, ``mid.res1``,
+    ``decoder``, ``out_6``) here.
+    """
     try:
         net = config.pretrain.network
         if net.name not in NETWORKS:
             raise ConfigError(f"pretrain.network.name: unknown network {net.name!r}; "
                               f"known: {', '.join(NETWORKS)}")
         overrides = {} if net.dropout is None else {"dropout": net.dropout}
+        channels = None if config.data.channels == "auto" else config.data.channels
+        size = None if config.data.image_size == "auto" else config.data.image_size
         try:
-            unet_config = network_config(net.name, config.data.channels, config.data.image_size, **overrides)
+            unet_config = network_config(net.name, channels, size, **overrides)
         except ValueError as err:
             raise ConfigError(f"pretrain.network.name: {net.name!r} does not fit "
-                              f"{config.data.channels}x{config.data.image_size}x{config.data.image_size} "
-                              f"images: {err}") from None
-        known, aliases = tap_names(unet_config), paper_aliases(unet_config)
-        extracted = resolve_taps(config.extract.taps, known, aliases, "extract.taps")
-        for g, group in enumerate(config.probe.concat):
-            for tap in resolve_taps(group, known, aliases, f"probe.concat[{g}]"):
-                if tap not in extracted:
-                    raise ConfigError(f"probe.concat[{g}]: tap {tap!r} is not in extract.taps")
+                              f"{channels}x{size}x{size} images: {err}") from None
+        validate_readouts(config if size is not None else _without_sized_blocks(config), unet_config)
         try:
             feature_levels(config.pretrain.diffusion, config.extract.levels, config.extract.sigma_indices)
         except ValueError as err:

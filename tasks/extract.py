@@ -28,7 +28,7 @@ from ddae_core.config import PipelineConfig, as_dict
 from ddae_core.data import load_prepared
 from ddae_core.diffusion import feature_levels, level_kind
 from ddae_core.features import extract
-from ddae_core.nn import paper_aliases
+from ddae_core.nn import tap_selectors
 from ddae_core.readout import Readout, resolve_taps
 from tasks.services.outputs.feature_store import (
     INDEX_FILE,
@@ -98,9 +98,9 @@ class ExtractionPlan:
 
 def plan_extraction(config: PipelineConfig, paths: Paths, denoiser: torch.nn.Module, manifest: dict,
                     splits: dict) -> ExtractionPlan:
-    """Resolve taps (paper aliases) and levels, and cut every split and copy into units."""
+    """Resolve taps (selectors to block names) and levels, and cut every split and copy into units."""
     cfg = config.extract
-    taps = resolve_taps(cfg.taps, denoiser.unet.tap_names(), paper_aliases(denoiser.unet.config), "extract.taps")
+    taps = resolve_taps(cfg.taps, denoiser.unet.tap_names(), tap_selectors(denoiser.unet.config), "extract.taps")
     levels = feature_levels(config.pretrain.diffusion, cfg.levels, cfg.sigma_indices)
     keys = [Readout((tap,), level, pool, cfg.seed) for tap in taps for level in levels for pool in cfg.pools]
     metadata = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ddae_core.config import PipelineConfig
 from ddae_core.data import prepare_dataset
+from ddae_core.nn.unet import size_multiple
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import stage_main
 from tasks.services.tracking.runs import stage_run
@@ -15,17 +16,22 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     Returns:
         A summary dict: dataset, split counts, checksum and how many files were skipped.
     """
-    manifest = prepare_dataset(config.data, paths.prepared, progress=True)
+    multiple = size_multiple(config.pretrain.network.name)
+    manifest = prepare_dataset(config.data, paths.prepared, progress=True, size_multiple=multiple)
     summary = {
         "dataset": manifest["dataset"],
+        "layout": manifest["layout"],
+        "shape": manifest["shape"],
         "splits": manifest["splits"],
         "checksum": manifest["checksum"],
         "skipped": len(manifest.get("skipped", [])),
+        "warnings": manifest["warnings"],
     }
     with stage_run(paths.root, "prepare", {"ddae.data_checksum": manifest["checksum"]}) as _:
         import mlflow
 
         mlflow.log_params({f"data.{k}": v for k, v in manifest["config"].items()})
+        mlflow.log_params({"layout": manifest["layout"][:500], "working_shape": "x".join(map(str, manifest["shape"]))})
         mlflow.log_metrics({f"{split}_images": n for split, n in manifest["splits"].items()})
         mlflow.log_metric("skipped_images", summary["skipped"])
         mlflow.log_dict(manifest, "manifest.json")

@@ -7,6 +7,7 @@ the final EMA network plus the loss curve (``loss.csv`` for ``dvc plots``, ``los
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -22,6 +23,8 @@ from ddae_core.diffusion import SAMPLERS, build_denoiser, build_loss, default_sa
 from ddae_core.nn import build_unet, count_parameters
 from ddae_core.precision import resolve_mixed_precision
 from ddae_core.training.loop import TrainingInterrupted, TrainResult, train
+from ddae_core.training.schedules import planned_steps
+from ddae_core.validation import validate_readouts
 from tasks.services.outputs.paths import Paths
 from tasks.services.outputs.plots import save_loss_curve, save_loss_table
 from tasks.services.runner.stage_main import StageError, stage_main
@@ -46,8 +49,10 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     if not (paths.prepared / "manifest.json").is_file():
         raise StageError(f"{paths.prepared}/manifest.json not found: run the prepare stage first")
     manifest, splits = load_prepared(paths.prepared)
-    cfg = config.pretrain
-    unet = build_network(config)
+    unet = build_network(config, manifest)
+    validate_readouts(config, unet.config)  # taps named for another size fail now, not after training
+    steps = planned_steps(config.pretrain.train, len(splits["train"]))
+    cfg = dataclasses.replace(config.pretrain, train=dataclasses.replace(config.pretrain.train, steps=steps))
     denoiser = build_denoiser(cfg.diffusion, unet)
     loss_fn = build_loss(cfg.diffusion)
 
@@ -90,13 +95,20 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     return summary
 
 
-def build_network(config: PipelineConfig) -> torch.nn.Module:
+def build_network(config: PipelineConfig, manifest: dict) -> torch.nn.Module:
     """The configured UNet for the prepared images' channels and size (dropout overridden if set), its
     initial weights drawn from ``pretrain.train.seed``: the same params start from the same weights."""
     network = config.pretrain.network
+    preprocess = manifest["preprocess"]
     torch.manual_seed(config.pretrain.train.seed)
     overrides = {} if network.dropout is None else {"dropout": network.dropout}
-    return build_unet(network.name, in_channels=config.data.channels, resolution=config.data.image_size, **overrides)
+    try:
+        return build_unet(network.name, in_channels=preprocess["channels"], resolution=preprocess["image_size"],
+                          **overrides)
+    except ValueError as err:
+        raise StageError(f"pretrain.network.name: {network.name!r} does not fit the prepared "
+                         f"{preprocess['channels']}x{preprocess['image_size']}x{preprocess['image_size']} images "
+                         f"({err}); set data.image_size to a size it takes") from None
 
 
 def remove_other_checkpoints(paths: Paths, fingerprint: str) -> None:
@@ -119,6 +131,7 @@ def publish(result: TrainResult, config: PipelineConfig, manifest: dict, paths: 
     speeds = [h["images_per_s"] for h in result.history if "images_per_s" in h]
     summary = {
         "steps": result.step,
+        "epochs": round(result.step * config.pretrain.train.batch_size / max(1, manifest["splits"]["train"]), 2),
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "images_per_s": sum(speeds) / len(speeds) if speeds else None,
         "parameters": parameters,
@@ -136,7 +149,8 @@ def draw_sample_grid(denoiser: torch.nn.Module, config: PipelineConfig, path) ->
         return 0.0
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(samples.seed)
-    shape = (samples.count, config.data.channels, config.data.image_size, config.data.image_size)
+    unet = denoiser.unet.config
+    shape = (samples.count, unet.in_channels, unet.resolution, unet.resolution)
     latents = torch.randn(shape, generator=generator)
     sampler = SAMPLERS[default_sampler(config.pretrain.diffusion.framework)]
     with torch.inference_mode():

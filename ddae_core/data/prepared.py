@@ -2,8 +2,9 @@
 
 Layout of ``out_dir`` (format 1)::
 
-    manifest.json                      dataset, source, preprocess spec, class names, split sizes,
-                                       shape [H, W, C], checksum, skipped files, the DataConfig
+    manifest.json                      dataset, source, layout, preprocess spec (and why that shape),
+                                       class names, split sizes, per-class counts, shape [H, W, C],
+                                       checksum, skipped files, warnings, the DataConfig
     {train,val,test}/images.u8         raw uint8 (N, H, W, C), C-order
     {train,val,test}/labels.npy        int64 (N,), index into class_names
     {train,val,test}/sample_ids.npy    int64 (N,), the source's sample ids (see ``sources``)
@@ -19,7 +20,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from ddae_core.atomic import atomic_directory, write_json_atomic
 from ddae_core.config import DataConfig, as_dict
 from ddae_core.data.errors import CorruptImagesError, OutputExistsError, PreparedDataError, PreparedNotFoundError
 from ddae_core.data.images import PreprocessSpec, preprocess_image
+from ddae_core.data.shape import working_shape
 from ddae_core.data.sources import RawSplit, Source, open_source
 from ddae_core.sampling import balanced_subset
 
@@ -41,15 +43,10 @@ MANIFEST = "manifest.json"
 _CHUNK = 512  # images buffered before each write; bounds memory for any dataset size
 _MANIFEST_KEYS = ("format", "dataset", "source", "preprocess", "class_names", "splits", "shape", "checksum")
 
+RELIABLE_PER_CLASS = 10  # fewer validation (or test) images per class than this make a choice (or score) noisy
+
 # Separate random streams per decision, so changing one fraction does not reshuffle the others.
 _STREAM_TEST, _STREAM_MAX_TRAIN, _STREAM_MAX_TEST, _STREAM_VAL = 1, 2, 3, 4
-
-
-def preprocess_spec_for(config: DataConfig, fit: str | None = None) -> PreprocessSpec:
-    """The spec a dataset is prepared with: IDX images are padded, everything else centre-cropped."""
-    if fit is None:
-        fit = "pad" if config.dataset == "fashion-mnist" else "resize"
-    return PreprocessSpec(channels=config.channels, image_size=config.image_size, fit=fit)  # type: ignore[arg-type]
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -75,7 +72,8 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
 
 
 def plan_splits(source: Source, config: DataConfig) -> dict[str, RawSplit]:
-    """Carve test (if the source has none), apply max_train / max_test, then carve val from train."""
+    """Carve test (if the source has none), apply max_train / max_test, then carve val from train
+    (unless the source has a validation split of its own, used as it is)."""
     pool, test = source.train, source.test
     if test is None:
         keep, held = stratified_split(pool.labels, config.test_fraction, _rng(config.split_seed, _STREAM_TEST))
@@ -84,8 +82,33 @@ def plan_splits(source: Source, config: DataConfig) -> dict[str, RawSplit]:
         pool = pool.subset(balanced_subset(pool.labels, config.max_train, _rng(config.split_seed, _STREAM_MAX_TRAIN)))
     if config.max_test:
         test = test.subset(balanced_subset(test.labels, config.max_test, _rng(config.split_seed, _STREAM_MAX_TEST)))
+    if source.val is not None:
+        return {"train": pool, "val": source.val, "test": test}
     keep, held = stratified_split(pool.labels, config.val_fraction, _rng(config.split_seed, _STREAM_VAL))
     return {"train": pool.subset(keep), "val": pool.subset(held), "test": test}
+
+
+def class_counts(labels: Mapping[str, np.ndarray], class_names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Split -> class name -> images, every class listed (0 where a split has none)."""
+    return {split: dict(zip(class_names, np.bincount(y, minlength=len(class_names)).tolist()))
+            for split, y in labels.items()}
+
+
+def small_data_warnings(counts: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """What a user must know when a split is too small to trust: empty classes, thin val or test."""
+    warnings = []
+    for split, per_class in counts.items():
+        empty = [name for name, n in per_class.items() if n == 0]
+        if empty:
+            warnings.append(f"{split} split has no images of class(es) {empty}")
+    for split, what in (("val", "choosing the readout and the L2 strength on it is unreliable"),
+                        ("test", "its accuracy is a noisy estimate")):
+        fewest = min(counts[split].values(), default=0)
+        if fewest < RELIABLE_PER_CLASS:
+            warnings.append(f"the {split} split holds {sum(counts[split].values())} images, as few as {fewest} "
+                            f"in a class (under {RELIABLE_PER_CLASS}): {what}; add images"
+                            + (" or raise data.val_fraction" if split == "val" else ""))
+    return warnings
 
 
 def _hash_split(digest: Any, name: str, images_sha: bytes, labels: np.ndarray, ids: np.ndarray) -> None:
@@ -139,8 +162,11 @@ def _check_replaceable(out_dir: Path) -> None:
         raise OutputExistsError(f"{out_dir} is not empty and holds no {MANIFEST}; refusing to replace it")
 
 
-def prepare_dataset(config: DataConfig, out_dir: str | os.PathLike[str], progress: bool = True) -> dict[str, Any]:
+def prepare_dataset(config: DataConfig, out_dir: str | os.PathLike[str], progress: bool = True,
+                    size_multiple: int = 4) -> dict[str, Any]:
     """Read ``config``'s dataset, preprocess every image and write the prepared format to ``out_dir``.
+
+    ``size_multiple``: what an inferred image size must be a multiple of (the network's down-sampling).
 
     Built in ``<out_dir>.tmp-<pid>`` and renamed at the end (``atomic_directory``): after any failure
     ``out_dir`` is as it was (absent, or the previous good dataset) and the temp folder is gone. The
@@ -151,30 +177,41 @@ def prepare_dataset(config: DataConfig, out_dir: str | os.PathLike[str], progres
     _check_replaceable(out_dir)
     with atomic_directory(out_dir) as tmp:
         with open_source(config, scratch_dir=tmp) as source:
-            spec = preprocess_spec_for(config, source.fit)
+            shape = working_shape(source, config, size_multiple)
+            spec = PreprocessSpec(channels=shape.channels, image_size=shape.image_size, fit=source.fit)
             splits = plan_splits(source, config)
             digest = hashlib.sha256()
             counts: dict[str, int] = {}
+            split_labels: dict[str, np.ndarray] = {}
             bad: list[dict[str, str]] = []
             for name in SPLITS:
                 images_sha, labels, ids, split_bad = _write_split(splits[name], spec, tmp / name, name, progress)
                 _hash_split(digest, name, images_sha, labels, ids)
                 counts[name] = len(labels)
+                split_labels[name] = labels
                 bad += split_bad
             if bad and config.on_corrupt == "fail":
                 raise CorruptImagesError(bad)
             for entry in bad:
                 log.warning("skipped unreadable image %s (%s)", entry["path"], entry["error"])
+            per_class = class_counts(split_labels, source.class_names)
+            warnings = [*source.warnings, *small_data_warnings(per_class)]
+            for message in warnings[len(source.warnings):]:
+                log.warning("%s", message)
             manifest = {
                 "format": FORMAT_VERSION,
                 "dataset": source.dataset,
                 "source": source.location,
+                "layout": source.layout,
                 "preprocess": spec.to_dict(),
+                "shape_rule": shape.reason,
                 "class_names": list(source.class_names),
                 "splits": counts,
+                "class_counts": per_class,
                 "shape": list(spec.shape),
                 "checksum": digest.hexdigest(),
                 "skipped": bad,
+                "warnings": warnings,
                 "config": as_dict(config),
             }
         for leftover in tmp.iterdir():  # e.g. an archive's extraction folder

@@ -65,6 +65,7 @@ CIFAR10_DIR = "cifar-10-batches-bin"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch.bin"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+NATIVE_SHAPES = {"fashion-mnist": (1, 28), "cifar10": (3, 32)}  # (channels, size) of the known datasets
 _CIFAR_RECORD = 1 + 32 * 32 * 3  # label byte + R plane + G plane + B plane (each 32x32, row-major)
 
 
@@ -135,15 +136,18 @@ class FileSplit:
 
 @dataclass(frozen=True)
 class Source:
-    """A raw dataset: class names, train and test splits, and the fit its images need."""
+    """A raw dataset: class names, its splits, the fit its images need and, for a known dataset, its shape."""
 
     dataset: str
     location: str  # the file or folder it was read from (recorded in the manifest)
     class_names: tuple[str, ...]
     train: RawSplit
-    test: RawSplit | None  # None: image folder without train/ and test/; the caller carves test
+    test: RawSplit | None  # None: no test split on disk; the caller carves one from train
     fit: Fit
     warnings: tuple[str, ...] = field(default=())
+    val: RawSplit | None = None  # a validation split on disk (train/ + val/ + test/); None: carved from train
+    layout: str = "official train and test splits"  # how the splits were found, for the log and the manifest
+    native_shape: tuple[int, int] | None = None  # (channels, size) of a known dataset; None: infer from files
 
 
 def _int64(values: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -227,7 +231,8 @@ def read_fashion_mnist(source: str = "") -> Source:
         splits[name] = ArraySplit(images, labels, ids, f"fashion-mnist {name}")
         offset += len(labels)
     location = str(files["train_images"].parent)
-    return Source("fashion-mnist", location, FASHION_MNIST_CLASSES, splits["train"], splits["test"], "pad")
+    return Source("fashion-mnist", location, FASHION_MNIST_CLASSES, splits["train"], splits["test"], "pad",
+                  native_shape=NATIVE_SHAPES["fashion-mnist"])
 
 
 # --- CIFAR-10 (binary version) -------------------------------------------------------------------
@@ -343,6 +348,7 @@ def read_cifar10(source: str = "", cache_dir: Path | None = None, download: bool
         ArraySplit(train_images, train_labels, np.arange(n, dtype=np.int64), "cifar10 train"),
         ArraySplit(test_images, test_labels, np.arange(n, n + len(test_labels), dtype=np.int64), "cifar10 test"),
         "resize",
+        native_shape=NATIVE_SHAPES["cifar10"],
     )
 
 
@@ -404,27 +410,60 @@ def _collect(folder: Path, root: Path, classes: Sequence[str]) -> tuple[list[str
     return paths, labels, others
 
 
+SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
+
+
+def _split_folders(root: Path, dirs: list[Path], location: str) -> tuple[dict[str, Path], str]:
+    """Which folders hold which split, and the layout in words; ``{}`` for bare class folders.
+
+    ``train/`` + ``test/`` (+ ``val/``) are used as named; ``train/`` + ``val/`` uses val as the test
+    split (the layout of many public datasets), and validation is carved from train; a lone ``train/``
+    is treated like class folders. ``val/`` may also be spelt ``valid/`` or ``validation/``.
+    """
+    found: dict[str, Path] = {}
+    for d in dirs:
+        split = SPLIT_FOLDERS.get(d.name.lower())
+        if split is not None:
+            if split in found:
+                raise DatasetLayoutError(f"{location}: both {found[split].name}/ and {d.name}/ name the {split} split")
+            found[split] = d
+    if not found:
+        return {}, "class folders (test and validation carved from them)"
+    if "train" not in found:
+        named = " and ".join(f"{p.name}/" for p in found.values())
+        raise DatasetLayoutError(f"{location}: found {named} without train/; add a train/ folder of class folders, "
+                                 "or put the class folders at the top level")
+    others = [d.name for d in dirs if d.name.lower() not in SPLIT_FOLDERS]
+    if others:
+        log.warning("%s: ignoring folder(s) %s beside the split folders %s", location, others,
+                    sorted(p.name for p in found.values()))
+    if set(found) == {"train"}:
+        return {"train": found["train"]}, "train/ only (test and validation carved from it)"
+    if "test" in found:
+        if "val" in found:
+            return found, "train/ + val/ + test/, used as named"
+        return found, "train/ + test/ (validation carved from train)"
+    val = found["val"].name
+    return ({"train": found["train"], "test": found["val"]},
+            f"train/ + {val}/: {val}/ is used as the test split, validation is carved from train")
+
+
 def scan_image_folder(root: Path, location: str) -> Source:
-    """Index a folder of class sub-folders (optionally under ``train/`` and ``test/``); decodes nothing."""
+    """Index a folder of class sub-folders, bare or under split folders (``_split_folders``); decodes nothing."""
     dirs, files = _visible(root)
-    while len(dirs) == 1 and not files and dirs[0].name not in ("train", "test"):
+    while len(dirs) == 1 and not files and dirs[0].name.lower() not in SPLIT_FOLDERS:
         root = dirs[0]  # an archive often wraps everything in one top folder
         dirs, files = _visible(root)
-    names = {d.name for d in dirs}
-    if "train" in names or "test" in names:
-        if not {"train", "test"} <= names:
-            raise DatasetLayoutError(
-                f"{location}: found {'train' if 'train' in names else 'test'}/ without "
-                f"{'test' if 'train' in names else 'train'}/; use both, or put class folders at the top level"
-            )
-        classes = sorted(d.name for d in _visible(root / "train")[0])
-        test_classes = sorted(d.name for d in _visible(root / "test")[0])
-        unknown = [c for c in test_classes if c not in classes]
-        if unknown:
-            raise DatasetLayoutError(f"{location}: test/ has class folder(s) {unknown} that train/ does not have")
-        folders = {"train": root / "train", "test": root / "test"}
+    folders, layout = _split_folders(root, dirs, location)
+    if folders:
+        classes = sorted(d.name for d in _visible(folders["train"])[0])
+        for split, folder in folders.items():
+            unknown = [c for c in sorted(d.name for d in _visible(folder)[0]) if c not in classes]
+            if unknown:
+                raise DatasetLayoutError(f"{location}: {folder.name}/ has class folder(s) {unknown} "
+                                         "that train/ does not have")
     else:
-        classes = sorted(names)
+        classes = sorted(d.name for d in dirs)
         folders = {"train": root}
     if len(classes) < 2:
         raise DatasetLayoutError(f"{location}: need at least 2 class folders, found {classes}")
@@ -443,7 +482,9 @@ def scan_image_folder(root: Path, location: str) -> Source:
         warnings.append(f"{len(loose)} image file(s) outside class folders were ignored (e.g. {loose[0]})")
     for message in warnings:
         log.warning("%s: %s", location, message)
-    return Source("imagefolder", location, tuple(classes), splits["train"], splits.get("test"), "resize", tuple(warnings))
+    log.info("%s: %s", location, layout)
+    return Source("imagefolder", location, tuple(classes), splits["train"], splits.get("test"), "resize",
+                  tuple(warnings), val=splits.get("val"), layout=layout)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from ddae_core.nn.unet import (
     NETWORKS,
+    SELECTOR_HELP,
     UNet,
     UNetConfig,
     build_unet,
@@ -10,6 +11,7 @@ from ddae_core.nn.unet import (
     paper_aliases,
     tap_channels,
     tap_names,
+    tap_selectors,
 )
 
 __all__ = [
@@ -19,7 +21,9 @@ __all__ = [
     "build_unet",
     "count_parameters",
     "network_config",
+    "SELECTOR_HELP",
     "paper_aliases",
     "tap_channels",
+    "tap_selectors",
     "tap_names",
 ]

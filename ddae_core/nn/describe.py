@@ -6,7 +6,16 @@ from typing import Sequence
 
 import torch
 
-from ddae_core.nn.unet import NETWORKS, UNet, UNetConfig, count_parameters, network_config, paper_aliases, tap_channels
+from ddae_core.nn.unet import (
+    NETWORKS,
+    SELECTOR_HELP,
+    UNet,
+    UNetConfig,
+    count_parameters,
+    network_config,
+    tap_channels,
+    tap_selectors,
+)
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -23,7 +32,7 @@ def parameter_count(config: UNetConfig) -> int:
 
 def describe_networks(in_channels: int | None = None, resolution: int | None = None, *, taps: bool = False) -> str:
     """Table of every named network: exact parameter count, input shape, number of taps (and, with
-    ``taps``, every tap with its channels, output size and paper alias). ``None`` keeps each network's own."""
+    ``taps``, every tap with its channels, output size and the selectors that name it: mid, dec1, out_6). ``None`` keeps each network's own."""
     rows: list[list[str]] = []
     details: list[str] = []
     for name in NETWORKS:
@@ -37,9 +46,15 @@ def describe_networks(in_channels: int | None = None, resolution: int | None = N
         summary = (NETWORKS[name].__doc__ or "").strip().splitlines()[0]
         rows.append([name, str(parameter_count(config)), shape, str(len(channels)), summary])
         if taps:
-            aliases = {ours: paper for paper, ours in paper_aliases(config).items()}
-            tap_rows = [[tap, str(ch), f"{res}x{res}", aliases.get(tap, "")] for tap, (ch, res) in channels.items()]
+            roles: dict[str, list[str]] = {}
+            for selector, blocks in tap_selectors(config).items():
+                for block in blocks:
+                    roles.setdefault(block, []).append(selector)
+            tap_rows = [[tap, str(ch), f"{res}x{res}", " ".join(roles.get(tap, []))]
+                        for tap, (ch, res) in channels.items()]
             details.append(f"\n{name} ({shape}):")
-            details.extend("  " + line for line in format_table(["tap", "channels", "output", "paper"], tap_rows))
+            details.extend("  " + line for line in format_table(["tap", "channels", "output", "selectors"], tap_rows))
     lines = format_table(["network", "parameters", "input", "taps", "description"], rows)
+    if taps:
+        details.append(f"\nSelectors name taps at any input size: {SELECTOR_HELP}.")
     return "\n".join(lines + details) + "\n"

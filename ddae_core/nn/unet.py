@@ -233,6 +233,28 @@ def paper_aliases(config: UNetConfig) -> dict[str, str]:
     return {f"out_{k}": name for k, name in enumerate(decoder_res, start=1)}
 
 
+SELECTOR_HELP = (
+    "mid (the middle block), decoder (every decoder res block, deepest first), dec1, dec2, ... (the decoder "
+    "res blocks of one level, dec1 the deepest), out_N (the paper's N-th decoder res block)"
+)
+
+
+def tap_selectors(config: UNetConfig) -> dict[str, tuple[str, ...]]:
+    """Names that do not depend on the resolution -> the blocks they stand for, in forward order.
+
+    ``mid`` is the middle block's output (``mid.res1``); ``decoder`` every decoder res block, deepest
+    first; ``dec<K>`` the res blocks of the K-th decoder level counted from the deepest; ``out_N`` the
+    paper's aliases. So ``[mid, decoder]`` means the same readouts at 28x28, 32x32 or 64x64.
+    """
+    layout = unet_layout(config)
+    decoder = [s for s in layout if s.kind == "res" and s.name.startswith("dec.")]
+    selectors: dict[str, tuple[str, ...]] = {"mid": ("mid.res1",), "decoder": tuple(s.name for s in decoder)}
+    for k, resolution in enumerate(dict.fromkeys(s.resolution for s in decoder), start=1):
+        selectors[f"dec{k}"] = tuple(s.name for s in decoder if s.resolution == resolution)
+    selectors.update({alias: (name,) for alias, name in paper_aliases(config).items()})
+    return selectors
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameter elements."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
@@ -335,6 +357,13 @@ NETWORKS: dict[str, Callable[..., UNetConfig]] = {
     "ddpm-tiny": ddpm_tiny,
     "ddpmpp-64": ddpmpp_64,
 }
+
+
+def size_multiple(name: str) -> int:
+    """What the named network's input size must be a multiple of: 2 ** (down-sampling steps)."""
+    if name not in NETWORKS:
+        raise ValueError(f"network: unknown name {name!r} (known: {', '.join(NETWORKS)})")
+    return 2 ** (len(NETWORKS[name]().channel_mults) - 1)
 
 
 def network_config(

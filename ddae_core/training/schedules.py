@@ -1,4 +1,5 @@
-"""Schedule math as small pure functions: the one learning-rate schedule, the EMA decay ramp.
+"""Schedule math as small pure functions: the one learning-rate schedule, the EMA decay ramp, the length
+of a pretraining run.
 
 Kept free of torch and state so each rule is checked by a one-line test and reused by every loop
 (pretraining, fine-tuning, the online probe).
@@ -7,6 +8,8 @@ Kept free of torch and state so each rule is checked by a one-line test and reus
 from __future__ import annotations
 
 import math
+
+from ddae_core.config import TrainConfig
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int | None = None) -> float:
@@ -39,3 +42,12 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     if not warmup:
         return decay
     return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def planned_steps(config: TrainConfig, train_images: int) -> int:
+    """``config.steps`` if set, else enough steps to see ``epochs`` x ``train_images`` images, that count
+    kept within [min_images, max_images]: the same rule means the same on 200 or 1M images."""
+    if config.steps:
+        return config.steps
+    images = min(max(config.epochs * train_images, config.min_images), config.max_images)
+    return max(1, -(-int(images) // config.batch_size))

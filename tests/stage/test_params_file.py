@@ -39,11 +39,11 @@ def test_an_override_changes_its_own_line_only_and_keeps_the_comment(params):
     apply_overrides(params, {"pretrain.train.steps": 20, "extract.pools": [1]})
     removed, added = changed_lines(before, params.read_text())
     assert removed == [
-        "    steps: 800               # ~1.9 epochs of Fashion-MNIST: ~11 minutes on two bf16-capable CPU cores",
+        "    steps: 0                 # 0 = planned: epochs x train images, kept within [min_images, max_images] images seen",
         "  pools: [1, 2]              # 1 = global average pooling (paper); 2 = 2x2 average pooling",
     ]
     assert added == [
-        "    steps: 20                # ~1.9 epochs of Fashion-MNIST: ~11 minutes on two bf16-capable CPU cores",
+        "    steps: 20                # 0 = planned: epochs x train images, kept within [min_images, max_images] images seen",
         "  pools: [1]                 # 1 = global average pooling (paper); 2 = 2x2 average pooling",  # inline stays
     ]
     config = load_params(params)
@@ -67,7 +67,7 @@ def test_a_new_key_joins_the_end_of_its_section_before_the_blank_line(params):
 
 def test_a_refused_override_leaves_the_file_byte_identical(params):
     before, mtime = params.read_bytes(), params.stat().st_mtime_ns
-    with pytest.raises(ConfigError, match=r"pretrain.train.steps: must be >= 1, got -1"):
+    with pytest.raises(ConfigError, match=r"pretrain.train.steps: must be >= 0 \(0 = planned from epochs\), got -1"):
         apply_overrides(params, {"pretrain.train.lr": 0.1, "pretrain.train.steps": -1})
     with pytest.raises(ConfigError, match=r"data.colour: unknown key"):
         apply_overrides(params, {"data.colour": "red"})

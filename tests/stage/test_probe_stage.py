@@ -56,13 +56,14 @@ def config(concat) -> PipelineConfig:
                                                "l2_grid": [1e-3, 1e-2], "screen_train": 0, "finalists": 2}})
 
 
-def test_the_index_reads_back_with_the_networks_paper_aliases(store):
+def test_the_index_reads_back_with_the_networks_selectors(store):
     paths, *_ = store
     index = FeatureIndex.load(paths.features)
     assert [r.label for r in index.readouts] == [
         "mid.res1@11/p1", "mid.res1@11/p2", "dec.16x16.res0@11/p1", "dec.16x16.res0@11/p2"]
     assert {r.seed for r in index.readouts} == {SEED}
-    assert index.aliases["out_1"] == "dec.16x16.res0"
+    assert index.selectors["out_1"] == ("dec.16x16.res0",)
+    assert index.selectors["mid"] == ("mid.res1",) and index.selectors["dec1"][0] == "dec.16x16.res0"
     assert (index.class_names, index.splits, index.train_copies) == (CLASSES, SIZES, 1)
     with pytest.raises(Exception, match="index.json not found: run the extract stage first"):
         FeatureIndex.load(paths.root / "nowhere")

@@ -14,7 +14,7 @@ import yaml
 from ddae_core.config import ConfigError
 from ddae_core.diffusion import build_denoiser, build_loss, feature_levels
 from ddae_core.nn import build_unet, count_parameters
-from ddae_core.nn.unet import network_config, paper_aliases, tap_names
+from ddae_core.nn.unet import network_config, tap_names, tap_selectors
 from ddae_core.readout import resolve_taps
 from ddae_core.training.loop import train
 from tasks.services.params.editing import flatten
@@ -54,7 +54,7 @@ def test_each_profile_validates_and_holds_the_papers_settings(tmp_path, name):
     train_cfg = config.pretrain.train
     assert (train_cfg.batch_size, train_cfg.lr, train_cfg.warmup_steps, train_cfg.ema_decay) == (batch, lr, warmup, ema)
     unet = network_config(network, data[2], data[1])
-    taps = resolve_taps(config.extract.taps, tap_names(unet), paper_aliases(unet), "extract.taps")
+    taps = resolve_taps(config.extract.taps, tap_names(unet), tap_selectors(unet), "extract.taps")
     assert tap in taps
     levels = feature_levels(config.pretrain.diffusion, config.extract.levels, config.extract.sigma_indices)
     assert any(abs(v - level) < 1e-3 for v in levels)

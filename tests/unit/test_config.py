@@ -39,7 +39,7 @@ def test_defaults_alone_are_valid():
         (lambda p: p["pretrain"]["train"].update(stepz=3), "pretrain.train.stepz", "unknown key"),
         (lambda p: p.update(extra={}), "extra", "unknown key"),
         (lambda p: p["pretrain"]["train"].update(steps="abc"), "pretrain.train.steps", "expected an integer"),
-        (lambda p: p["pretrain"]["train"].update(steps=-5), "pretrain.train.steps", "must be >= 1"),
+        (lambda p: p["pretrain"]["train"].update(steps=-5), "pretrain.train.steps", "must be >= 0"),
         (lambda p: p["pretrain"]["train"].update(lr=True), "pretrain.train.lr", "expected a number"),
         (lambda p: p["data"].update(dataset="mnist"), "data.dataset", "is not one of"),
         (lambda p: p["data"].update(val_fraction=1.5), "data.val_fraction", "(0, 1)"),

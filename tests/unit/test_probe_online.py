@@ -99,7 +99,7 @@ def test_probe_stage_reports_online_beside_cached_cost(denoiser, splits, tmp_pat
     train, val, test = splits
     monkeypatch.setattr(stage, "load_prepared", lambda _root: ({}, {"train": train, "val": val, "test": test}))
     config = PipelineConfig.from_dict({"probe": {"online": True, "online_epochs": 2, "online_batch_size": 16}})
-    index = FeatureIndex(readouts=tuple(Readout(("mid.res1",), lv, 1, 0) for lv in (1.0, 11.0)), aliases={},
+    index = FeatureIndex(readouts=tuple(Readout(("mid.res1",), lv, 1, 0) for lv in (1.0, 11.0)), selectors={},
                          class_names=("a", "b", "c"), splits={"train": 60, "val": 30, "test": 24}, train_copies=2,
                          level_kind="t", data_checksum="d", seed=0, network_hash="h")
     metrics = stage.probe_online(paths, config, index, index.readouts[1], 3)

@@ -175,17 +175,25 @@ def test_selection_errors_name_the_file(tmp_path):
 
 
 KNOWN = ["enc.28x28.res0", "mid.res1", "dec.7x7.res0", "dec.7x7.res1"]
-ALIASES = {"out_1": "dec.7x7.res0", "out_2": "dec.7x7.res1"}
+ALIASES = {"out_1": ("dec.7x7.res0",), "out_2": ("dec.7x7.res1",)}
+SELECTORS = {"mid": ("mid.res1",), "dec1": ("dec.7x7.res0", "dec.7x7.res1"), **ALIASES}
 
 
 def test_resolve_taps_translates_aliases():
     assert resolve_taps(("out_2", "mid.res1"), KNOWN, ALIASES, "extract.taps") == ("dec.7x7.res1", "mid.res1")
 
 
+def test_resolve_taps_expands_selectors_and_lists_each_block_once():
+    assert resolve_taps(("mid", "dec1"), KNOWN, SELECTORS, "extract.taps") == ("mid.res1", "dec.7x7.res0",
+                                                                               "dec.7x7.res1")
+    assert resolve_taps(("out_2", "dec1", "mid.res1", "mid"), KNOWN, SELECTORS, "extract.taps") == (
+        "dec.7x7.res1", "dec.7x7.res0", "mid.res1")
+
+
 @pytest.mark.parametrize("taps, key, aliases, message", [
     (("mid.res1", "mid.res9"), "extract.taps", ALIASES,
      "extract.taps[1]: unknown tap 'mid.res9'; this network's taps: enc.28x28.res0, mid.res1, dec.7x7.res0, "
-     "dec.7x7.res1; paper aliases: out_1, out_2"),
+     "dec.7x7.res1; selectors: out_1, out_2"),
     (("mid.res1", "nope"), "probe.concat[0]", {},
      "probe.concat[0][1]: unknown tap 'nope'; this network's taps: enc.28x28.res0, mid.res1, dec.7x7.res0, "
      "dec.7x7.res1"),
@@ -216,7 +224,7 @@ def test_candidates_order_singles_then_groups_by_sorted_level_and_pool():
 def test_candidates_list_a_repeated_readout_once_in_its_first_place():
     singles = _singles(["mid.res1", "dec.7x7.res0"], [11.0], [1])
     found = candidates(singles, [["out_1"], ["mid.res1", "dec.7x7.res0"], ["mid.res1", "out_1"]],
-                       {"out_1": "dec.7x7.res0"})
+                       {"out_1": ("dec.7x7.res0",)})
     assert [r.label for r in found] == ["mid.res1@11/p1", "dec.7x7.res0@11/p1", "mid.res1+dec.7x7.res0@11/p1"]
 
 
@@ -225,6 +233,8 @@ def test_candidates_with_aliases_hold_block_names():
     by_alias = candidates(singles, [["out_1", "out_2"]], ALIASES)
     assert by_alias == candidates(singles, [["dec.7x7.res0", "dec.7x7.res1"]], ALIASES)
     assert by_alias[-1].taps == ("dec.7x7.res0", "dec.7x7.res1")
+    by_level = candidates(singles, [["mid", "dec1"]], SELECTORS)
+    assert by_level[-1].taps == ("mid.res1", "dec.7x7.res0", "dec.7x7.res1")
 
 
 def test_candidates_name_an_unextracted_alias_and_its_block():

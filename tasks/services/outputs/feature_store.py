@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ddae_core.atomic import atomic_file, write_json_atomic
 from ddae_core.config import ConfigError
-from ddae_core.nn import paper_aliases
+from ddae_core.nn import tap_selectors
 from ddae_core.nn.unet import UNetConfig
 from ddae_core.readout import Readout, Selection, candidates
 from tasks.services.outputs.paths import Paths
@@ -187,7 +187,7 @@ class FeatureIndex:
     """``index.json``: what the extract stage stored and from what (network, data, seed)."""
 
     readouts: tuple[Readout, ...]  # single-tap, in extraction order (tap, then level, then pool)
-    aliases: Mapping[str, str]  # paper alias -> block name, for the network the features came from
+    selectors: Mapping[str, tuple[str, ...]]  # mid, decoder, dec1, out_6 -> blocks of the features' network
     class_names: tuple[str, ...]
     splits: Mapping[str, int]  # rows per split
     train_copies: int  # 1 + extract.augment_copies
@@ -206,7 +206,7 @@ class FeatureIndex:
         seed = int(data["seed"])
         return cls(
             readouts=tuple(Readout((k["tap"],), k["level"], k["pool"], seed) for k in data["keys"]),
-            aliases=paper_aliases(UNetConfig.from_dict(data["network_config"]["unet"])),
+            selectors=tap_selectors(UNetConfig.from_dict(data["network_config"]["unet"])),
             class_names=tuple(data["class_names"]), splits=dict(data["splits"]),
             train_copies=int(data["train_copies"]), level_kind=data["level_kind"],
             data_checksum=data["data_checksum"], seed=seed, network_hash=data["network_hash"],
@@ -243,13 +243,13 @@ class Candidate:
 
 def load_candidates(root: Path, index: FeatureIndex, concat: Sequence[Sequence[str]],
                     expected_hash: str) -> tuple[list[Candidate], dict[str, np.ndarray]]:
-    """Every candidate (``readout.candidates``: singles, then ``concat`` groups, aliases resolved)
+    """Every candidate (``readout.candidates``: singles, then ``concat`` groups, selectors expanded)
     with its features, plus the labels per split; each stored readout is read once.
 
     Raises ConfigError naming a ``probe.concat`` member that was not extracted.
     """
     try:
-        chosen = candidates(index.readouts, concat, index.aliases)
+        chosen = candidates(index.readouts, concat, index.selectors)
     except ConfigError as err:
         raise ConfigError(f"params.yaml: {err}") from None
     blocks: dict[str, dict] = {split: {} for split in SPLITS}
