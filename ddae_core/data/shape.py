@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ddae_core.config import DataConfig
+from ddae_core.data.errors import DatasetLayoutError
 from ddae_core.data.sources import NATIVE_SHAPES, RawSplit, Source
 
 log = logging.getLogger(__name__)
@@ -96,23 +97,30 @@ def working_shape(source: Source, config: DataConfig, multiple: int) -> WorkingS
     reasons = []
     if source.native_shape is not None:
         native_channels, native_size = source.native_shape
-        sides, colour = [native_size], native_channels == 3
+        colour = native_channels == 3
         reasons.append(f"{source.dataset}'s own shape")
+        if size == "auto":  # its images are padded or resized as they are, so round up, never crop
+            size = -(-native_size // multiple) * multiple
+            if size != native_size:
+                reasons.append(f"size {native_size} rounded up to {size}, a multiple of {multiple}")
     else:
         sides, colour = _look(source.train)
         if not sides:
-            raise ValueError(f"{source.location}: none of the sampled train images could be read to infer "
-                             "data.channels / data.image_size; set them, or fix the files")
-        reasons.append(f"{len(sides)} sampled train images: median shorter side {int(np.median(sides))} px, "
+            raise DatasetLayoutError(f"{source.location}: none of the {len(_sample_indices(len(source.train)))} "
+                                     "sampled train images could be read to infer data.channels and "
+                                     "data.image_size; set them, or fix the files")
+        median = float(np.median(sides))
+        reasons.append(f"{len(sides)} sampled train images: median shorter side {median:g} px, "
                        f"{'colour' if colour else 'all gray'}")
+        if size == "auto":
+            size = fit_size(median, config.max_image_size, multiple)
+            reasons.append(f"size {size}: that median, at most data.max_image_size={config.max_image_size}, "
+                           f"a multiple of {multiple}")
     if channels == "auto":
         channels = 3 if colour else 1
     else:
         reasons.append("channels set in data.channels")
-    if size == "auto":
-        size = fit_size(float(np.median(sides)), config.max_image_size, multiple)
-        reasons.append(f"size capped at data.max_image_size={config.max_image_size}, a multiple of {multiple}")
-    else:
+    if config.image_size != "auto":
         reasons.append("size set in data.image_size")
     shape = WorkingShape(int(channels), int(size), "; ".join(reasons))
     log.info("working shape %dx%dx%d (%s)", shape.channels, shape.image_size, shape.image_size, shape.reason)

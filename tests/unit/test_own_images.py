@@ -14,7 +14,7 @@ from ddae_core.config import DataConfig, PipelineConfig, TrainConfig
 from ddae_core.data import load_prepared, prepare_dataset
 from ddae_core.data.errors import DatasetLayoutError
 from ddae_core.data.shape import fit_size, has_colour, working_shape
-from ddae_core.data.sources import scan_image_folder
+from ddae_core.data.sources import ArraySplit, Source, scan_image_folder
 from ddae_core.nn import NETWORKS, network_config, tap_names, tap_selectors
 from ddae_core.nn.unet import size_multiple
 from ddae_core.readout import resolve_taps
@@ -75,6 +75,15 @@ def test_gray_photos_saved_as_rgb_jpegs_give_one_channel(tmp_path):
     write_images(tmp_path / "src" / "b", [(28, 28)] * 3, mode="L")
     shape = working_shape(scan_image_folder(tmp_path / "src", "src"), auto_config(tmp_path / "src"), multiple=4)
     assert (shape.channels, shape.image_size) == (1, 28)
+
+
+def test_a_known_dataset_keeps_its_shape_rounded_up_for_a_deeper_network():
+    images = np.zeros((4, 28, 28), np.uint8)
+    split = ArraySplit(images, np.array([0, 1, 0, 1]), np.arange(4), "fashion-mnist train")
+    source = Source("fashion-mnist", "-", ("a", "b"), split, split, "pad", native_shape=(1, 28))
+    assert working_shape(source, DataConfig(), multiple=4).image_size == 28  # the default run, as it was
+    deeper = working_shape(source, DataConfig(), multiple=8)  # ddpm-35m: padded to 32, never cropped to 24
+    assert (deeper.channels, deeper.image_size) == (1, 32) and "rounded up to 32" in deeper.reason
 
 
 def test_explicit_channels_and_size_win_over_the_rule(tmp_path):
