@@ -56,6 +56,8 @@ class Setup:
     network_name: str  # for the random-init row
     random_seed: int
     extract_batch_size: int = 256
+    l2_extend: int = 0  # the probe stage's L2 path beyond l2_grid (probe.l2_extend, probe.l2_bounds)
+    l2_bounds: tuple[float, ...] = (0.0, float("inf"))
     notes: list[str] = field(default_factory=list)
     default_metrics: dict[str, Any] = field(default_factory=dict)  # metrics/probe.json + pretrain.json
 
@@ -98,6 +100,7 @@ def default_setup(root: Path, config: PipelineConfig) -> Setup | None:
         online_batch_size=config.probe.online_batch_size, checkpoints=find_checkpoints(root / "outputs" / "checkpoints"),
         network_name=config.pretrain.network.name, random_seed=config.pretrain.train.seed,
         extract_batch_size=config.extract.batch_size, default_metrics=metrics,
+        l2_extend=config.probe.l2_extend, l2_bounds=config.probe.l2_bounds,
     )
 
 
@@ -156,6 +159,7 @@ def quick_setup(workdir: Path, config: PipelineConfig, *, train_images: int = 60
         max_iter=min(config.probe.max_iter, 100), online_epochs=config.probe.online_epochs, online_lr=config.probe.online_lr,
         online_batch_size=config.probe.online_batch_size, checkpoints=find_checkpoints(workdir / "run"),
         network_name="ddpm-tiny", random_seed=0, notes=notes,
+        l2_extend=config.probe.l2_extend, l2_bounds=config.probe.l2_bounds,
     )
     # choose the readout on validation among single taps and their concatenation
     candidates = {}
@@ -167,7 +171,8 @@ def quick_setup(workdir: Path, config: PipelineConfig, *, train_images: int = 60
     for label, readout in readouts.items():
         candidates[label] = tuple(readout.concat(blocks[s]) for s in ("train", "val"))
     best, *_ = select_probe(candidates, splits["train"].labels, splits["val"].labels, num_classes=num_classes,
-                            l2_grid=setup.l2_grid, max_iter=setup.max_iter, progress=False)
+                            l2_grid=setup.l2_grid, max_iter=setup.max_iter, l2_extend=setup.l2_extend,
+                            l2_bounds=setup.l2_bounds, progress=False)
     setup.taps = list(readouts[best].taps)
     setup.notes.append(f"quick readout chosen on validation: {readouts[best].tap_name} at t={setup.level:g}, "
                        f"pool {setup.pool}")
@@ -202,7 +207,8 @@ def readout_probe(net: nn.Module, setup: Setup) -> dict[str, Any]:
     y_train = np.tile(y["train"], setup.train_copies)
     _key, l2, probe, table = select_probe({"readout": (xs["train"], xs["val"])}, y_train, y["val"],
                                           num_classes=setup.num_classes, l2_grid=setup.l2_grid,
-                                          max_iter=setup.max_iter, progress=False)
+                                          max_iter=setup.max_iter,
+                                          l2_extend=setup.l2_extend, l2_bounds=setup.l2_bounds, progress=False)
     sizes = setup.split_sizes()
     return {
         "val_acc": next(r["val_acc"] for r in table if r["l2"] == l2),
@@ -220,7 +226,8 @@ def pixels_probe(setup: Setup) -> dict[str, Any]:
           for s in ("train", "val", "test")}
     _key, l2, probe, table = select_probe({"pixels": (xs["train"], xs["val"])}, setup.splits["train"].labels,
                                           setup.splits["val"].labels, num_classes=setup.num_classes,
-                                          l2_grid=setup.l2_grid, max_iter=setup.max_iter, progress=False)
+                                          l2_grid=setup.l2_grid, max_iter=setup.max_iter,
+                                          l2_extend=setup.l2_extend, l2_bounds=setup.l2_bounds, progress=False)
     return {"val_acc": next(r["val_acc"] for r in table if r["l2"] == l2),
             "test_acc": float(probe.accuracy(xs["test"], setup.splits["test"].labels)), "l2": l2}
 

@@ -261,7 +261,9 @@ class ExtractConfig:
 class ProbeConfig:
     """Linear probe grid: candidates are single (tap, level, pool) and the listed concatenations."""
 
-    l2_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3)  # L2 strengths tried; chosen on validation
+    l2_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3)  # L2 strengths tried first; chosen on validation
+    l2_extend: int = 4  # max extra L2 steps past each end of l2_grid while the optimum sits there (0 = off)
+    l2_bounds: tuple[float, ...] = (1e-8, 10.0)  # (floor, ceiling) extension never passes
     max_iter: int = 200  # L-BFGS iterations per fit
     screen_train: int = 5000  # >0: rank all candidates on this many train images first (two-phase search)
     finalists: int = 1  # candidates refitted on the full train split after screening
@@ -279,6 +281,9 @@ class ProbeConfig:
         _require(len(self.l2_grid) > 0, "l2_grid", "list at least one value")
         for i, l2 in enumerate(self.l2_grid):
             _require(l2 >= 0, f"l2_grid[{i}]", f"must be >= 0, got {l2}")
+        _require(self.l2_extend >= 0, "l2_extend", f"must be >= 0, got {self.l2_extend}")
+        _require(len(self.l2_bounds) == 2 and 0 <= self.l2_bounds[0] <= self.l2_bounds[1], "l2_bounds",
+                 f"must be [floor, ceiling] with 0 <= floor <= ceiling, got {list(self.l2_bounds)}")
         _require(self.max_iter >= 1, "max_iter", f"must be >= 1, got {self.max_iter}")
         _require(self.screen_train >= 0, "screen_train", f"must be >= 0, got {self.screen_train}")
         _require(self.finalists >= 1, "finalists", f"must be >= 1, got {self.finalists}")

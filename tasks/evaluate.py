@@ -40,13 +40,19 @@ METHODS = {  # column -> what the table calls it
 
 
 def probe_accuracy(x: dict[str, np.ndarray], y: dict[str, np.ndarray], rows: np.ndarray, num_classes: int,
-                   config: PipelineConfig) -> dict[str, float]:
-    """Probe fitted on ``rows`` of train, L2 chosen on validation, scored once on test."""
-    _key, l2, probe, table = select_probe({"x": (x["train"][rows], x["val"])}, y["train"][rows], y["val"],
+                   config: PipelineConfig, name: str = "features") -> dict[str, float | bool]:
+    """Probe fitted on ``rows`` of train, L2 chosen on validation along the probe stage's L2 path (fewer
+    labels move the optimum to larger L2; the path extends to it), scored once on test.
+
+    Returns val_acc, test_acc, the chosen l2 and l2_at_edge (warned, under ``name``, when True).
+    """
+    _key, l2, probe, table = select_probe({name: (x["train"][rows], x["val"])}, y["train"][rows], y["val"],
                                           num_classes=num_classes, l2_grid=config.probe.l2_grid,
-                                          max_iter=config.probe.max_iter, progress=False)
-    val_acc = next(r["val_acc"] for r in table if r["l2"] == l2)
-    return {"val_acc": val_acc, "test_acc": float(probe.accuracy(x["test"], y["test"]))}
+                                          max_iter=config.probe.max_iter, l2_extend=config.probe.l2_extend,
+                                          l2_bounds=config.probe.l2_bounds, progress=False)
+    chosen = next(r for r in table if r["l2"] == l2)
+    return {"val_acc": chosen["val_acc"], "test_acc": float(probe.accuracy(x["test"], y["test"])), "l2": l2,
+            "l2_at_edge": chosen["l2_at_edge"]}
 
 
 def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> list[dict]:
@@ -79,13 +85,15 @@ def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> l
             rows.append({**cell, "method": "ddae_probe", "val_acc": selection.val_acc,
                          "test_acc": selection.test_acc})
         else:
-            rows.append({**cell, "method": "ddae_probe", **probe_accuracy(x, y, subset, num_classes, config)})
+            rows.append({**cell, "method": "ddae_probe", **probe_accuracy(x, y, subset, num_classes, config,
+                                                                          selection.readout.label)})
         if pixels is not None:
             if len(subset) == len(y["train"]) and "raw_pixels_test_acc" in probe_metrics:
                 rows.append({**cell, "method": "raw_pixels", "val_acc": probe_metrics["raw_pixels_val_acc"],
                              "test_acc": probe_metrics["raw_pixels_test_acc"]})
             else:
-                rows.append({**cell, "method": "raw_pixels", **probe_accuracy(pixels, y, subset, num_classes, config)})
+                rows.append({**cell, "method": "raw_pixels", **probe_accuracy(pixels, y, subset, num_classes, config,
+                                                                              "pixels")})
         rows.append({**cell, "method": "ddae_knn", "test_images": int(len(queries)), "test_acc": knn_accuracy(
             x["train"][subset], y["train"][subset], x["test"][queries], y["test"][queries], num_classes=num_classes,
             k=config.diagnostics.knn_k, temperature=config.diagnostics.knn_temperature)})

@@ -33,10 +33,10 @@ def probe_pixels(paths: Paths, config: PipelineConfig, num_classes: int) -> dict
     _key, l2, probe, table = select_probe(
         {"pixels": (as_x["train"], as_x["val"])}, splits["train"].labels, splits["val"].labels,
         num_classes=num_classes, l2_grid=config.probe.l2_grid, max_iter=config.probe.max_iter,
-        progress=True,
+        l2_extend=config.probe.l2_extend, l2_bounds=config.probe.l2_bounds, progress=True,
     )
     chosen = next(r for r in table if r["l2"] == l2)
-    return {"l2": l2, "val_acc": chosen["val_acc"],
+    return {"l2": l2, "l2_at_edge": chosen["l2_at_edge"], "val_acc": chosen["val_acc"],
             "test_acc": float(probe.accuracy(as_x["test"], splits["test"].labels))}
 
 
@@ -78,7 +78,8 @@ def select(config: PipelineConfig, index: FeatureIndex, candidates: list[Candida
     best_name, best_l2, best_probe, table = screen_and_select(
         {name: (c.features["train"], c.features["val"]) for name, c in by_label.items()},
         labels["train"], labels["val"], num_classes=len(index.class_names), l2_grid=config.probe.l2_grid,
-        max_iter=config.probe.max_iter, screen_size=config.probe.screen_train,
+        max_iter=config.probe.max_iter, l2_extend=config.probe.l2_extend, l2_bounds=config.probe.l2_bounds,
+        screen_size=config.probe.screen_train,
         finalists=config.probe.finalists, seed=index.seed, progress=True,
     )
     return by_label[best_name], best_l2, best_probe, table
@@ -101,7 +102,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         "test_acc": test_acc,
         "val_acc": chosen["val_acc"],
         "best": {"name": readout.label, "taps": list(readout.taps), "level": readout.level, "pool": readout.pool,
-                 "l2": best_l2},
+                 "l2": best_l2, "l2_at_edge": chosen["l2_at_edge"]},  # True: selection warned, see probe.l2_extend
         "level_kind": index.level_kind,
         "candidates": len(candidates),
         "train_size": int(len(labels["train"])),
@@ -113,6 +114,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         pixels = probe_pixels(paths, config, num_classes)
         metrics["raw_pixels_test_acc"] = pixels["test_acc"]
         metrics["raw_pixels_val_acc"] = pixels["val_acc"]
+        metrics["raw_pixels_l2"], metrics["raw_pixels_l2_at_edge"] = pixels["l2"], pixels["l2_at_edge"]
     selection = Selection(readout=readout, class_names=index.class_names, level_kind=index.level_kind,
                           test_acc=test_acc, network_hash=checkpoint, data_checksum=index.data_checksum,
                           l2=best_l2, val_acc=metrics["val_acc"])
@@ -150,7 +152,7 @@ def track(config: PipelineConfig, paths: Paths, selection: Selection, metrics: d
         import mlflow
 
         mlflow.log_params({"best": selection.readout.label, "l2": selection.l2,
-                           "l2_grid": str(list(config.probe.l2_grid))})
+                           "l2_grid": str(list(config.probe.l2_grid)), "l2_at_edge": metrics["best"]["l2_at_edge"]})
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
         mlflow.log_artifact(str(paths.plots / "probe" / "table.csv"))
         for heatmap in heatmaps:

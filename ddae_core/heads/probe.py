@@ -1,5 +1,8 @@
 """Linear probe: standardised multinomial logistic regression, L2 strength chosen on validation.
 
+The L2 path starts from a configured grid and extends past its ends while a candidate's validation
+optimum sits there (the right strength grows as the labels get fewer), with a warning when it stays there.
+
 Full-batch L-BFGS on cached features is deterministic and converges in seconds, unlike the paper's
 15 epochs of Adam; the model is the same single linear layer on the pooled feature.
 """
@@ -7,6 +10,7 @@ Full-batch L-BFGS on cached features is deterministic and converges in seconds, 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -220,28 +224,110 @@ def _correct(xs: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torc
     return hits
 
 
-def select_probe(
+def _l2_steps(grid: Sequence[float]) -> tuple[float, float]:
+    """Factors for one step below and one step above an ascending L2 grid: its end spacings, or 10."""
+    down = grid[1] / grid[0] if len(grid) > 1 and grid[0] > 0 else 10.0
+    up = grid[-1] / grid[-2] if len(grid) > 1 and grid[-2] > 0 else 10.0
+    return down, up
+
+
+def _round_l2(l2: float) -> float:
+    """``l2`` to 6 significant digits, so a step of 10 from 1e-3 is 0.01, not 0.010000000000000002."""
+    return float(f"{l2:.6g}")
+
+
+@dataclass
+class _Fit:
+    """One fit on a candidate's L2 path: its strength, hits on train and validation, and its weights."""
+
+    l2: float
+    train_hits: int
+    val_hits: int
+    state: tuple[torch.Tensor, torch.Tensor]  # (W (K, D), b (K,)) in standardised units
+
+
+def _best_fit(fits: Sequence[_Fit]) -> _Fit:
+    """Most validation hits; a tie goes to the larger L2 (the simpler model)."""
+    return max(fits, key=lambda f: (f.val_hits, f.l2))
+
+
+def _l2_path(
+    key: Hashable,
+    xs_train: torch.Tensor,
+    y_train: torch.Tensor,
+    xs_val: torch.Tensor,
+    y_val: torch.Tensor,
+    *,
+    num_classes: int,
+    grid: Sequence[float],
+    max_iter: int,
+    l2_extend: int,
+    l2_bounds: tuple[float, float],
+    bar: tqdm,
+) -> tuple[list[_Fit], bool]:
+    """One candidate's fits along its L2 path, largest L2 first, and whether its best is at an edge.
+
+    ``grid`` (ascending) first, largest first, each fit warm-started from the previous one; then, while
+    the best fit is the largest (smallest) L2 tried, one step beyond it, warm-started from it.
+    """
+    floor, ceiling = l2_bounds
+    step_down, step_up = _l2_steps(grid)
+    fits: dict[float, _Fit] = {}
+
+    def fit(l2: float, init: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        state = _fit_standardized(xs_train, y_train, num_classes=num_classes, l2=l2, max_iter=max_iter, init=init)
+        fits[l2] = _Fit(l2, _correct(xs_train, y_train, *state), _correct(xs_val, y_val, *state), state)
+        logger.info("probe %s l2=%g train_acc=%.4f val_acc=%.4f", key, l2,
+                    fits[l2].train_hits / max(len(y_train), 1), fits[l2].val_hits / max(len(y_val), 1))
+        bar.update(1)
+        return state
+
+    state = None
+    for l2 in reversed(grid):
+        state = fit(l2, state)
+    up = down = 0
+    while True:
+        chosen, low, high = _best_fit(list(fits.values())).l2, min(fits), max(fits)
+        if chosen == high and 0 < high < ceiling and up < l2_extend:
+            up += 1
+            nearest, l2 = high, min(_round_l2(high * step_up), ceiling)
+        elif chosen == low and low > floor and down < l2_extend:
+            down += 1
+            nearest, l2 = low, max(_round_l2(low / step_down), floor)
+        else:
+            break
+        bar.total += 1
+        bar.refresh()
+        fit(l2, fits[nearest].state)
+    at_edge = chosen == high or (chosen == low and low > 0)  # nothing lies below an L2 of 0
+    if at_edge:
+        logger.info("probe %s: best L2 %g is at the edge of the values tried (%g .. %g)", key, chosen, low, high)
+    return sorted(fits.values(), key=lambda f: -f.l2), at_edge
+
+
+def _search(
     candidates: Mapping[Hashable, tuple[ArrayLike, ArrayLike]],
     y_train: ArrayLike,
     y_val: ArrayLike,
     *,
     num_classes: int,
     l2_grid: Sequence[float],
-    max_iter: int = 200,
-    progress: bool = True,
+    max_iter: int,
+    l2_extend: int,
+    l2_bounds: tuple[float, float],
+    progress: bool,
 ) -> tuple[Hashable, float, LinearProbe, list[dict[str, Any]]]:
-    """Fit every (candidate, L2) on train, pick the best VALIDATION accuracy; test is left to the caller.
-
-    ``candidates`` maps a key (e.g. (tap, level, pool)) to (X_train, X_val). L2 values run from the
-    largest down, each warm-started from the previous solution. Ties in validation accuracy go to the
-    candidate listed first, then to the larger L2. Returns (key, l2, probe, rows of
-    {key, l2, train_acc, val_acc}).
-    """
+    """``select_probe`` without its edge warning (screening uses it: its choice is not the final one)."""
     if not candidates:
         raise ValueError("select_probe needs at least one candidate")
     if not l2_grid:
         raise ValueError("l2_grid is empty")
-    grid = sorted({float(l2) for l2 in l2_grid}, reverse=True)
+    if l2_extend < 0:
+        raise ValueError(f"l2_extend must be >= 0, got {l2_extend}")
+    if len(l2_bounds) != 2 or not 0 <= l2_bounds[0] <= l2_bounds[1]:
+        raise ValueError(f"l2_bounds must be (floor, ceiling) with 0 <= floor <= ceiling, got {tuple(l2_bounds)}")
+    bounds = (float(l2_bounds[0]), float(l2_bounds[1]))
+    grid = sorted({float(l2) for l2 in l2_grid})
     table: list[dict[str, Any]] = []
     best: tuple[int, Hashable, float, LinearProbe] | None = None  # (val hits, key, l2, probe)
     with tqdm(total=len(candidates) * len(grid), disable=not progress, desc="probe", unit="fit") as bar:
@@ -254,29 +340,61 @@ def select_probe(
             if xs_val.shape[1] != xs_train.shape[1]:
                 raise ValueError(f"{key}: train has {xs_train.shape[1]} features, val {xs_val.shape[1]}")
             labels_val = _as_labels(y_val, num_classes, xs_val.shape[0])
-            state: tuple[torch.Tensor, torch.Tensor] | None = None
-            for l2 in grid:
-                state = _fit_standardized(
-                    xs_train, labels_train, num_classes=num_classes, l2=l2, max_iter=max_iter, init=state
-                )
-                train_hits = _correct(xs_train, labels_train, *state)
-                val_hits = _correct(xs_val, labels_val, *state)
-                row = {
-                    "key": key,
-                    "l2": l2,
-                    "train_acc": train_hits / max(len(labels_train), 1),
-                    "val_acc": val_hits / max(len(labels_val), 1),
-                }
-                table.append(row)
-                logger.info("probe %s l2=%g train_acc=%.4f val_acc=%.4f", key, l2, row["train_acc"], row["val_acc"])
-                if best is None or val_hits > best[0]:
-                    probe = LinearProbe(
-                        weight=state[0].numpy().copy(), bias=state[1].numpy().copy(), mean=scaler.mean, std=scaler.std
-                    )
-                    best = (val_hits, key, l2, probe)
-                bar.update(1)
+            fits, at_edge = _l2_path(key, xs_train, labels_train, xs_val, labels_val, num_classes=num_classes,
+                                     grid=grid, max_iter=max_iter, l2_extend=l2_extend, l2_bounds=bounds, bar=bar)
+            table += [{"key": key, "l2": f.l2, "train_acc": f.train_hits / max(len(labels_train), 1),
+                       "val_acc": f.val_hits / max(len(labels_val), 1), "l2_at_edge": at_edge} for f in fits]
+            top = _best_fit(fits)
+            if best is None or top.val_hits > best[0]:  # a tie keeps the candidate listed first
+                probe = LinearProbe(weight=top.state[0].numpy().copy(), bias=top.state[1].numpy().copy(),
+                                    mean=scaler.mean, std=scaler.std)
+                best = (top.val_hits, key, top.l2, probe)
     assert best is not None
     return best[1], best[2], best[3], table
+
+
+def _warn_if_at_edge(key: Hashable, l2: float, table: Sequence[Mapping[str, Any]], train_rows: int) -> None:
+    """Log a warning when the chosen L2 has nothing tried beyond it on one side: the optimum may lie there."""
+    rows = [row for row in table if row["key"] == key]
+    if rows and rows[0]["l2_at_edge"]:
+        tried = [row["l2"] for row in rows]
+        logger.warning(
+            "probe %s: the chosen L2 %g is at the edge of the values tried (%g .. %g, %d train rows); the "
+            "validation optimum may lie beyond: widen probe.l2_grid or raise probe.l2_extend / probe.l2_bounds",
+            key, l2, min(tried), max(tried), train_rows,
+        )
+
+
+def select_probe(
+    candidates: Mapping[Hashable, tuple[ArrayLike, ArrayLike]],
+    y_train: ArrayLike,
+    y_val: ArrayLike,
+    *,
+    num_classes: int,
+    l2_grid: Sequence[float],
+    max_iter: int = 200,
+    l2_extend: int = 0,
+    l2_bounds: tuple[float, float] = (0.0, math.inf),
+    progress: bool = True,
+) -> tuple[Hashable, float, LinearProbe, list[dict[str, Any]]]:
+    """Fit every (candidate, L2) on train, pick the best VALIDATION accuracy; test is left to the caller.
+
+    ``candidates`` maps a key (e.g. (tap, level, pool)) to (X_train, X_val). Each candidate first fits
+    ``l2_grid``, largest L2 first, each fit warm-started from the previous one. While its best L2 is
+    the largest (or smallest) value tried, the path extends one step beyond (by the ratio of the grid's
+    two values at that end, 10 for a one-value grid), warm-started from that neighbour, at most
+    ``l2_extend`` steps a side and never past ``l2_bounds`` (floor, ceiling; a step past one is clamped
+    to it). Only candidates whose best is at an end pay for extension. Ties in validation accuracy go
+    to the candidate listed first, then to the larger L2: a tie at the top keeps extending upward (a
+    flat curve says nothing against more L2), one at the bottom stops. Returns (key, l2, probe, rows of {key, l2,
+    train_acc, val_acc, l2_at_edge}), a candidate's rows largest L2 first; ``l2_at_edge`` (the same on
+    all of a candidate's rows) says its best L2 still has nothing tried beyond it on one side, and a
+    warning names the chosen candidate when that is so.
+    """
+    key, l2, probe, table = _search(candidates, y_train, y_val, num_classes=num_classes, l2_grid=l2_grid,
+                                    max_iter=max_iter, l2_extend=l2_extend, l2_bounds=l2_bounds, progress=progress)
+    _warn_if_at_edge(key, l2, table, len(np.asarray(y_train)))
+    return key, l2, probe, table
 
 
 def screen_and_select(
@@ -287,6 +405,8 @@ def screen_and_select(
     num_classes: int,
     l2_grid: Sequence[float],
     max_iter: int = 200,
+    l2_extend: int = 0,
+    l2_bounds: tuple[float, float] = (0.0, math.inf),
     screen_size: int = 0,
     finalists: int = 2,
     seed: int = 0,
@@ -294,29 +414,28 @@ def screen_and_select(
 ) -> tuple[Hashable, float, LinearProbe, list[dict[str, Any]]]:
     """Two-phase selection: every candidate on a ``screen_size`` train subset, the best few on all.
 
-    Phase 1 ranks all (candidate, L2) fits by validation accuracy using a class-balanced subset of
-    train (``sampling.balanced_subset`` drawn from ``default_rng(seed)``); phase 2 refits the
-    ``finalists`` best candidates on the full train split and selects among them on validation.
-    ``screen_size`` 0 (or >= the train size) is plain ``select_probe``. Rows carry ``phase``
-    ("screen" or "full"). Selection never looks at test.
+    Phase 1 ranks all candidates by their best validation accuracy along their L2 path (``select_probe``'s,
+    extension included) using a class-balanced subset of train (``sampling.balanced_subset`` drawn from
+    ``default_rng(seed)``); phase 2 refits the ``finalists`` best candidates on the full train split,
+    each starting again from ``l2_grid`` (the optimum moves with the train size), and selects among
+    them on validation. ``screen_size`` 0 (or >= the train size) is plain ``select_probe``. Rows carry
+    ``phase`` ("screen" or "full"). Selection never looks at test.
     """
+    path = {"num_classes": num_classes, "l2_grid": l2_grid, "max_iter": max_iter, "l2_extend": l2_extend,
+            "l2_bounds": l2_bounds, "progress": progress}
     y_train = np.asarray(y_train)
     if screen_size <= 0 or screen_size >= len(y_train) or len(candidates) <= finalists:
-        key, l2, probe, table = select_probe(candidates, y_train, y_val, num_classes=num_classes,
-                                             l2_grid=l2_grid, max_iter=max_iter, progress=progress)
+        key, l2, probe, table = select_probe(candidates, y_train, y_val, **path)
         return key, l2, probe, [{**row, "phase": "full"} for row in table]
     subset = balanced_subset(y_train, screen_size, np.random.default_rng(seed))
     screened = {key: (np.asarray(x_train)[subset], x_val) for key, (x_train, x_val) in candidates.items()}
-    _key, _l2, _probe, screen_table = select_probe(screened, y_train[subset], y_val, num_classes=num_classes,
-                                                   l2_grid=l2_grid, max_iter=max_iter, progress=progress)
+    _key, _l2, _probe, screen_table = _search(screened, y_train[subset], y_val, **path)
     best_val: dict[Hashable, float] = {}
     for row in screen_table:  # first-listed candidate wins ties, as in select_probe
         best_val[row["key"]] = max(best_val.get(row["key"], -1.0), row["val_acc"])
     order = list(candidates)
     ranked = sorted(order, key=lambda k: (-best_val[k], order.index(k)))[:finalists]
     logger.info("probe screening on %d images kept %s", len(subset), ranked)
-    key, l2, probe, full_table = select_probe({k: candidates[k] for k in ranked}, y_train, y_val,
-                                              num_classes=num_classes, l2_grid=l2_grid, max_iter=max_iter,
-                                              progress=progress)
+    key, l2, probe, full_table = select_probe({k: candidates[k] for k in ranked}, y_train, y_val, **path)
     rows = [{**row, "phase": "screen"} for row in screen_table] + [{**row, "phase": "full"} for row in full_table]
     return key, l2, probe, rows

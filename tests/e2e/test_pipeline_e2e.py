@@ -630,8 +630,9 @@ def test_probe_params_change_reruns_only_probe_and_register(pipeline):
     root = pipeline.root
     upstream = ("data", "outputs/pretrain", "outputs/features")
     before = h.tree_snapshot(root, *upstream)
-    # An L2 the first run did not try: the probe (so register's input) must change.
-    h.set_params(root, {"probe.l2_grid": [0.05]})
+    # An L2 the first run did not try: the probe (so register's input) must change. No extension, so
+    # the one value is the choice.
+    h.set_params(root, {"probe.l2_grid": [0.05], "probe.l2_extend": 0})
     result = h.dvc(root, "repro")
     assert result.returncode == 0, result.stdout[-3000:]
     assert h.ran_stages(result.stdout) == {"probe", "finetune", "evaluate", "register"}, result.stdout[-3000:]

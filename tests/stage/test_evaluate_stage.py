@@ -196,6 +196,23 @@ def test_raw_pixels_are_left_out_when_off_and_refitted_at_100pct_when_the_probe_
     assert cells["raw_pixels", 1.0]["test_acc"] != PIXELS_TEST_ACC and cells["raw_pixels", 1.0]["test_acc"] <= 0.6
 
 
+def test_label_efficiency_probes_walk_the_probe_stages_l2_path_and_flag_an_edge(project, caplog):
+    paths, _labels = project
+    with caplog.at_level("WARNING", logger="ddae_core.heads.probe"):
+        cells = by_method(evaluate.label_efficiency(config(probe={"l2_grid": [0.1], "l2_extend": 0}), paths,
+                                                    network_hash(paths.network)))
+    refitted = [cells[m, f] for m in ("ddae_probe", "raw_pixels") for f in FRACTIONS[:-1]]
+    assert all(c["l2"] == 0.1 and c["l2_at_edge"] is True for c in refitted)  # one value: nothing beyond it
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 4
+    assert sum(CHOSEN.label in m for m in warned) == 2 and sum("probe pixels" in m for m in warned) == 2
+    # with the path on, every refit tries past the one value: it moves, or 0.1 is no longer an edge
+    cells = by_method(evaluate.label_efficiency(config(probe={"l2_grid": [0.1], "l2_extend": 2}), paths,
+                                                network_hash(paths.network)))
+    refitted = [cells[m, f] for m in ("ddae_probe", "raw_pixels") for f in FRACTIONS[:-1]]
+    assert not any(c["l2"] == 0.1 and c["l2_at_edge"] for c in refitted)
+
+
 def test_fine_tune_cells_join_the_rows_and_the_table(project, tmp_path):
     paths = copy_of(project, tmp_path)
     finetune = {"enabled": True, "test_images": 45, "cells": [

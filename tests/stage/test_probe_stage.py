@@ -101,7 +101,7 @@ def test_the_stage_selects_writes_selection_json_and_the_model_reads_it_back(sto
     metrics = probe_stage.run(config([["mid.res1", "out_1"]]), paths)
 
     best = metrics["best"]
-    assert set(best) == {"name", "taps", "level", "pool", "l2"}
+    assert set(best) == {"name", "taps", "level", "pool", "l2", "l2_at_edge"}
     assert metrics["candidates"] == 6 and len(tracked) == 1
     table = (paths.plots / "probe" / "table.csv").read_text().splitlines()
     assert "mid.res1+dec.16x16.res0@11/p1,mid.res1+dec.16x16.res0,11,1" in "\n".join(table)
@@ -126,3 +126,16 @@ def test_the_stage_selects_writes_selection_json_and_the_model_reads_it_back(sto
     served = classifier.features(images["test"], ids["test"])
     stored, _y = read_readout(paths.features, selection.readout, "test", selection.network_hash)
     np.testing.assert_allclose(served, stored, rtol=1e-5, atol=1e-6)  # serving reads what probing read
+
+
+def test_a_chosen_l2_left_at_the_edge_is_in_the_metrics_and_warned(store, monkeypatch, caplog):
+    paths, *_ = store
+    monkeypatch.setattr(probe_stage, "track", lambda *args: None)  # no MLflow here
+    one_value = PipelineConfig.from_dict({"probe": {"concat": [], "raw_pixels": False, "max_iter": 30,
+                                                    "l2_grid": [1e-2], "l2_extend": 0, "screen_train": 0}})
+    with caplog.at_level("WARNING", logger="ddae_core.heads.probe"):
+        metrics = probe_stage.run(one_value, paths)
+    assert metrics["best"]["l2"] == 1e-2 and metrics["best"]["l2_at_edge"] is True  # one value: nothing beyond
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and metrics["best"]["name"] in warned[0]
+    assert json.loads((paths.metrics / "probe.json").read_text())["best"]["l2_at_edge"] is True

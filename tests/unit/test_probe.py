@@ -99,7 +99,7 @@ def test_select_probe_chooses_on_validation_not_train() -> None:
         candidates, y_train, y_val, num_classes=2, l2_grid=(1e-4, 1e-2), max_iter=100, progress=False
     )
     rows = {(r["key"], r["l2"]): r for r in table}
-    assert len(table) == 4 and set(table[0]) == {"key", "l2", "train_acc", "val_acc"}
+    assert len(table) == 4 and set(table[0]) == {"key", "l2", "train_acc", "val_acc", "l2_at_edge"}
     best_train = max(table, key=lambda r: r["train_acc"])
     assert best_train["key"] == "memorise" and best_train["train_acc"] == 1.0
     assert key == "signal"
@@ -145,3 +145,94 @@ def test_screening_keeps_the_informative_candidate_and_refits_it_on_all_data():
     assert {r["key"] for r in rows if r["phase"] == "full"} == {"good"}
     assert {r["key"] for r in rows if r["phase"] == "screen"} == set(candidates)
     assert probe.accuracy(good_val, y_val) > 0.9
+
+
+def _few_labels(seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """150 train rows in 100 dims, weak dense signal, 80/70 classes; 1000 balanced validation rows.
+
+    Few labels per dimension: small L2 overfits and validation accuracy climbs with L2 up to ~1; far
+    larger L2 shrinks the weights until the train prior (the bias) decides, and accuracy falls to 50%.
+    """
+    rng = np.random.default_rng(seed)
+    centres = 0.1 * rng.normal(size=(2, 100))
+
+    def draw(counts: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(2), counts)
+        return (centres[y] + rng.normal(size=(len(y), 100))).astype(np.float32), y
+
+    return draw((80, 70)), draw((500, 500))
+
+
+OLD_GRID = (1e-5, 1e-4, 1e-3)
+
+
+def _search(seed: int, **path):
+    from ddae_core.heads.probe import select_probe
+
+    (x, y), (x_val, y_val) = _few_labels(seed)
+    return select_probe({"few": (x, x_val)}, y, y_val, num_classes=2, max_iter=100, progress=False,
+                        **{"l2_grid": OLD_GRID, **path})
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_the_path_extends_past_a_grid_whose_best_is_its_edge_until_the_optimum_is_interior(seed) -> None:
+    _key, old_l2, _probe, old = _search(seed)  # the fixed grid: the old behaviour
+    assert len(old) == len(OLD_GRID) and old_l2 == max(OLD_GRID) and old[0]["l2_at_edge"]
+    _key, l2, probe, table = _search(seed, l2_extend=4, l2_bounds=(1e-8, 10.0))  # 1e-3 -> 10 at most
+    tried = [r["l2"] for r in table]
+    assert tried == sorted(tried, reverse=True) and set(OLD_GRID) < set(tried)
+    assert min(tried) < l2 < max(tried) and l2 >= 1e-1
+    assert not any(r["l2_at_edge"] for r in table)
+    rows = {r["l2"]: r["val_acc"] for r in table}
+    assert rows[l2] == max(rows.values()) > rows[max(OLD_GRID)]
+    assert max(tried) / l2 == pytest.approx(10)  # one step past the optimum, then it stopped
+    (_x, _y), (x_val, y_val) = _few_labels(seed)
+    assert probe.accuracy(x_val, y_val) == rows[l2]  # the returned probe is the chosen fit
+
+
+def test_an_interior_optimum_fits_exactly_the_grid(caplog) -> None:
+    grid = (1e-1, 1.0, 10.0)
+    with caplog.at_level("INFO", logger="ddae_core.heads.probe"):
+        _key, l2, _probe, table = _search(0, l2_grid=grid, l2_extend=3, l2_bounds=(1e-8, 100.0))
+    assert [r["l2"] for r in table] == sorted(grid, reverse=True)  # three fits, nothing added
+    assert l2 == 1.0 and not table[0]["l2_at_edge"]
+    assert "edge" not in caplog.text
+
+
+def test_a_choice_held_at_the_bound_is_flagged_and_warned(caplog) -> None:
+    with caplog.at_level("WARNING", logger="ddae_core.heads.probe"):
+        _key, l2, _probe, table = _search(0, l2_extend=5, l2_bounds=(1e-8, 0.05))
+    assert [r["l2"] for r in table][:2] == [0.05, 0.01]  # 1e-2, then clamped to the ceiling, then stopped
+    assert l2 == 0.05 and all(r["l2_at_edge"] for r in table)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "few" in warnings[0].getMessage() and "0.05" in warnings[0].getMessage()
+    assert "1e-05 .. 0.05" in warnings[0].getMessage()
+
+
+def test_the_extension_step_is_the_grids_end_ratio_and_each_side_is_capped() -> None:
+    # (1e-4, 1e-2) steps by its end ratio, 100: 1 comes next, and l2_extend=1 ends the path there, at its edge
+    _key, l2, _probe, table = _search(0, l2_grid=(1e-4, 1e-2), l2_extend=1)
+    assert [r["l2"] for r in table] == [1.0, 1e-2, 1e-4] and l2 == 1.0 and table[0]["l2_at_edge"]
+
+
+def test_an_optimum_below_the_grid_extends_downwards() -> None:
+    _key, l2, _probe, table = _search(0, l2_grid=(10.0, 100.0), l2_extend=3)
+    tried = [r["l2"] for r in table]
+    assert tried == [100.0, 10.0, 1.0, 0.1] and l2 == 1.0 and not table[0]["l2_at_edge"]
+
+
+def test_screening_extends_the_screen_and_the_final_refit() -> None:
+    from ddae_core.heads.probe import screen_and_select
+
+    (x, y), (x_val, y_val) = _few_labels(0)
+    noise, noise_val = np.zeros_like(x), np.zeros_like(x_val)
+    candidates = {"flat": (noise, noise_val), "few": (x, x_val)}  # zeros: the bias alone, 50% on validation
+    key, l2, _probe, rows = screen_and_select(candidates, y, y_val, num_classes=2, l2_grid=OLD_GRID, max_iter=100,
+                                              l2_extend=5, l2_bounds=(1e-8, 100.0), screen_size=100, finalists=1,
+                                              progress=False)
+    screen = [r for r in rows if r["phase"] == "screen" and r["key"] == "few"]
+    full = [r for r in rows if r["phase"] == "full"]
+    assert len(screen) > len(OLD_GRID) and len(full) > len(OLD_GRID)
+    assert key == "few" and {r["key"] for r in full} == {"few"}
+    assert l2 >= 1e-1 and not full[0]["l2_at_edge"]
