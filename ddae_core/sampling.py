@@ -88,16 +88,27 @@ def subset_size(total: int, fraction: float, num_classes: int) -> int:
     return min(total, max(num_classes, int(round(fraction * total))))
 
 
+def too_few_labels(fractions: Sequence[float], labels: np.ndarray) -> dict[float, int]:
+    """The fractions (below 1) that would hold fewer labels than there are classes, with that count:
+    under one image per class a fraction no longer means its share, so it is skipped, not padded."""
+    labels = np.asarray(labels)
+    num_classes = len(np.unique(labels))
+    counts = {float(f): int(round(float(f) * len(labels))) for f in fractions if float(f) < 1.0}
+    return {f: n for f, n in counts.items() if n < num_classes}
+
+
 def label_subsets(labels: np.ndarray, fractions: Sequence[float], seed: int) -> dict[float, np.ndarray]:
-    """``{fraction: sorted row indices}`` for each fraction of the labelled rows, nested and seeded.
+    """``{fraction: sorted row indices}`` for each fraction of the labelled rows, nested and seeded;
+    fractions in ``too_few_labels`` are left out.
 
     Every model of a label-efficiency comparison (probe, raw pixels, fine-tune, from scratch) gets
     these same rows.
     """
     labels = np.asarray(labels)
     num_classes = len(np.unique(labels))
+    skipped = too_few_labels(fractions, labels)
     return {float(f): nested_subset(labels, subset_size(len(labels), float(f), num_classes), seed)
-            for f in fractions}
+            for f in fractions if float(f) not in skipped}
 
 
 def fraction_label(fraction: float) -> str:
@@ -106,4 +117,4 @@ def fraction_label(fraction: float) -> str:
 
 
 __all__ = ["balanced_subset", "capped_subset", "class_quotas", "fraction_label", "label_subsets",
-           "nested_subset", "subset_size"]
+           "nested_subset", "subset_size", "too_few_labels"]

@@ -21,7 +21,7 @@ from ddae_core.features import extract_all
 from ddae_core.heads.diagnostics import alignment, knn_accuracy, uniformity
 from ddae_core.heads.probe import select_probe
 from ddae_core.readout import Readout
-from ddae_core.sampling import capped_subset, fraction_label, label_subsets, nested_subset
+from ddae_core.sampling import capped_subset, fraction_label, label_subsets, nested_subset, too_few_labels
 from tasks.services.outputs.feature_store import FeatureIndex, load_selection, read_readout
 from tasks.services.outputs.paths import Paths
 from tasks.services.outputs.plots import save_label_efficiency
@@ -55,8 +55,10 @@ def probe_accuracy(x: dict[str, np.ndarray], y: dict[str, np.ndarray], rows: np.
             "l2_at_edge": chosen["l2_at_edge"]}
 
 
-def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> list[dict]:
-    """One row per (method, fraction): labels used, validation and test accuracy.
+def label_efficiency(config: PipelineConfig, paths: Paths,
+                     checkpoint: str) -> tuple[list[dict], dict[float, int]]:
+    """One row per (method, fraction): labels used, validation and test accuracy; and the fractions
+    skipped for holding fewer labels than classes (``too_few_labels``), with their label counts.
 
     Fractions below 100% use the plain (copy 0) features of their rows; the 100% cells are the probe
     stage's fits (with the extract stage's augmented copies, when it made any).
@@ -72,6 +74,10 @@ def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> l
     num_classes = len(selection.class_names)
     cfg = config.label_efficiency
     subsets = label_subsets(y["train"], cfg.fractions, cfg.seed)
+    skipped = too_few_labels(cfg.fractions, y["train"])
+    for fraction, count in skipped.items():
+        log.warning("label efficiency: skipping %s: %d labels for %d classes is under one image per class",
+                    fraction_label(fraction), count, num_classes)
     pixels = None
     if cfg.raw_pixels:
         _manifest, splits = load_prepared(paths.prepared)
@@ -103,7 +109,7 @@ def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str) -> l
     for cell in finetune.get("cells", []):
         rows.append({key: cell[key] for key in ("fraction", "labels", "val_acc", "test_acc")}
                     | {"method": cell["model"], "test_images": finetune["test_images"]})
-    return rows
+    return rows, skipped
 
 
 def knn_queries(test_labels: np.ndarray, config: PipelineConfig) -> np.ndarray:
@@ -182,29 +188,31 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_metrics(efficiency: list[dict], study: list[dict]) -> dict:
-    """``{"label_efficiency": {method: {"1%": test_acc}}, "diagnostics": {"tap@level": {...}}}`` for DVC."""
+def summary_metrics(efficiency: list[dict], study: list[dict], skipped: dict[float, int]) -> dict:
+    """``{"label_efficiency": {method: {"1%": test_acc}}, "diagnostics": {"tap@level": {...}}}`` for DVC,
+    and the fractions skipped (fewer labels than classes) with the labels they would have had."""
     table: dict[str, dict[str, float]] = {}
     for row in efficiency:
         table.setdefault(row["method"], {})[fraction_label(row["fraction"])] = row["test_acc"]
     labels = {fraction_label(r["fraction"]): r["labels"] for r in efficiency}
     per_tap = {Readout((r["tap"],), r["level"], r["pool"], seed=0).label:  # the seed is not part of the name
                {k: v for k, v in r.items() if k not in ("tap", "level", "pool")} for r in study}
-    return {"label_efficiency": table, "labels": labels, "diagnostics": per_tap}
+    return {"label_efficiency": table, "labels": labels, "diagnostics": per_tap,
+            "skipped_fractions": {fraction_label(f): n for f, n in skipped.items()}}
 
 
 def run(config: PipelineConfig, paths: Paths) -> dict:
     """Label efficiency and diagnostics; returns the metrics written to metrics/evaluate.json."""
     index = FeatureIndex.load(paths.features)
     checkpoint = network_hash(paths.network)
-    efficiency = label_efficiency(config, paths, checkpoint)
+    efficiency, skipped = label_efficiency(config, paths, checkpoint)
     study = diagnostics(config, paths, index, checkpoint)
     with atomic_directory(paths.plots / "evaluate") as plots:
         write_csv_atomic(plots / "label_efficiency.csv", EFFICIENCY_COLUMNS, efficiency_table(efficiency))
         write_csv_atomic(plots / "diagnostics.csv", list(study[0]), [list(r.values()) for r in study])
         write_bytes_atomic(plots / "label_efficiency.md", markdown_table(efficiency).encode())
         save_label_efficiency(efficiency, METHODS, plots / "label_efficiency.png")
-    write_json_atomic(paths.metrics / "evaluate.json", summary_metrics(efficiency, study))
+    write_json_atomic(paths.metrics / "evaluate.json", summary_metrics(efficiency, study, skipped))
     with stage_run(paths.root, "evaluate", {"ddae.network_hash": checkpoint,
                                             "ddae.data_checksum": index.data_checksum}):
         import mlflow

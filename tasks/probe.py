@@ -15,11 +15,12 @@ from ddae_core.atomic import atomic_directory, write_csv_atomic, write_json_atom
 from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
+from ddae_core.heads.metrics import balanced_accuracy, confusion_matrix, per_class
 from ddae_core.heads.probe import LinearProbe, screen_and_select, select_probe
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
 from tasks.services.outputs.feature_store import Candidate, FeatureIndex, load_candidates
 from tasks.services.outputs.paths import Paths
-from tasks.services.outputs.plots import save_heatmap
+from tasks.services.outputs.plots import save_confusion, save_heatmap
 from tasks.services.outputs.selective import selective_report
 from tasks.services.runner.stage_main import stage_main
 from tasks.services.tracking.runs import stage_run
@@ -96,16 +97,20 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     candidates, labels = load_candidates(paths.features, index, config.probe.concat, checkpoint)
     best, best_l2, best_probe, table = select(config, index, candidates, labels)
     readout = best.readout
-    test_acc = float(best_probe.accuracy(best.features["test"], labels["test"]))
+    test_predictions = best_probe.predict(best.features["test"])
+    test_acc = float(np.mean(test_predictions == labels["test"]))
+    confusion = confusion_matrix(labels["test"], test_predictions, len(index.class_names))
     chosen = next(r for r in table if r["key"] == readout.label and r["l2"] == best_l2 and r["phase"] == "full")
     metrics = {
         "test_acc": test_acc,
+        "test_balanced_acc": balanced_accuracy(confusion),  # mean recall over classes: uneven data's score
         "val_acc": chosen["val_acc"],
         "best": {"name": readout.label, "taps": list(readout.taps), "level": readout.level, "pool": readout.pool,
                  "l2": best_l2, "l2_at_edge": chosen["l2_at_edge"]},  # True: selection warned, see probe.l2_extend
         "level_kind": index.level_kind,
         "candidates": len(candidates),
         "train_size": int(len(labels["train"])),
+        "per_class": per_class(confusion, index.class_names),
     }
     num_classes = len(index.class_names)
     if config.probe.online:  # the paper's protocol on the same readout (slow; off by default)
@@ -118,7 +123,8 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     selection = Selection(readout=readout, class_names=index.class_names, level_kind=index.level_kind,
                           test_acc=test_acc, network_hash=checkpoint, data_checksum=index.data_checksum,
                           l2=best_l2, val_acc=metrics["val_acc"])
-    heatmaps = publish(config, paths, selection, best_probe, best, candidates, table, labels, metrics)
+    heatmaps = publish(config, paths, selection, best_probe, best, candidates, table, labels, metrics,
+                       (test_predictions, confusion))
     write_json_atomic(paths.metrics / "probe.json", metrics)
     track(config, paths, selection, metrics, heatmaps)
     return metrics
@@ -126,8 +132,11 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
 
 def publish(config: PipelineConfig, paths: Paths, selection: Selection, probe: LinearProbe, best: Candidate,
             candidates: list[Candidate], table: list[dict], labels: dict[str, np.ndarray],
-            metrics: dict) -> list[str]:
+            metrics: dict, test_scores: tuple[np.ndarray, np.ndarray]) -> list[str]:
     """``outputs/probe`` (probe weights + selection.json) and ``plots/probe``; sets ``metrics["selective"]``.
+
+    ``test_scores``: the chosen probe's test predictions and their confusion matrix (confusion.csv holds
+    one ``actual,predicted`` row per test image for ``dvc plots``' confusion template, confusion.png the matrix).
 
     Returns the names of the PNGs written, for MLflow.
     """
@@ -142,6 +151,14 @@ def publish(config: PipelineConfig, paths: Paths, selection: Selection, probe: L
         metrics["selective"], selective_files = selective_report(plots, probe, best.features, labels,
                                                                  config.predict.target_accuracy)
         heatmaps += [p.name for p in selective_files]  # logged to MLflow with the heatmaps
+        predictions, confusion = test_scores
+        names = selection.class_names
+        write_csv_atomic(plots / "confusion.csv", CONFUSION_COLUMNS,
+                         ((names[a], names[b]) for a, b in zip(labels["test"], predictions)))
+        save_confusion(confusion, names, plots / "confusion.png",
+                       f"Test confusion: {100 * metrics['test_acc']:.1f}% accuracy, "
+                       f"{100 * metrics['test_balanced_acc']:.1f}% balanced")
+        heatmaps.append("confusion.png")
     return heatmaps
 
 
@@ -176,6 +193,7 @@ def finalist_rows(table: list[dict]) -> dict[str, dict]:
     return best_rows([row for row in table if row["phase"] == "full"]) if table[0]["phase"] == "screen" else {}
 
 
+CONFUSION_COLUMNS = ("actual", "predicted")  # confusion.csv: one row per test image, class names
 TABLE_COLUMNS = ("candidate", "taps", "level", "pool", "phase", "l2", "train_acc", "val_acc", "full_val_acc")
 
 

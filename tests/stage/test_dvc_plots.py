@@ -19,7 +19,7 @@ from ddae_core.atomic import write_bytes_atomic, write_csv_atomic
 from ddae_core.heads.selective import selective_curve
 from ddae_core.readout import Readout
 from tasks.evaluate import EFFICIENCY_COLUMNS, efficiency_table
-from tasks.probe import TABLE_COLUMNS, write_table
+from tasks.probe import CONFUSION_COLUMNS, TABLE_COLUMNS, write_table
 from tasks.services.outputs.feature_store import Candidate
 from tasks.services.outputs.plots import LOSS_COLUMNS, save_loss_table
 from tasks.services.outputs.selective import CURVE_COLUMNS, curve_table, write_curve_csv
@@ -30,6 +30,7 @@ COLUMNS = {  # each table dvc.yaml draws -> the columns its writer writes
     "outputs/pretrain/loss.csv": LOSS_COLUMNS,
     "plots/probe/table.csv": TABLE_COLUMNS,
     "plots/probe/selective.csv": CURVE_COLUMNS,
+    "plots/probe/confusion.csv": CONFUSION_COLUMNS,
     "plots/evaluate/label_efficiency.csv": EFFICIENCY_COLUMNS,
 }
 PNG = b"\x89PNG\r\n\x1a\n"  # DVC passes image plots through as bytes
@@ -106,6 +107,8 @@ def test_dvc_draws_the_tables_the_writers_write(tmp_path):
     rng = np.random.default_rng(0)
     write_curve_csv(root / "plots/probe/selective.csv",
                     curve_table(selective_curve(rng.uniform(size=200), rng.uniform(size=200) < 0.7)))
+    write_csv_atomic(root / "plots/probe/confusion.csv", CONFUSION_COLUMNS,
+                     [("cat", "cat"), ("cat", "dog"), ("dog", "dog")])
     ran = [{"method": m, "fraction": f, "labels": int(600 * f), "test_acc": 0.6}  # no raw pixels; fine-tuned
            for m in ("ddae_probe", "ddae_knn", "ddae_finetune") for f in (0.01, 0.1, 1.0)]
     write_csv_atomic(root / "plots/evaluate/label_efficiency.csv", EFFICIENCY_COLUMNS, efficiency_table(ran))
@@ -122,6 +125,7 @@ def test_dvc_draws_the_tables_the_writers_write(tmp_path):
              if items[0]["type"] == "vega"}
     assert {name: len(points) for name, points in drawn.items()} == {
         "outputs/pretrain/loss.csv": 3, "plots/probe/table.csv": 2, "plots/probe/selective.csv": 20,
+        "plots/probe/confusion.csv": 3,
         "plots/evaluate/label_efficiency.csv": 9}
     assert [p["loss"] for p in drawn["outputs/pretrain/loss.csv"]] == ["0.1", "0.05", "0.0333333"]
     assert {p["method"] for p in drawn["plots/evaluate/label_efficiency.csv"]} == {"ddae_probe", "ddae_knn",

@@ -130,7 +130,7 @@ def evaluated(project, tmp_path_factory):
     mlflow.set_registry_uri(before[1])
 
 
-def by_method(rows: list[dict]) -> dict[tuple[str, float], dict]:
+def by_method(rows: list[dict], _skipped: dict | None = None) -> dict[tuple[str, float], dict]:
     cells = {(r["method"], r["fraction"]): r for r in rows}
     assert len(cells) == len(rows), "one row per (method, fraction)"
     return cells
@@ -144,7 +144,8 @@ def test_each_fraction_probes_the_same_nested_class_balanced_rows_for_every_meth
         (x["train"].shape[1], rows)) or real_probe(x, y, rows, *a))
     monkeypatch.setattr(evaluate, "knn_accuracy", lambda train, y_train, *a, **k: voted.append(
         (train, y_train)) or real_knn(train, y_train, *a, **k))
-    rows = evaluate.label_efficiency(config(), paths, network_hash(paths.network))
+    rows, skipped = evaluate.label_efficiency(config(), paths, network_hash(paths.network))
+    assert skipped == {}
 
     y = labels["train"]
     subsets = label_subsets(y, FRACTIONS, 3)  # the rows fine-tuning gets too
@@ -170,7 +171,7 @@ def test_each_fraction_probes_the_same_nested_class_balanced_rows_for_every_meth
 
 def test_the_chosen_readout_beats_raw_pixels_and_the_100pct_cells_are_the_probe_stages(project):
     paths, labels = project
-    cells = by_method(evaluate.label_efficiency(config(), paths, network_hash(paths.network)))
+    cells = by_method(*evaluate.label_efficiency(config(), paths, network_hash(paths.network)))
     for fraction in FRACTIONS[:-1]:  # the features know the class, the noise pixels do not
         assert cells["ddae_probe", fraction]["test_acc"] >= 0.9, cells["ddae_probe", fraction]
         assert cells["ddae_knn", fraction]["test_acc"] >= 0.9, cells["ddae_knn", fraction]
@@ -187,19 +188,19 @@ def test_the_chosen_readout_beats_raw_pixels_and_the_100pct_cells_are_the_probe_
 def test_raw_pixels_are_left_out_when_off_and_refitted_at_100pct_when_the_probe_did_not_score_them(
         project, tmp_path):
     paths, _labels = project
-    cells = by_method(evaluate.label_efficiency(config(label_efficiency={"raw_pixels": False}), paths,
+    cells = by_method(*evaluate.label_efficiency(config(label_efficiency={"raw_pixels": False}), paths,
                                                 network_hash(paths.network)))
     assert {m for m, _f in cells} == {"ddae_probe", "ddae_knn"}
     paths = copy_of(project, tmp_path)
     write_json_atomic(paths.metrics / "probe.json", {"test_acc": PROBE_TEST_ACC, "val_acc": PROBE_VAL_ACC})
-    cells = by_method(evaluate.label_efficiency(config(), paths, network_hash(paths.network)))
+    cells = by_method(*evaluate.label_efficiency(config(), paths, network_hash(paths.network)))
     assert cells["raw_pixels", 1.0]["test_acc"] != PIXELS_TEST_ACC and cells["raw_pixels", 1.0]["test_acc"] <= 0.6
 
 
 def test_label_efficiency_probes_walk_the_probe_stages_l2_path_and_flag_an_edge(project, caplog):
     paths, _labels = project
     with caplog.at_level("WARNING", logger="ddae_core.heads.probe"):
-        cells = by_method(evaluate.label_efficiency(config(probe={"l2_grid": [0.1], "l2_extend": 0}), paths,
+        cells = by_method(*evaluate.label_efficiency(config(probe={"l2_grid": [0.1], "l2_extend": 0}), paths,
                                                     network_hash(paths.network)))
     refitted = [cells[m, f] for m in ("ddae_probe", "raw_pixels") for f in FRACTIONS[:-1]]
     assert all(c["l2"] == 0.1 and c["l2_at_edge"] is True for c in refitted)  # one value: nothing beyond it
@@ -207,7 +208,7 @@ def test_label_efficiency_probes_walk_the_probe_stages_l2_path_and_flag_an_edge(
     assert len(warned) == 4
     assert sum(CHOSEN.label in m for m in warned) == 2 and sum("probe pixels" in m for m in warned) == 2
     # with the path on, every refit tries past the one value: it moves, or 0.1 is no longer an edge
-    cells = by_method(evaluate.label_efficiency(config(probe={"l2_grid": [0.1], "l2_extend": 2}), paths,
+    cells = by_method(*evaluate.label_efficiency(config(probe={"l2_grid": [0.1], "l2_extend": 2}), paths,
                                                 network_hash(paths.network)))
     refitted = [cells[m, f] for m in ("ddae_probe", "raw_pixels") for f in FRACTIONS[:-1]]
     assert not any(c["l2"] == 0.1 and c["l2_at_edge"] for c in refitted)
@@ -220,7 +221,7 @@ def test_fine_tune_cells_join_the_rows_and_the_table(project, tmp_path):
         for model, acc in (("ddae_finetune", 0.9), ("scratch_finetune", 0.4))
         for fraction, labels in ((0.05, 12), (1.0, 240))]}
     write_json_atomic(paths.metrics / "finetune.json", finetune)
-    rows = evaluate.label_efficiency(config(label_efficiency={"raw_pixels": False}), paths,
+    rows, _skipped = evaluate.label_efficiency(config(label_efficiency={"raw_pixels": False}), paths,
                                      network_hash(paths.network))
     cells = by_method(rows)
     assert cells["ddae_finetune", 0.05] == {"method": "ddae_finetune", "fraction": 0.05, "labels": 12,
@@ -279,7 +280,8 @@ def test_run_writes_the_efficiency_table_markdown_and_metrics_it_promises(evalua
                                               for f, n in sizes.items()]  # METHODS order, then fraction
 
     metrics = json.loads((paths.metrics / "evaluate.json").read_text())
-    assert set(metrics) == {"label_efficiency", "labels", "diagnostics"}
+    assert set(metrics) == {"label_efficiency", "labels", "diagnostics", "skipped_fractions"}
+    assert metrics["skipped_fractions"] == {}  # 5% of 240 labels is 12, four per class
     assert metrics["labels"] == sizes
     assert {(m, f): f"{acc:.4f}" for m, cells in metrics["label_efficiency"].items() for f, acc in cells.items()} == \
         {(m, f): acc for m, f, _n, acc in table[1:]}
@@ -365,3 +367,14 @@ def test_a_missing_or_stale_input_fails_cleanly_before_any_output_naming_the_fil
         evaluate.run(config(), paths)
     assert str(named) in str(caught.value)
     assert not (paths.plots / "evaluate").exists() and not (paths.metrics / "evaluate.json").exists()
+
+
+def test_a_fraction_under_one_label_per_class_is_skipped_and_recorded(project, caplog):
+    paths, labels = project
+    tiny = config(label_efficiency={"fractions": [0.005, 0.05, 1.0]})  # 0.005 x 240 = 1 label, 3 classes
+    with caplog.at_level("WARNING", logger="ddae"):
+        rows, skipped = evaluate.label_efficiency(tiny, paths, network_hash(paths.network))
+    assert skipped == {0.005: 1}
+    assert {r["fraction"] for r in rows} == {0.05, 1.0}
+    assert any("skipping 0.5%: 1 labels for 3 classes" in r.getMessage() for r in caplog.records)
+    assert evaluate.summary_metrics(rows, [], skipped)["skipped_fractions"] == {"0.5%": 1}

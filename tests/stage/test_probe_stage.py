@@ -105,6 +105,16 @@ def test_the_stage_selects_writes_selection_json_and_the_model_reads_it_back(sto
     assert metrics["candidates"] == 6 and len(tracked) == 1
     table = (paths.plots / "probe" / "table.csv").read_text().splitlines()
     assert "mid.res1+dec.16x16.res0@11/p1,mid.res1+dec.16x16.res0,11,1" in "\n".join(table)
+    # per-class results on test: one confusion row per test image, the matrix as a PNG, balanced accuracy
+    confusion = (paths.plots / "probe" / "confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) - 1 == sum(
+        c["images"] for c in metrics["per_class"].values())
+    pairs = [line.split(",") for line in confusion[1:]]
+    assert {a for a, _ in pairs} <= set(CLASSES) and {b for _, b in pairs} <= set(CLASSES)
+    assert sum(a == b for a, b in pairs) / len(pairs) == pytest.approx(metrics["test_acc"])
+    recalls = [c["recall"] for c in metrics["per_class"].values() if c["recall"] is not None]
+    assert metrics["test_balanced_acc"] == pytest.approx(sum(recalls) / len(recalls))
+    assert (paths.plots / "probe" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
     selection = Selection.read(paths.probe)
     assert selection.readout == Readout(tuple(best["taps"]), best["level"], best["pool"], SEED)

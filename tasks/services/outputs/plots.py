@@ -85,3 +85,29 @@ def save_label_efficiency(rows: Sequence[dict], methods: dict[str, str], path: P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def save_confusion(confusion: "np.ndarray", class_names: Sequence[str], path: Path, title: str) -> None:
+    """Rows = true class, columns = predicted; colour = share of the row, counts written up to 20 classes."""
+    import numpy as np
+
+    k = len(class_names)
+    support = confusion.sum(axis=1, keepdims=True)
+    shares = np.divide(confusion, support, out=np.zeros(confusion.shape, float), where=support > 0)
+    side = min(2.5 + 0.45 * k, 16)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(k) if k <= 40 else []
+    ax.set_xticks(ticks, [class_names[i] for i in ticks], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(ticks, [class_names[i] for i in ticks], fontsize=8)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if confusion[i, j]:
+                    ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=7,
+                            color="w" if shares[i, j] > 0.5 else "k")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    ax.set_title(title)
+    save_figure(fig, path)
