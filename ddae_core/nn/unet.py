@@ -255,12 +255,22 @@ def tap_selectors(config: UNetConfig) -> dict[str, tuple[str, ...]]:
     return selectors
 
 
+ATTENTION_SIZE = 16  # DDPM's attention resolution, kept at any input size
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameter elements."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-# --- the named configurations. Attention sits on the second level (16x16 at 32x32 input) as in DDPM. ---
+# --- the named configurations. Attention sits on the level nearest 16x16, as in DDPM (16x16 at 32x32 and
+# at 256x256 input), so a larger input does not make attention the dominant cost. ---
+
+
+def attention_level(resolution: int, levels: int, target: int = ATTENTION_SIZE) -> int:
+    """The level size (``resolution / 2**i``, i < ``levels``) nearest ``target``; the larger one on a tie."""
+    sizes = [resolution // 2**i for i in range(levels)]
+    return min(sizes, key=lambda size: (abs(size - target), -size))
 
 
 def ddpm_35m(*, in_channels: int = 3, resolution: int = 32) -> UNetConfig:
@@ -271,7 +281,7 @@ def ddpm_35m(*, in_channels: int = 3, resolution: int = 32) -> UNetConfig:
         base_channels=128,
         channel_mults=(1, 2, 2, 2),
         num_res_blocks=2,
-        attn_resolutions=(resolution // 2,),
+        attn_resolutions=(attention_level(resolution, 4),),
         dropout=0.1,
         resample="conv",
     )
@@ -288,7 +298,7 @@ def ddpmpp_56m(*, in_channels: int = 3, resolution: int = 32) -> UNetConfig:
         base_channels=128,
         channel_mults=(2, 2, 2),
         num_res_blocks=4,
-        attn_resolutions=(resolution // 2,),
+        attn_resolutions=(attention_level(resolution, 3),),
         dropout=0.1,
         resample="biggan",
     )
@@ -302,7 +312,7 @@ def ddpm_small(*, in_channels: int = 1, resolution: int = 32) -> UNetConfig:
         base_channels=32,
         channel_mults=(1, 2, 2),
         num_res_blocks=2,
-        attn_resolutions=(resolution // 2,),
+        attn_resolutions=(attention_level(resolution, 3),),
         dropout=0.1,
         resample="conv",
     )
@@ -336,14 +346,14 @@ def ddpm_tiny(*, in_channels: int = 1, resolution: int = 32) -> UNetConfig:
 
 def ddpmpp_64(*, in_channels: int = 3, resolution: int = 64) -> UNetConfig:
     """DDPM++ for 64x64 (Tiny-ImageNet): widths 128-256-256-256, 4 blocks/level, BigGAN up/down,
-    attention at a quarter of the input size (16x16 at 64x64), dropout 0.1."""
+    attention at 16x16, dropout 0.1."""
     return UNetConfig(
         in_channels=in_channels,
         resolution=resolution,
         base_channels=128,
         channel_mults=(1, 2, 2, 2),
         num_res_blocks=4,
-        attn_resolutions=(resolution // 4,),
+        attn_resolutions=(attention_level(resolution, 4),),
         dropout=0.1,
         resample="biggan",
     )

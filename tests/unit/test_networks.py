@@ -145,10 +145,15 @@ def test_unknown_network_and_override_are_reported_by_name() -> None:
         network_config("ddpm-tiny", widht=3)
 
 
-def test_factories_place_attention_on_the_second_level_at_any_resolution() -> None:
-    for name in ("ddpm-35m", "ddpmpp-56m", "ddpm-small"):
-        assert NETWORKS[name](in_channels=3, resolution=64).attn_resolutions == (32,)
-    assert NETWORKS["ddpm-small"](resolution=28).attn_resolutions == (14,)
+def test_factories_place_attention_on_the_level_nearest_16_at_any_resolution() -> None:
+    """DDPM's choice (16x16 at 32x32 and at 256x256 input): a photo folder read at 64x64 does not pay
+    for attention over 32x32 = 1024 positions."""
+    for name in ("ddpm-35m", "ddpmpp-56m", "ddpm-small", "ddpm-cpu", "ddpmpp-64"):
+        assert NETWORKS[name](in_channels=3, resolution=32).attn_resolutions == (16,)
+        assert NETWORKS[name](in_channels=3, resolution=64).attn_resolutions == (16,)
+    assert NETWORKS["ddpm-small"](resolution=28).attn_resolutions == (14,)  # the default run, as before
+    assert NETWORKS["ddpm-cpu"](resolution=48).attn_resolutions == (12,)  # 12 is nearer 16 than 24
+    assert NETWORKS["ddpm-cpu"](resolution=40).attn_resolutions == (20,)
 
 
 def test_zero_init_output_gives_zeros_and_random_init_does_not() -> None:
