@@ -115,6 +115,7 @@ def _run_flow(root: Path, overrides: dict, out: TextIO) -> int:
         out.write(f"{stage['stage']:<9} {STATUS_WORDS[stage['status']]}  {stage['seconds']} s\n")
     if probe:
         out.write(f"test accuracy {100 * probe['test_acc']:.2f}% with {probe['best']['name']}"
+                  + (f", balanced {100 * probe['test_balanced_acc']:.2f}%" if "test_balanced_acc" in probe else "")
                   + (f" (raw pixels {100 * probe['raw_pixels_test_acc']:.2f}%)" if "raw_pixels_test_acc" in probe else "")
                   + "\n")
     efficiency = root / "plots" / "evaluate" / "label_efficiency.md"

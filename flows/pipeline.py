@@ -35,6 +35,8 @@ def results_markdown(root: Path, stages: list[dict]) -> str:
         metrics = json.loads(probe_metrics.read_text())
         lines += ["", f"**Test accuracy**: {100 * metrics['test_acc']:.2f}% "
                       f"(readout `{metrics['best']['name']}`, chosen on validation)"]
+        if "test_balanced_acc" in metrics:  # mean recall per class: plots/probe/per_class.csv, confusion.png
+            lines.append(f"**Balanced accuracy**: {100 * metrics['test_balanced_acc']:.2f}%")
         if "raw_pixels_test_acc" in metrics:
             lines.append(f"**Raw pixels, same probe**: {100 * metrics['raw_pixels_test_acc']:.2f}%")
     table = root / "plots" / "probe" / "table.csv"

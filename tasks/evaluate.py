@@ -173,8 +173,8 @@ def efficiency_table(rows: list[dict]) -> list[list]:
             for r in sorted(rows, key=lambda r: (order.index(r["method"]), r["fraction"]))]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The headline table: test accuracy (%) per method and label fraction."""
+def markdown_table(rows: list[dict], skipped: dict[float, int] | None = None) -> str:
+    """The headline table: test accuracy (%) per method and label fraction; then the fractions skipped."""
     fractions = sorted({r["fraction"] for r in rows})
     lines = ["| test accuracy | " + " | ".join(f"{fraction_label(f)} labels" for f in fractions) + " |",
              "|---|" + "---|" * len(fractions)]
@@ -185,6 +185,9 @@ def markdown_table(rows: list[dict]) -> str:
                 f"{100 * cells[f]['test_acc']:.2f}%" if f in cells else "" for f in fractions) + " |")
     sizes = sorted({(METHODS[r["method"]], r["test_images"]) for r in rows if "test_images" in r})
     lines += ["", "Test images scored: " + "; ".join(f"{title} {count}" for title, count in sizes) + "."]
+    if skipped:
+        lines += ["", "Skipped, under one label per class: " + "; ".join(
+            f"{fraction_label(f)} ({n} labels)" for f, n in skipped.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -210,7 +213,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     with atomic_directory(paths.plots / "evaluate") as plots:
         write_csv_atomic(plots / "label_efficiency.csv", EFFICIENCY_COLUMNS, efficiency_table(efficiency))
         write_csv_atomic(plots / "diagnostics.csv", list(study[0]), [list(r.values()) for r in study])
-        write_bytes_atomic(plots / "label_efficiency.md", markdown_table(efficiency).encode())
+        write_bytes_atomic(plots / "label_efficiency.md", markdown_table(efficiency, skipped).encode())
         save_label_efficiency(efficiency, METHODS, plots / "label_efficiency.png")
     write_json_atomic(paths.metrics / "evaluate.json", summary_metrics(efficiency, study, skipped))
     with stage_run(paths.root, "evaluate", {"ddae.network_hash": checkpoint,
@@ -222,7 +225,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         mlflow.log_metrics({f"knn.{r['tap']}.level{r['level']:g}.test_acc": r["knn_test_acc"] for r in study})
         for name in ("label_efficiency.csv", "label_efficiency.md", "label_efficiency.png", "diagnostics.csv"):
             mlflow.log_artifact(str(paths.plots / "evaluate" / name))
-    return {"label_efficiency": markdown_table(efficiency), "diagnostics": len(study)}
+    return {"label_efficiency": markdown_table(efficiency, skipped), "diagnostics": len(study)}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The finetune stage: the network up to the probe's readout + a head, trained end to end.
 
-Per label fraction (``label_efficiency.fractions``, the same class-balanced rows as the probe study):
+Per label fraction (``label_efficiency.fractions``, the same class-balanced rows as the probe study; a
+fraction under one label per class skipped, as there, and listed in ``skipped_fractions``):
 the pretrained EMA network (head initialised by a probe fit on the cached features of those rows),
 and the same architecture from random weights. Early stopping on validation, test scored once.
 The model of the largest fraction is saved as network + head, the layout the register stage logs.
@@ -25,7 +26,7 @@ from ddae_core.heads.finetune import ReadoutClassifier, accuracy, finetune, zero
 from ddae_core.heads.probe import LinearProbe, fit_logistic
 from ddae_core.nn.unet import UNet, UNetConfig
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
-from ddae_core.sampling import capped_subset, fraction_label, label_subsets
+from ddae_core.sampling import capped_subset, fraction_label, label_subsets, too_few_labels
 from tasks.services.outputs.feature_store import FeatureIndex, load_selection, read_readout
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import StageError, stage_main
@@ -89,6 +90,10 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     if not np.array_equal(y_train, splits["train"].labels):
         raise StageError(f"{paths.features}: train features do not match {paths.prepared}; rerun the extract stage")
     subsets = label_subsets(y_train, config.label_efficiency.fractions, config.label_efficiency.seed)
+    skipped = too_few_labels(config.label_efficiency.fractions, y_train)  # the evaluate stage skips them too
+    for fraction, count in skipped.items():
+        log.warning("finetune: skipping %s: %d labels for %d classes is under one image per class",
+                    fraction_label(fraction), count, num_classes)
     val_rows = capped_subset(splits["val"].labels, cfg.val_max, cfg.seed)
     test_rows = capped_subset(splits["test"].labels, cfg.test_max, cfg.seed)
     cells, best_model = [], None
@@ -113,6 +118,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
                 best_model = result.model  # the largest fraction's, as fractions ascend
     metrics = {"enabled": True, "readout": readout.label, "cells": cells, "val_images": int(len(val_rows)),
                "test_images": int(len(test_rows)),
+               "skipped_fractions": {fraction_label(f): n for f, n in skipped.items()},
                "test_acc": next(c["test_acc"] for c in reversed(cells) if c["model"] == "ddae_finetune")}
     save_model(paths, best_model, selection, index, checkpoint, metrics["test_acc"])
     write_json_atomic(paths.metrics / "finetune.json", metrics)

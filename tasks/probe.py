@@ -110,7 +110,6 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         "level_kind": index.level_kind,
         "candidates": len(candidates),
         "train_size": int(len(labels["train"])),
-        "per_class": per_class(confusion, index.class_names),
     }
     num_classes = len(index.class_names)
     if config.probe.online:  # the paper's protocol on the same readout (slow; off by default)
@@ -136,9 +135,10 @@ def publish(config: PipelineConfig, paths: Paths, selection: Selection, probe: L
     """``outputs/probe`` (probe weights + selection.json) and ``plots/probe``; sets ``metrics["selective"]``.
 
     ``test_scores``: the chosen probe's test predictions and their confusion matrix (confusion.csv holds
-    one ``actual,predicted`` row per test image for ``dvc plots``' confusion template, confusion.png the matrix).
+    one ``actual,predicted`` row per test image for ``dvc plots``' confusion template, confusion.png the matrix,
+    per_class.csv each class's test images and recall).
 
-    Returns the names of the PNGs written, for MLflow.
+    Returns the names of the plot files written, for MLflow.
     """
     with atomic_directory(paths.probe) as staging:
         save_file({k: np.ascontiguousarray(v) for k, v in probe.state_dict().items()},
@@ -158,7 +158,8 @@ def publish(config: PipelineConfig, paths: Paths, selection: Selection, probe: L
         save_confusion(confusion, names, plots / "confusion.png",
                        f"Test confusion: {100 * metrics['test_acc']:.1f}% accuracy, "
                        f"{100 * metrics['test_balanced_acc']:.1f}% balanced")
-        heatmaps.append("confusion.png")
+        write_per_class(plots / "per_class.csv", per_class(confusion, names))  # a table, not 2K metric columns
+        heatmaps += ["confusion.png", "confusion.csv", "per_class.csv"]
     return heatmaps
 
 
@@ -194,6 +195,7 @@ def finalist_rows(table: list[dict]) -> dict[str, dict]:
 
 
 CONFUSION_COLUMNS = ("actual", "predicted")  # confusion.csv: one row per test image, class names
+PER_CLASS_COLUMNS = ("class", "test_images", "recall")  # per_class.csv: the chosen probe on test, per class
 TABLE_COLUMNS = ("candidate", "taps", "level", "pool", "phase", "l2", "train_acc", "val_acc", "full_val_acc")
 
 
@@ -207,6 +209,12 @@ def write_table(path: Path, rows: dict[str, dict], finalists: dict[str, dict], c
         lines.append([name, readout.tap_name, f"{readout.level:g}", readout.pool, row["phase"], row["l2"],
                       f"{row['train_acc']:.4f}", f"{row['val_acc']:.4f}", f"{full['val_acc']:.4f}" if full else ""])
     write_csv_atomic(path, TABLE_COLUMNS, lines)
+
+
+def write_per_class(path: Path, classes: dict[str, dict]) -> None:
+    """One CSV row per class, in class order: its test images and recall (blank when test holds none)."""
+    write_csv_atomic(path, PER_CLASS_COLUMNS, ([name, row["images"], "" if row["recall"] is None else
+                                                f"{row['recall']:.4f}"] for name, row in classes.items()))
 
 
 def write_heatmaps(directory: Path, rows: dict[str, dict], candidates: list[Candidate]) -> list[Path]:

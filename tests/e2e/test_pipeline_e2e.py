@@ -51,12 +51,15 @@ def test_repro_writes_every_output(pipeline):
     assert sum(manifest["splits"].values()) > 0
     assert (root / "outputs/pretrain/network/network.safetensors").stat().st_size > 0
     for png in ("outputs/pretrain/loss.png", "outputs/pretrain/samples.png",
-                "plots/probe/heatmap_pool1.png", "plots/probe/heatmap_pool2.png"):
+                "plots/probe/heatmap_pool1.png", "plots/probe/heatmap_pool2.png", "plots/probe/confusion.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
     probe = json.loads((root / "metrics/probe.json").read_text())
     chance = 1.0 / len(manifest["class_names"])
-    assert 0.0 <= probe["test_acc"] <= 1.0
+    assert 0.0 <= probe["test_acc"] <= 1.0 and 0.0 <= probe["test_balanced_acc"] <= 1.0
+    per_class = (root / "plots/probe/per_class.csv").read_text().strip().splitlines()[1:]
+    assert [row.split(",")[0] for row in per_class] == manifest["class_names"]
+    assert sum(int(row.split(",")[1]) for row in per_class) == manifest["splits"]["test"]
     assert probe["test_acc"] > chance + 0.1, f"probe no better than chance: {probe}"
 
     table = (root / "plots/probe/table.csv").read_text().strip().splitlines()
@@ -108,7 +111,7 @@ def test_features_are_partitioned_parquet_with_checkpoint_hash(pipeline):
 
 
 def test_label_efficiency_and_diagnostics_reuse_the_probe(pipeline):
-    from ddae_core.sampling import subset_size
+    from ddae_core.sampling import fraction_label, subset_size
 
     root = pipeline.root
     assert json.loads((root / "metrics/finetune.json").read_text()) == {"enabled": False}
@@ -118,11 +121,15 @@ def test_label_efficiency_and_diagnostics_reuse_the_probe(pipeline):
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     table = metrics["label_efficiency"]
     assert set(table) == {"ddae_probe", "ddae_knn", "raw_pixels"}
-    for method in table.values():
-        assert set(method) == {"1%", "10%", "100%"} and all(0.0 <= v <= 1.0 for v in method.values())
     train, classes = manifest["splits"]["train"], len(manifest["class_names"])
-    assert metrics["labels"] == {"1%": subset_size(train, 0.01, classes), "10%": subset_size(train, 0.1, classes),
-                                 "100%": train}
+    # under one label per class a fraction is skipped (Fashion-MNIST's 540 train images: 1% is 5 for 10 classes)
+    shares = {fraction_label(f): round(f * train) for f in (0.01, 0.1)}
+    assert metrics["skipped_fractions"] == {name: n for name, n in shares.items() if n < classes}
+    ran = {name: subset_size(train, f, classes) for name, f in (("1%", 0.01), ("10%", 0.1), ("100%", 1.0))
+           if name not in metrics["skipped_fractions"]}
+    assert metrics["labels"] == ran and "10%" in ran and ran["100%"] == train
+    for method in table.values():
+        assert set(method) == set(ran) and all(0.0 <= v <= 1.0 for v in method.values())
     assert table["ddae_probe"]["100%"] == probe["test_acc"]  # the probe stage's own fit, not redone
     assert table["raw_pixels"]["100%"] == probe["raw_pixels_test_acc"]
     assert set(metrics["diagnostics"]) == {"mid.res1@11/p1", "dec.16x16.res0@11/p1"}
@@ -196,11 +203,16 @@ def test_dvc_plots_show_draws_every_curve(pipeline, tmp_path):
     assert float(selective[-1]["coverage"]) == 1.0
     assert float(selective[-1]["accuracy"]) == pytest.approx(probe["test_acc"], abs=1e-3)
     assert len(drawn("plots/probe/table.csv", "val_acc", "candidate")) == probe["candidates"]
+    confusion = drawn("plots/probe/confusion.csv", "predicted", "actual")  # one point per test image
+    manifest = json.loads((root / "data/prepared/manifest.json").read_text())
+    assert len(confusion) == manifest["splits"]["test"]
+    assert sum(p["actual"] == p["predicted"] for p in confusion) / len(confusion) == pytest.approx(probe["test_acc"])
+    assert [p["class"] for p in drawn("plots/probe/per_class.csv", "recall", "class")] == manifest["class_names"]
 
     images = {name: items for name, items in plots.items() if items[0]["type"] == "image"}
     assert set(images) == {"outputs/pretrain/loss.png", "outputs/pretrain/samples.png", "plots/probe/selective.png",
                            "plots/probe/heatmap_pool1.png", "plots/probe/heatmap_pool2.png",
-                           "plots/evaluate/label_efficiency.png"}
+                           "plots/probe/confusion.png", "plots/evaluate/label_efficiency.png"}
     for name, [image] in images.items():
         assert Path(image["url"]).read_bytes() == (root / name).read_bytes(), name
 
@@ -342,12 +354,15 @@ def test_finetune_enabled_runs_cached_and_registers_a_second_flavour(pipeline, t
 
     finetune = json.loads((root / "metrics/finetune.json").read_text())
     cells = {(c["model"], c["fraction"]): c for c in finetune["cells"]}
-    assert set(cells) == {(m, f) for m in ("ddae_finetune", "scratch_finetune") for f in (0.01, 0.1, 1.0)}
+    evaluated = json.loads((root / "metrics/evaluate.json").read_text())
+    assert finetune["skipped_fractions"] == evaluated["skipped_fractions"]  # the same fractions as the probe's
+    ran = [f for f, name in ((0.01, "1%"), (0.1, "10%"), (1.0, "100%")) if name not in finetune["skipped_fractions"]]
+    assert set(cells) == {(m, f) for m in ("ddae_finetune", "scratch_finetune") for f in ran}
     assert all(c["steps"] <= 4 and 0.0 <= c["test_acc"] <= 1.0 for c in cells.values())
     assert finetune["test_images"] == 40
-    table = json.loads((root / "metrics/evaluate.json").read_text())["label_efficiency"]
+    table = evaluated["label_efficiency"]
     assert table["ddae_finetune"]["100%"] == cells[("ddae_finetune", 1.0)]["test_acc"]
-    assert table["scratch_finetune"]["1%"] == cells[("scratch_finetune", 0.01)]["test_acc"]
+    assert table["scratch_finetune"]["10%"] == cells[("scratch_finetune", 0.1)]["test_acc"]
     assert "| same network from scratch |" in (root / "plots/evaluate/label_efficiency.md").read_text()
 
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -19,7 +19,7 @@ from ddae_core.atomic import write_bytes_atomic, write_csv_atomic
 from ddae_core.heads.selective import selective_curve
 from ddae_core.readout import Readout
 from tasks.evaluate import EFFICIENCY_COLUMNS, efficiency_table
-from tasks.probe import CONFUSION_COLUMNS, TABLE_COLUMNS, write_table
+from tasks.probe import CONFUSION_COLUMNS, PER_CLASS_COLUMNS, TABLE_COLUMNS, write_per_class, write_table
 from tasks.services.outputs.feature_store import Candidate
 from tasks.services.outputs.plots import LOSS_COLUMNS, save_loss_table
 from tasks.services.outputs.selective import CURVE_COLUMNS, curve_table, write_curve_csv
@@ -31,6 +31,7 @@ COLUMNS = {  # each table dvc.yaml draws -> the columns its writer writes
     "plots/probe/table.csv": TABLE_COLUMNS,
     "plots/probe/selective.csv": CURVE_COLUMNS,
     "plots/probe/confusion.csv": CONFUSION_COLUMNS,
+    "plots/probe/per_class.csv": PER_CLASS_COLUMNS,
     "plots/evaluate/label_efficiency.csv": EFFICIENCY_COLUMNS,
 }
 PNG = b"\x89PNG\r\n\x1a\n"  # DVC passes image plots through as bytes
@@ -109,11 +110,14 @@ def test_dvc_draws_the_tables_the_writers_write(tmp_path):
                     curve_table(selective_curve(rng.uniform(size=200), rng.uniform(size=200) < 0.7)))
     write_csv_atomic(root / "plots/probe/confusion.csv", CONFUSION_COLUMNS,
                      [("cat", "cat"), ("cat", "dog"), ("dog", "dog")])
+    write_per_class(root / "plots/probe/per_class.csv", {"cat": {"images": 2, "recall": 0.5},  # no test bird:
+                                                         "dog": {"images": 1, "recall": 1.0},  # recall blank
+                                                         "bird": {"images": 0, "recall": None}})
     ran = [{"method": m, "fraction": f, "labels": int(600 * f), "test_acc": 0.6}  # no raw pixels; fine-tuned
            for m in ("ddae_probe", "ddae_knn", "ddae_finetune") for f in (0.01, 0.1, 1.0)]
     write_csv_atomic(root / "plots/evaluate/label_efficiency.csv", EFFICIENCY_COLUMNS, efficiency_table(ran))
     for png in ("outputs/pretrain/loss.png", "outputs/pretrain/samples.png", "plots/probe/heatmap_pool1.png",
-                "plots/probe/selective.png", "plots/evaluate/label_efficiency.png"):
+                "plots/probe/selective.png", "plots/probe/confusion.png", "plots/evaluate/label_efficiency.png"):
         write_bytes_atomic(root / png, PNG)
 
     shown = subprocess.run([str(DVC), "plots", "show", "--json", "-o", str(tmp_path / "out")], cwd=root,
@@ -125,10 +129,14 @@ def test_dvc_draws_the_tables_the_writers_write(tmp_path):
              if items[0]["type"] == "vega"}
     assert {name: len(points) for name, points in drawn.items()} == {
         "outputs/pretrain/loss.csv": 3, "plots/probe/table.csv": 2, "plots/probe/selective.csv": 20,
-        "plots/probe/confusion.csv": 3,
+        "plots/probe/confusion.csv": 3, "plots/probe/per_class.csv": 3,
         "plots/evaluate/label_efficiency.csv": 9}
     assert [p["loss"] for p in drawn["outputs/pretrain/loss.csv"]] == ["0.1", "0.05", "0.0333333"]
     assert {p["method"] for p in drawn["plots/evaluate/label_efficiency.csv"]} == {"ddae_probe", "ddae_knn",
                                                                                    "ddae_finetune"}
+    assert [(p["class"], p["recall"]) for p in drawn["plots/probe/per_class.csv"]] == [
+        ("cat", "0.5000"), ("dog", "1.0000"), ("bird", "")]
+    confusion = result["data"]["plots/probe/confusion.csv"][0]["content"]["spec"]["encoding"]
+    assert (confusion["x"]["field"], confusion["y"]["field"]) == ("predicted", "actual")  # rows: the true class
     images = {name for name, items in result["data"].items() if items[0]["type"] == "image"}
-    assert "plots/probe/heatmap_pool1.png" in images and "plots/probe/selective.png" in images
+    assert {"plots/probe/heatmap_pool1.png", "plots/probe/selective.png", "plots/probe/confusion.png"} <= images

@@ -378,3 +378,7 @@ def test_a_fraction_under_one_label_per_class_is_skipped_and_recorded(project, c
     assert {r["fraction"] for r in rows} == {0.05, 1.0}
     assert any("skipping 0.5%: 1 labels for 3 classes" in r.getMessage() for r in caplog.records)
     assert evaluate.summary_metrics(rows, [], skipped)["skipped_fractions"] == {"0.5%": 1}
+    table = evaluate.markdown_table(rows, skipped).splitlines()
+    assert table[0] == "| test accuracy | 5% labels | 100% labels |"  # no empty column for it
+    assert table[-1] == "Skipped, under one label per class: 0.5% (1 labels)."
+    assert "Skipped" not in evaluate.markdown_table(rows, {})

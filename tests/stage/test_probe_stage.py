@@ -8,15 +8,18 @@ bytes) and the registered model's ``Classifier.load`` reading the same features 
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from ddae_core.atomic import write_json_atomic
 from ddae_core.classifier import Classifier
 from ddae_core.config import ConfigError, PipelineConfig
 from ddae_core.features import extract_all
+from ddae_core.heads.probe import LinearProbe
 from ddae_core.readout import Readout, Selection
 from tasks import probe as probe_stage
 from tasks.services.outputs.feature_store import FeatureIndex, load_candidates, read_readout
@@ -105,15 +108,12 @@ def test_the_stage_selects_writes_selection_json_and_the_model_reads_it_back(sto
     assert metrics["candidates"] == 6 and len(tracked) == 1
     table = (paths.plots / "probe" / "table.csv").read_text().splitlines()
     assert "mid.res1+dec.16x16.res0@11/p1,mid.res1+dec.16x16.res0,11,1" in "\n".join(table)
-    # per-class results on test: one confusion row per test image, the matrix as a PNG, balanced accuracy
+    # per-class results on test: one confusion row per test image, the matrix as a PNG
     confusion = (paths.plots / "probe" / "confusion.csv").read_text().splitlines()
-    assert confusion[0] == "actual,predicted" and len(confusion) - 1 == sum(
-        c["images"] for c in metrics["per_class"].values())
+    assert confusion[0] == "actual,predicted" and "per_class" not in metrics  # the table, not metric columns
     pairs = [line.split(",") for line in confusion[1:]]
     assert {a for a, _ in pairs} <= set(CLASSES) and {b for _, b in pairs} <= set(CLASSES)
     assert sum(a == b for a, b in pairs) / len(pairs) == pytest.approx(metrics["test_acc"])
-    recalls = [c["recall"] for c in metrics["per_class"].values() if c["recall"] is not None]
-    assert metrics["test_balanced_acc"] == pytest.approx(sum(recalls) / len(recalls))
     assert (paths.plots / "probe" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
     selection = Selection.read(paths.probe)
@@ -149,3 +149,27 @@ def test_a_chosen_l2_left_at_the_edge_is_in_the_metrics_and_warned(store, monkey
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and metrics["best"]["name"] in warned[0]
     assert json.loads((paths.metrics / "probe.json").read_text())["best"]["l2_at_edge"] is True
+
+
+def test_the_per_class_table_and_confusion_rows_are_the_saved_probes_test_predictions(store, monkeypatch):
+    paths, *_ = store
+    tracked = []
+    monkeypatch.setattr(probe_stage, "track", lambda *args: tracked.append(args))  # no MLflow here
+    metrics = probe_stage.run(config([]), paths)
+
+    selection = Selection.read(paths.probe)
+    probe = LinearProbe.from_state_dict(load_file(str(paths.probe / "probe.safetensors")))
+    x_test, y_test = read_readout(paths.features, selection.readout, "test", selection.network_hash)
+    predicted = probe.predict(x_test)
+    folder = paths.plots / "probe"
+    with open(folder / "confusion.csv", newline="") as f:
+        assert list(csv.reader(f))[1:] == [[CLASSES[t], CLASSES[p]] for t, p in zip(y_test, predicted)]
+    with open(folder / "per_class.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class"] for r in rows] == list(CLASSES)
+    for c, row in enumerate(rows):
+        images, hits = int((y_test == c).sum()), int(((y_test == c) & (predicted == c)).sum())
+        assert int(row["test_images"]) == images
+        assert float(row["recall"]) == pytest.approx(hits / images, abs=1e-4)
+    assert metrics["test_balanced_acc"] == pytest.approx(np.mean([float(r["recall"]) for r in rows]), abs=1e-4)
+    assert {"confusion.png", "confusion.csv", "per_class.csv"} <= set(tracked[0][-1])  # logged to MLflow
