@@ -77,7 +77,7 @@ def label_efficiency(config: PipelineConfig, paths: Paths,
     skipped = too_few_labels(cfg.fractions, y["train"])
     for fraction, count in skipped.items():
         log.warning("label efficiency: skipping %s: %d labels for %d classes is under one image per class",
-                    fraction_label(fraction), count, num_classes)
+                    fraction_label(fraction), count, len(np.unique(y["train"])))  # as the rule counts
     pixels = None
     if cfg.raw_pixels:
         _manifest, splits = load_prepared(paths.prepared)

@@ -93,7 +93,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     skipped = too_few_labels(config.label_efficiency.fractions, y_train)  # the evaluate stage skips them too
     for fraction, count in skipped.items():
         log.warning("finetune: skipping %s: %d labels for %d classes is under one image per class",
-                    fraction_label(fraction), count, num_classes)
+                    fraction_label(fraction), count, len(np.unique(y_train)))
     val_rows = capped_subset(splits["val"].labels, cfg.val_max, cfg.seed)
     test_rows = capped_subset(splits["test"].labels, cfg.test_max, cfg.seed)
     cells, best_model = [], None
