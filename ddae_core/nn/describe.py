@@ -32,7 +32,8 @@ def parameter_count(config: UNetConfig) -> int:
 
 def describe_networks(in_channels: int | None = None, resolution: int | None = None, *, taps: bool = False) -> str:
     """Table of every named network: exact parameter count, input shape, number of taps (and, with
-    ``taps``, every tap with its channels, output size and the selectors that name it: mid, dec1, out_6). ``None`` keeps each network's own."""
+    ``taps``, every tap with its channels, output size and the selectors that name it: mid, dec1, out_6).
+    ``None`` keeps each network's own."""
     rows: list[list[str]] = []
     details: list[str] = []
     for name in NETWORKS:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -53,8 +54,6 @@ def save_loss_table(history: Sequence[dict], path: Path) -> None:
 def save_heatmap(values: dict[tuple[str, str], float], rows: Sequence[str], cols: Sequence[str],
                  path: Path, title: str) -> None:
     """A rows x cols heatmap of accuracies (in %), annotated; missing cells stay blank."""
-    import numpy as np
-
     grid = np.full((len(rows), len(cols)), np.nan)
     for (r, c), v in values.items():
         grid[rows.index(r), cols.index(c)] = 100.0 * v
@@ -87,10 +86,8 @@ def save_label_efficiency(rows: Sequence[dict], methods: dict[str, str], path: P
     save_figure(fig, path)
 
 
-def save_confusion(confusion: "np.ndarray", class_names: Sequence[str], path: Path, title: str) -> None:
+def save_confusion(confusion: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> None:
     """Rows = true class, columns = predicted; colour = share of the row, counts written up to 20 classes."""
-    import numpy as np
-
     k = len(class_names)
     support = confusion.sum(axis=1, keepdims=True)
     shares = np.divide(confusion, support, out=np.zeros(confusion.shape, float), where=support > 0)
