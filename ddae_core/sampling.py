@@ -12,9 +12,12 @@ smaller subset lies inside a larger one (a curve over label fractions measures l
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 _NESTED_STREAM = 0x1ABE1  # the label-efficiency stream: default_rng([seed, _NESTED_STREAM])
 
@@ -99,7 +102,7 @@ def too_few_labels(fractions: Sequence[float], labels: np.ndarray) -> dict[float
 
 def label_subsets(labels: np.ndarray, fractions: Sequence[float], seed: int) -> dict[float, np.ndarray]:
     """``{fraction: sorted row indices}`` for each fraction of the labelled rows, nested and seeded;
-    fractions in ``too_few_labels`` are left out.
+    fractions in ``too_few_labels`` are left out, each with a warning.
 
     Every model of a label-efficiency comparison (probe, raw pixels, fine-tune, from scratch) gets
     these same rows.
@@ -107,6 +110,9 @@ def label_subsets(labels: np.ndarray, fractions: Sequence[float], seed: int) -> 
     labels = np.asarray(labels)
     num_classes = len(np.unique(labels))
     skipped = too_few_labels(fractions, labels)
+    for fraction, count in skipped.items():
+        log.warning("label efficiency: skipping %s: %d labels for %d classes is under one image per class",
+                    fraction_label(fraction), count, num_classes)
     return {float(f): nested_subset(labels, subset_size(len(labels), float(f), num_classes), seed)
             for f in fractions if float(f) not in skipped}
 

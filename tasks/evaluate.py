@@ -74,10 +74,7 @@ def label_efficiency(config: PipelineConfig, paths: Paths,
     num_classes = len(selection.class_names)
     cfg = config.label_efficiency
     subsets = label_subsets(y["train"], cfg.fractions, cfg.seed)
-    skipped = too_few_labels(cfg.fractions, y["train"])
-    for fraction, count in skipped.items():
-        log.warning("label efficiency: skipping %s: %d labels for %d classes is under one image per class",
-                    fraction_label(fraction), count, len(np.unique(y["train"])))  # as the rule counts
+    skipped = too_few_labels(cfg.fractions, y["train"])  # left out of subsets, with a warning
     pixels = None
     if cfg.raw_pixels:
         _manifest, splits = load_prepared(paths.prepared)

@@ -90,10 +90,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     if not np.array_equal(y_train, splits["train"].labels):
         raise StageError(f"{paths.features}: train features do not match {paths.prepared}; rerun the extract stage")
     subsets = label_subsets(y_train, config.label_efficiency.fractions, config.label_efficiency.seed)
-    skipped = too_few_labels(config.label_efficiency.fractions, y_train)  # the evaluate stage skips them too
-    for fraction, count in skipped.items():
-        log.warning("finetune: skipping %s: %d labels for %d classes is under one image per class",
-                    fraction_label(fraction), count, len(np.unique(y_train)))
+    skipped = too_few_labels(config.label_efficiency.fractions, y_train)  # left out, as evaluate leaves them
     val_rows = capped_subset(splits["val"].labels, cfg.val_max, cfg.seed)
     test_rows = capped_subset(splits["test"].labels, cfg.test_max, cfg.seed)
     cells, best_model = [], None

@@ -34,9 +34,13 @@ def test_confusion_rejects_out_of_range_labels():
         confusion_matrix(np.array([0, 1]), np.array([0, 2]), 2)
 
 
-def test_fractions_under_one_label_per_class_are_skipped_not_padded():
+def test_fractions_under_one_label_per_class_are_skipped_not_padded(caplog):
     labels = np.repeat(np.arange(10), 10)  # 100 labels, 10 classes
     assert too_few_labels([0.01, 0.05, 0.1, 1.0], labels) == {0.01: 1, 0.05: 5}
-    subsets = label_subsets(labels, [0.01, 0.05, 0.1, 1.0], seed=0)
+    with caplog.at_level("WARNING", logger="ddae_core.sampling"):
+        subsets = label_subsets(labels, [0.01, 0.05, 0.1, 1.0], seed=0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "label efficiency: skipping 1%: 1 labels for 10 classes is under one image per class",
+        "label efficiency: skipping 5%: 5 labels for 10 classes is under one image per class"]
     assert sorted(subsets) == [0.1, 1.0] and len(subsets[0.1]) == 10
     assert too_few_labels([0.01], np.repeat(np.arange(2), 200)) == {}  # 4 labels for 2 classes: kept
