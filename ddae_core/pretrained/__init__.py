@@ -1,0 +1,1 @@
+"""Pretrained diffusion models made by others: read (safetensors or weights-only), convert or wrap, tap."""
