@@ -32,7 +32,7 @@ def diffusers_twin(config: UNetConfig) -> nn.Module:
     gives the base width (it must divide every width in diffusers). For ``ddpm-small`` the parameter
     counts are equal.
     """
-    from diffusers import UNet2DModel  # optional dependency: pip install -e '.[bench]'
+    from diffusers import UNet2DModel
 
     widths = tuple(config.base_channels * m for m in config.channel_mults)
     levels = config.level_resolutions()

@@ -82,13 +82,15 @@ def save_network(directory: str | Path, denoiser: nn.Module, config: Mapping[str
     """Write ``network.safetensors`` (the denoiser's state_dict) and ``network.json`` atomically.
 
     ``config`` must hold ``"diffusion"`` (a ``DiffusionConfig`` or its dict); its other keys are
-    stored as they are (JSON-serialisable). ``"unet"`` always comes from ``denoiser.unet.config``.
+    stored as they are (JSON-serialisable). What rebuilds the network (its kind and configuration:
+    ``"unet"``, or a diffusers model's config) always comes from ``denoiser.spec()``.
     """
     if "diffusion" not in config:
         raise KeyError("save_network: config needs a 'diffusion' entry (DiffusionConfig or dict)")
     final = Path(directory)
-    meta = {key: value for key, value in config.items() if key not in ("unet", "diffusion")}
-    meta["unet"] = denoiser.unet.config.to_dict()
+    spec = denoiser.spec()
+    meta = {key: value for key, value in config.items() if key not in (*spec, "diffusion")}
+    meta.update(spec)
     meta["diffusion"] = _diffusion_dict(config["diffusion"])
     try:
         with atomic_directory(final) as tmp:
@@ -108,21 +110,42 @@ def read_network_config(directory: str | Path) -> dict:
         raise CheckpointError(f"{path}: cannot read network config ({err})") from err
 
 
-def load_network(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a denoiser from ``network.json`` alone and load ``network.safetensors`` into it."""
+NETWORK_KINDS = ("unet", "diffusers-unet", "latent-dit")  # ours; a wrapped diffusers UNet2DModel; DiT + VAE
+
+
+def denoiser_from_meta(meta: Mapping[str, Any], source: str = NETWORK_CONFIG) -> nn.Module:
+    """The denoiser ``network.json`` describes, with fresh (random) weights; a bad entry names ``source``.
+
+    Nothing executable is read: a kind names one of our classes, which is built from plain configs.
+    """
     # imported here so checkpoint I/O of training states does not need the network modules
-    from ddae_core.diffusion import build_denoiser
+    from ddae_core.diffusion import DDPMSchedule, build_denoiser
     from ddae_core.nn.unet import UNet, UNetConfig
 
-    directory = Path(directory)
-    meta = read_network_config(directory)
-    json_path = directory / NETWORK_CONFIG
+    kind = meta.get("kind", "unet")
     try:
-        unet_config = UNetConfig.from_dict(meta["unet"])
         diffusion = section_from_dict(DiffusionConfig, meta["diffusion"], "diffusion")
+        if kind == "unet":
+            return build_denoiser(diffusion, UNet(UNetConfig.from_dict(meta["unet"])),
+                                  meta.get("noise_label", "scaled"))
+        if kind == "diffusers-unet":
+            from ddae_core.pretrained import wrapped
+
+            return build_denoiser(diffusion, wrapped.build(dict(meta)), meta.get("noise_label", "index"))
+        if kind == "latent-dit":
+            from ddae_core.pretrained import dit
+
+            schedule = DDPMSchedule(diffusion.timesteps, diffusion.beta_start, diffusion.beta_end)
+            return dit.build(dict(meta), schedule)
     except (KeyError, TypeError, ValueError, ConfigError) as err:
-        raise CheckpointError(f"{json_path}: invalid network config: {err}") from err
-    denoiser = build_denoiser(diffusion, UNet(unet_config))
+        raise CheckpointError(f"{source}: invalid network config: {err!r}") from err
+    raise CheckpointError(f"{source}: unknown network kind {kind!r} (known: {', '.join(NETWORK_KINDS)})")
+
+
+def load_network(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a denoiser from ``network.json`` alone and load ``network.safetensors`` into it."""
+    directory = Path(directory)
+    denoiser = denoiser_from_meta(read_network_config(directory), str(directory / NETWORK_CONFIG))
     _load_strict(denoiser, directory / NETWORK_WEIGHTS)
     return denoiser.to(device).eval()
 
@@ -305,6 +328,7 @@ def load_training_state(
 
 __all__ = [
     "CheckpointError",
+    "denoiser_from_meta",
     "latest_checkpoint",
     "load_network",
     "load_training_state",

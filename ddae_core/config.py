@@ -222,9 +222,25 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """The pretrain stage: network, framework, loop and sample grid."""
+class InitConfig:
+    """Where the network starts: from scratch, or a model trained elsewhere, used as it is or adapted."""
 
+    mode: Literal["scratch", "import", "adapt"] = "scratch"  # import: no training; adapt: train on from it
+    source: str = ""  # a folder (diffusers save_pretrained, a ddae network), a hub id, or models:/<name>/<version>
+    convert: bool = True  # a diffusers UNet2DModel our UNet expresses exactly becomes ours; false: always wrapped
+
+    def __post_init__(self) -> None:
+        _require(self.mode == "scratch" or bool(self.source), "source",
+                 f"mode {self.mode!r} needs a source: a folder, a Hugging Face hub id or a models:/ URI")
+        _require(self.mode != "scratch" or not self.source, "mode",
+                 f"is 'scratch' but source is {self.source!r}: set mode to import or adapt, or clear source")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The pretrain stage: where the network starts, network, framework, loop and sample grid."""
+
+    init: InitConfig = field(default_factory=InitConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -90,11 +91,18 @@ def pool(feature: torch.Tensor, grid: int) -> torch.Tensor:
     """``(N, C, H, W) -> (N, C * grid * grid)``: grid 1 = global average pooling (the paper).
 
     grid k = k x k adaptive average pooling flattened channel-major; a 2-D input is returned as is.
+    Transformer tokens ``(N, L, D)`` on a square patch grid are pooled as the map ``(N, D, √L, √L)``,
+    so grid 1 is the mean over tokens.
     """
     if feature.ndim == 2:
         return feature
+    if feature.ndim == 3:
+        side = math.isqrt(feature.shape[1])
+        if side * side != feature.shape[1]:
+            raise ValueError(f"pool: {feature.shape[1]} tokens do not form a square patch grid")
+        feature = feature.transpose(1, 2).reshape(feature.shape[0], feature.shape[2], side, side)
     if feature.ndim != 4:
-        raise ValueError(f"pool expects (N, C, H, W) or (N, D), got shape {tuple(feature.shape)}")
+        raise ValueError(f"pool expects (N, C, H, W), tokens (N, L, D) or (N, D), got shape {tuple(feature.shape)}")
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
     if grid == 1:
@@ -180,10 +188,12 @@ def extract_batch(
 def _noised_taps(
     denoiser: nn.Module, x0: torch.Tensor, sample_ids: Any, level: float, taps: Sequence[str], seed: int
 ) -> dict[str, torch.Tensor]:
-    """Noise ``x0`` at ``level`` (keyed by seed and sample id) and return the taps' raw outputs."""
-    noise = sample_noise(seed, sample_ids, level, tuple(x0.shape[1:])).to(x0.device, x0.dtype)
+    """Noise ``x0`` at ``level`` (keyed by seed and sample id) in the denoiser's space (pixels, or a
+    latent model's latents: ``encode``) and return the taps' raw outputs."""
+    z0 = denoiser.encode(x0)  # (N, C, H, W): x0 itself for a pixel-space network
+    noise = sample_noise(seed, sample_ids, level, tuple(z0.shape[1:])).to(z0.device, z0.dtype)
     level_tensor = torch.full((x0.shape[0],), level, dtype=torch.float32, device=x0.device)  # (N,)
-    x_noisy = denoiser.add_noise(x0, level_tensor, noise)  # (N, C, H, W)
+    x_noisy = denoiser.add_noise(z0, level_tensor, noise)  # (N, C, H, W)
     return _forward_taps(denoiser, x_noisy, level_tensor, taps)
 
 
@@ -215,7 +225,7 @@ def feature_dims(
     x = torch.zeros((1, *input_shape), device=device)  # (1, C, H, W)
     level = torch.ones((1,), device=device)  # valid for DDPM (t = 1) and EDM (sigma = 1)
     with _eval_mode(denoiser), torch.inference_mode():
-        captured = _forward_taps(denoiser, x, level, taps)
+        captured = _forward_taps(denoiser, denoiser.encode(x), level, taps)
     return {(tap, int(grid)): pool(captured[tap], grid).shape[1] for tap in taps for grid in pools}
 
 

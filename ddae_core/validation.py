@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 
 from ddae_core.config import ConfigError, PipelineConfig
 from ddae_core.diffusion import feature_levels
 from ddae_core.nn import NETWORKS, tap_selectors
-from ddae_core.nn.unet import UNetConfig, network_config, tap_names
+from ddae_core.nn.unet import network_config, tap_names
 from ddae_core.readout import resolve_taps
 
 
-def validate_readouts(config: PipelineConfig, unet_config: UNetConfig) -> None:
-    """Raise ConfigError if ``extract.taps`` or ``probe.concat`` name blocks this network does not have,
-    or a concat group reads a block that extract does not cache."""
-    known, selectors = tap_names(unet_config), tap_selectors(unet_config)
+def validate_readouts(config: PipelineConfig, known: Sequence[str], selectors: Mapping[str, Sequence[str]]) -> None:
+    """Raise ConfigError if ``extract.taps`` or ``probe.concat`` name blocks a network with taps ``known``
+    and ``selectors`` does not have, or a concat group reads a block that extract does not cache."""
     extracted = resolve_taps(config.extract.taps, known, selectors, "extract.taps")
     for g, group in enumerate(config.probe.concat):
         for tap in resolve_taps(group, known, selectors, f"probe.concat[{g}]"):
@@ -46,7 +46,8 @@ def validate_pipeline(config: PipelineConfig, source: str = "params.yaml") -> No
 
     With ``data.image_size: auto`` the size is known only after prepare, so block names that depend
     on it (``dec.7x7.res0``) are checked by the pretrain stage; every other name (``mid``, ``mid.res1``,
-    ``decoder``, ``out_6``) here.
+    ``decoder``, ``out_6``) here. An imported network (``pretrain.init``) has its own taps, checked by
+    the pretrain stage when it reads the network.
     """
     try:
         net = config.pretrain.network
@@ -61,7 +62,9 @@ def validate_pipeline(config: PipelineConfig, source: str = "params.yaml") -> No
         except ValueError as err:
             raise ConfigError(f"pretrain.network.name: {net.name!r} does not fit "
                               f"{channels}x{size}x{size} images: {err}") from None
-        validate_readouts(config if size is not None else _without_sized_blocks(config), unet_config)
+        if config.pretrain.init.mode == "scratch":  # an imported network's taps are checked once it is read
+            checked = config if size is not None else _without_sized_blocks(config)
+            validate_readouts(checked, tap_names(unet_config), tap_selectors(unet_config))
         try:
             feature_levels(config.pretrain.diffusion, config.extract.levels, config.extract.sigma_indices)
         except ValueError as err:

@@ -38,13 +38,36 @@ def _configure_networks(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-channels", type=int, default=None, help="input channels (default: per network)")
     parser.add_argument("--resolution", type=int, default=None, help="input H = W (default: per network)")
     parser.add_argument("--taps", action="store_true", help="also list every tap with (channels, resolution)")
+    parser.add_argument("--from", dest="source", default=None, metavar="SOURCE",
+                        help="list an imported model's taps instead: a folder (diffusers save_pretrained, a ddae "
+                             "network), a Hugging Face hub id, or models:/<name>/<version>")
 
 
 def _run_networks(args: argparse.Namespace, out: TextIO) -> int:
-    """``ddae networks``: every named network with exact parameter counts (and its taps)."""
+    """``ddae networks``: every named network with exact parameter counts (and its taps), or with
+    ``--from`` the taps of a model to import."""
+    if args.source is not None:
+        return _describe_source(args.source, out)
     from ddae_core.nn.describe import describe_networks
 
     out.write(describe_networks(args.in_channels, args.resolution, taps=args.taps))
+    return 0
+
+
+def _describe_source(source: str, out: TextIO) -> int:
+    """``ddae networks --from SOURCE``: read the model as ``pretrain.init`` would and list its taps."""
+    from ddae_core.pretrained.describe import describe_imported
+    from ddae_core.pretrained.errors import ImportSourceError
+    from ddae_core.pretrained.importer import import_network
+    from tasks.services.outputs.paths import resolve_root
+    from tasks.services.tracking.imports import init_folder
+
+    try:
+        root = resolve_root() if source.startswith("models:/") else Path.cwd()
+        out.write(describe_imported(import_network(init_folder(root, source))))
+    except (ImportSourceError, FileNotFoundError) as err:
+        print(f"ddae networks: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,7 +28,6 @@ from ddae_core.config import PipelineConfig, as_dict
 from ddae_core.data import load_prepared
 from ddae_core.diffusion import feature_levels, level_kind
 from ddae_core.features import extract
-from ddae_core.nn import tap_selectors
 from ddae_core.readout import Readout, resolve_taps
 from tasks.services.outputs.feature_store import (
     INDEX_FILE,
@@ -100,12 +99,14 @@ def plan_extraction(config: PipelineConfig, paths: Paths, denoiser: torch.nn.Mod
                     splits: dict) -> ExtractionPlan:
     """Resolve taps (selectors to block names) and levels, and cut every split and copy into units."""
     cfg = config.extract
-    taps = resolve_taps(cfg.taps, denoiser.unet.tap_names(), tap_selectors(denoiser.unet.config), "extract.taps")
+    selectors = denoiser.unet.tap_selectors()
+    taps = resolve_taps(cfg.taps, denoiser.unet.tap_names(), selectors, "extract.taps")
     levels = feature_levels(config.pretrain.diffusion, cfg.levels, cfg.sigma_indices)
     keys = [Readout((tap,), level, pool, cfg.seed) for tap in taps for level in levels for pool in cfg.pools]
     metadata = {
         "network_hash": network_hash(paths.network),
         "network_config": read_network_config(paths.network),
+        "selectors": {name: list(blocks) for name, blocks in selectors.items()},  # the probe's concat groups
         "data_checksum": manifest["checksum"],
         "level_kind": level_kind(config.pretrain.diffusion.framework),
         "seed": cfg.seed,

@@ -17,14 +17,12 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from ddae_core.atomic import atomic_directory, write_json_atomic
-from ddae_core.checkpoint import load_network, network_hash, read_network_config, save_network
+from ddae_core.checkpoint import denoiser_from_meta, load_network, network_hash, read_network_config, save_network
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
-from ddae_core.diffusion import build_denoiser
 from ddae_core.features import extract_all
 from ddae_core.heads.finetune import ReadoutClassifier, accuracy, finetune, zero_head
 from ddae_core.heads.probe import LinearProbe, fit_logistic
-from ddae_core.nn.unet import UNet, UNetConfig
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
 from ddae_core.sampling import capped_subset, fraction_label, label_subsets, too_few_labels
 from tasks.services.outputs.feature_store import FeatureIndex, load_selection, read_readout
@@ -39,14 +37,11 @@ _STATS_IMAGES = 1024  # images whose random-network features set the scratch hea
 
 
 def random_denoiser(network_dir, seed: int) -> torch.nn.Module:
-    """The pretrained network's architecture with fresh random weights (seeded, global RNG untouched)."""
-    from ddae_core.config import DiffusionConfig, section_from_dict
-
-    meta = read_network_config(network_dir)
+    """The pretrained network's architecture (ours or imported) with fresh random weights (seeded, global
+    RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet(UNetConfig.from_dict(meta["unet"]))
-    return build_denoiser(section_from_dict(DiffusionConfig, meta["diffusion"], "diffusion"), unet)
+        return denoiser_from_meta(read_network_config(network_dir))
 
 
 def scratch_head(denoiser, split, rows: np.ndarray, readout: Readout, num_classes: int, seed: int):

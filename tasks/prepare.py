@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 from ddae_core.config import PipelineConfig
 from ddae_core.data import prepare_dataset
 from ddae_core.nn.unet import size_multiple
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import stage_main
 from tasks.services.tracking.runs import stage_run
+
+
+def imported_shape(paths: Paths) -> tuple[int, int] | None:
+    """The (channels, size) an imported model reads, as the snapshot stage recorded it; None from scratch."""
+    record = json.loads(paths.init_record.read_text()) if paths.init_record.is_file() else {}
+    shape = record.get("input_shape") if record.get("mode", "scratch") != "scratch" else None
+    return (int(shape[0]), int(shape[1])) if shape else None
 
 
 def run(config: PipelineConfig, paths: Paths) -> dict:
@@ -17,7 +26,8 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         A summary dict: dataset, split counts, checksum and how many files were skipped.
     """
     multiple = size_multiple(config.pretrain.network.name)
-    manifest = prepare_dataset(config.data, paths.prepared, progress=True, size_multiple=multiple)
+    manifest = prepare_dataset(config.data, paths.prepared, progress=True, size_multiple=multiple,
+                               model_shape=imported_shape(paths))
     summary = {
         "dataset": manifest["dataset"],
         "layout": manifest["layout"],

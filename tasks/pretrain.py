@@ -17,46 +17,59 @@ import torch
 
 from ddae_core.atomic import write_json_atomic
 from ddae_core.checkpoint import save_network
-from ddae_core.config import PipelineConfig, as_dict
+from ddae_core.config import ConfigError, PipelineConfig, as_dict
 from ddae_core.data import load_prepared, save_image_grid, to_uint8_images
 from ddae_core.diffusion import SAMPLERS, build_denoiser, build_loss, default_sampler
 from ddae_core.nn import build_unet, count_parameters
 from ddae_core.precision import resolve_mixed_precision
+from ddae_core.pretrained.importer import ImportedNetwork, import_network
 from ddae_core.training.loop import TrainingInterrupted, TrainResult, train
 from ddae_core.training.schedules import planned_steps
 from ddae_core.validation import validate_readouts
 from tasks.services.outputs.paths import Paths
 from tasks.services.outputs.plots import save_loss_curve, save_loss_table
-from tasks.services.runner.stage_main import StageError, stage_main
+from tasks.services.runner.stage_main import StageError, log, stage_main
+from tasks.services.tracking.imports import init_folder
 from tasks.services.tracking.runs import stage_run
 
 
-def run_fingerprint(config: PipelineConfig, data_checksum: str) -> str:
-    """Checkpoints are only resumed by a run with the same data, network, framework and loop."""
+def run_fingerprint(config: PipelineConfig, data_checksum: str, init_checksum: str = "") -> str:
+    """Checkpoints are only resumed by a run with the same data, starting weights, network, framework and loop."""
     key = {"data": data_checksum, "pretrain": as_dict(config.pretrain)}
     key["pretrain"].pop("samples")  # the sample grid does not change training
+    if init_checksum:
+        key["init_weights"] = init_checksum
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run(config: PipelineConfig, paths: Paths) -> dict:
-    """Train (or resume), then save the EMA network, loss curve, sample grid and metrics.
+    """Train (or resume; from scratch or from imported weights), or import as it is; then save the EMA
+    network, loss curve, sample grid and metrics.
 
     Returns:
-        A summary dict: steps, final loss, images/s, parameter count, wall time.
+        A summary dict: steps, final loss, images/s, parameter count, wall time (and the import's source).
     """
     from accelerate import Accelerator
 
     if not (paths.prepared / "manifest.json").is_file():
         raise StageError(f"{paths.prepared}/manifest.json not found: run the prepare stage first")
     manifest, splits = load_prepared(paths.prepared)
-    unet = build_network(config, manifest)
-    validate_readouts(config, unet.config)  # taps named for another size fail now, not after training
+    init = config.pretrain.init
+    imported = import_init(config, paths, manifest) if init.mode != "scratch" else None
+    if imported is None:
+        denoiser = build_denoiser(config.pretrain.diffusion, build_network(config, manifest))
+    else:
+        denoiser = imported.denoiser
+    # taps named for another size or network fail now, not after training
+    validate_readouts(config, denoiser.unet.tap_names(), denoiser.unet.tap_selectors())
+    if init.mode == "import":
+        return publish_import(imported, config, manifest, paths)
     steps = planned_steps(config.pretrain.train, len(splits["train"]))
     cfg = dataclasses.replace(config.pretrain, train=dataclasses.replace(config.pretrain.train, steps=steps))
-    denoiser = build_denoiser(cfg.diffusion, unet)
     loss_fn = build_loss(cfg.diffusion)
 
-    fingerprint = run_fingerprint(config, manifest["checksum"])  # independent of the process count
+    # independent of the process count
+    fingerprint = run_fingerprint(config, manifest["checksum"], imported.checksum if imported else "")
     run_dir = paths.checkpoints / fingerprint
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
                               cpu=not torch.cuda.is_available())
@@ -70,11 +83,13 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
 
     import mlflow
 
+    parameters = count_parameters(denoiser.unet)
     with stage_run(paths.root, "pretrain", {"ddae.data_checksum": manifest["checksum"]}):
         mlflow.log_params({
-            "network": cfg.network.name, "parameters": count_parameters(unet),
+            "network": cfg.network.name if imported is None else imported.form, "parameters": parameters,
             **{f"diffusion.{k}": v for k, v in as_dict(cfg.diffusion).items()},
             **{f"train.{k}": v for k, v in as_dict(cfg.train).items()},
+            **init_params(config, imported),
             "processes": accelerator.num_processes, "fingerprint": fingerprint,
         })
 
@@ -87,12 +102,73 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         except TrainingInterrupted as err:
             raise KeyboardInterrupt(str(err)) from err
 
-        summary = publish(result, config, manifest, paths, parameters=count_parameters(unet))
+        summary = publish(result, config, manifest, paths, parameters=parameters, imported=imported)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         for artifact in ("loss.png", "samples.png"):
             if (paths.pretrain / artifact).is_file():
                 mlflow.log_artifact(str(paths.pretrain / artifact))
     return summary
+
+
+def import_init(config: PipelineConfig, paths: Paths, manifest: dict) -> ImportedNetwork:
+    """Read ``pretrain.init.source`` and check it fits the prepared images and ``pretrain.diffusion``."""
+    init = config.pretrain.init
+    imported = import_network(init_folder(paths.root, init.source), convert=init.convert)
+    preprocess = manifest["preprocess"]
+    shape = (preprocess["channels"], preprocess["image_size"])
+    if tuple(imported.denoiser.input_shape) != shape:
+        c, s = imported.denoiser.input_shape
+        raise ConfigError(f"data.image_size / data.channels: the imported model reads {c}x{s}x{s} images, "
+                          f"the prepared ones are {shape[0]}x{shape[1]}x{shape[1]}; leave both auto (or set them to it)")
+    ours, theirs = config.pretrain.diffusion, imported.diffusion
+    for key in ("framework", "timesteps"):
+        if getattr(ours, key) != getattr(theirs, key):
+            raise ConfigError(f"pretrain.diffusion.{key}: {getattr(ours, key)!r}, but the imported model was trained "
+                              f"with {getattr(theirs, key)!r}; set it (extract.levels are read in its units)")
+    if init.mode == "adapt" and imported.denoiser.spec()["kind"] == "latent-dit":
+        raise ConfigError("pretrain.init.mode: adapt trains pixel-space networks; a latent DiT is imported as it "
+                          "is (mode: import)")
+    log.info("pretrain starts from %s (%s, weights %s)", init.source, imported.form, imported.checksum[:12])
+    return imported
+
+
+def init_params(config: PipelineConfig, imported: ImportedNetwork | None) -> dict:
+    """What MLflow records of where the network started."""
+    init = config.pretrain.init
+    if imported is None:
+        return {"init.mode": init.mode}
+    return {"init.mode": init.mode, "init.source": init.source[:500], "init.form": imported.form,
+            "init.checksum": imported.checksum}
+
+
+def publish_import(imported: ImportedNetwork, config: PipelineConfig, manifest: dict, paths: Paths) -> dict:
+    """``init.mode: import``: the imported network as this stage's output (no training), with its sample grid."""
+    import mlflow
+
+    with stage_run(paths.root, "pretrain", {"ddae.data_checksum": manifest["checksum"]}):
+        parameters = count_parameters(imported.denoiser.unet)
+        mlflow.log_params({"network": imported.form, "parameters": parameters, **init_params(config, imported)})
+        save_network(paths.network, imported.denoiser, network_meta(config, manifest, imported))
+        for stale in ("loss.png", "loss.csv", "samples.png"):
+            (paths.pretrain / stale).unlink(missing_ok=True)
+        save_loss_table([], paths.pretrain / "loss.csv")  # declared to DVC: an empty curve, no training ran
+        sample_s = draw_sample_grid(imported.denoiser, config, paths.pretrain / "samples.png")
+        summary = {"steps": 0, "epochs": 0.0, "final_loss": None, "images_per_s": None, "parameters": parameters,
+                   "train_wall_s": 0.0, "sample_wall_s": sample_s, "init": init_params(config, imported)}
+        write_json_atomic(paths.metrics / "pretrain.json", summary)
+        if (paths.pretrain / "samples.png").is_file():
+            mlflow.log_artifact(str(paths.pretrain / "samples.png"))
+    return summary
+
+
+def network_meta(config: PipelineConfig, manifest: dict, imported: ImportedNetwork | None) -> dict:
+    """``network.json``'s entries beside the network's own spec: its schedule, data and (if imported) source."""
+    meta = {"diffusion": config.pretrain.diffusion if imported is None else imported.diffusion,
+            "data": {"checksum": manifest["checksum"], "preprocess": manifest["preprocess"]}}
+    if imported is not None:
+        meta["init"] = {"mode": config.pretrain.init.mode, "source": config.pretrain.init.source,
+                        "form": imported.form, "checksum": imported.checksum}
+    return meta
 
 
 def build_network(config: PipelineConfig, manifest: dict) -> torch.nn.Module:
@@ -119,11 +195,11 @@ def remove_other_checkpoints(paths: Paths, fingerprint: str) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def publish(result: TrainResult, config: PipelineConfig, manifest: dict, paths: Paths, *, parameters: int) -> dict:
+def publish(result: TrainResult, config: PipelineConfig, manifest: dict, paths: Paths, *, parameters: int,
+            imported: ImportedNetwork | None = None) -> dict:
     """Write the stage's outputs (EMA network, loss curve as PNG and CSV, sample grid, metrics); the summary."""
     ema = result.ema_denoiser.eval()
-    save_network(paths.network, ema, {"diffusion": config.pretrain.diffusion,
-                                      "data": {"checksum": manifest["checksum"], "preprocess": manifest["preprocess"]}})
+    save_network(paths.network, ema, network_meta(config, manifest, imported))
     paths.pretrain.mkdir(parents=True, exist_ok=True)
     save_loss_curve(result.history, paths.pretrain / "loss.png")
     save_loss_table(result.history, paths.pretrain / "loss.csv")  # the same curve as data, for `dvc plots diff`
@@ -147,10 +223,13 @@ def draw_sample_grid(denoiser: torch.nn.Module, config: PipelineConfig, path) ->
     samples = config.pretrain.samples
     if samples.count == 0:
         return 0.0
+    if denoiser.spec()["kind"] == "latent-dit":  # its samples would need the VAE's decoder: features only
+        log.info("no sample grid for a latent model")
+        return 0.0
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(samples.seed)
-    unet = denoiser.unet.config
-    shape = (samples.count, unet.in_channels, unet.resolution, unet.resolution)
+    channels, size = denoiser.input_shape
+    shape = (samples.count, channels, size, size)
     latents = torch.randn(shape, generator=generator)
     sampler = SAMPLERS[default_sampler(config.pretrain.diffusion.framework)]
     with torch.inference_mode():

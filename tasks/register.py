@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 
 from ddae_core.atomic import write_json_atomic
-from ddae_core.checkpoint import network_hash
+from ddae_core.checkpoint import network_hash, read_network_config
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.readout import SELECTION_FILE, Selection
@@ -48,13 +48,15 @@ MODEL_DISTRIBUTIONS = ("torch", "numpy", "pillow", "safetensors", "pandas", "tqd
 
 
 @functools.cache
-def model_requirements() -> tuple[str, ...]:
-    """``name==version`` of each of ``MODEL_DISTRIBUTIONS`` as installed here (the model's build).
+def model_requirements(kind: str = "unet") -> tuple[str, ...]:
+    """``name==version`` of each of ``MODEL_DISTRIBUTIONS`` as installed here (the model's build), and
+    diffusers for a network of another ``kind`` than our own UNet (a wrapped UNet2DModel, a DiT).
 
     The public version is pinned: a local build label (torch's ``+cpu``) is dropped, so the pin
     installs from PyPI and still matches the build the model was made with.
     """
-    return tuple(f"{name}=={metadata.version(name).split('+')[0]}" for name in MODEL_DISTRIBUTIONS)
+    names = MODEL_DISTRIBUTIONS + (() if kind == "unet" else ("diffusers",))
+    return tuple(f"{name}=={metadata.version(name).split('+')[0]}" for name in names)
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,8 @@ def log_classifier(paths: Paths, network: Path, probe: Path, preprocess: Path, e
     signature = infer_signature(example, local.predict(None, example))
     return mlflow.pyfunc.log_model(
         name=name, python_model=str(CLASSIFIER_CODE), artifacts=artifacts,
-        code_paths=[str(paths.root / "ddae_core")], pip_requirements=list(model_requirements()),
+        code_paths=[str(paths.root / "ddae_core")],
+        pip_requirements=list(model_requirements(read_network_config(network).get("kind", "unet"))),
         signature=signature, input_example=example,
     )
 
@@ -222,6 +225,12 @@ def gate_version(client, name: str, version: str, *, score_uri: Callable[[str], 
     return decision
 
 
+def source_tags(network_meta: dict) -> dict[str, str]:
+    """Where the network came from: ``ddae.init.*`` tags for an imported one (``pretrain.init``), else none."""
+    init = network_meta.get("init") or {}
+    return {f"ddae.init.{key}": str(value)[:500] for key, value in init.items()}
+
+
 def run(config: PipelineConfig, paths: Paths) -> dict:
     """Log, register, alias and gate. Returns the decision written to metrics/register.json."""
     import mlflow
@@ -241,6 +250,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         "ddae.probe_test_acc": f"{selection.test_acc:.6f}",  # on cached features (probe stage)
         "ddae.readout": selection.readout.label,
         "ddae.git_commit": git_commit(paths.root),
+        **source_tags(read_network_config(paths.network)),
     }
     if experiment is not None:
         tags |= {"ddae.experiment": experiment.name, "ddae.experiment_baseline": experiment.baseline_rev}

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ddae_core.checkpoint import network_hash, read_network_config, save_network
+from ddae_core.checkpoint import load_network, network_hash, read_network_config, save_network
 from ddae_core.config import DiffusionConfig
 from ddae_core.diffusion import build_denoiser
 from ddae_core.nn import build_unet
@@ -37,7 +37,9 @@ def write_feature_store(paths: Paths, singles: Sequence[Readout], ids: Mapping[s
     ``features[split][readout.feature_keys[0]]`` is that readout's (N, D) matrix for the split's
     ``ids`` and ``labels``. Returns the metadata every part (and the index) carries.
     """
+    selectors = load_network(paths.network).unet.tap_selectors()
     metadata = {"network_hash": network_hash(paths.network), "network_config": read_network_config(paths.network),
+                "selectors": {name: list(blocks) for name, blocks in selectors.items()},
                 "data_checksum": data_checksum, "level_kind": "t", "seed": singles[0].seed}
     for split in ids:
         for single in singles:

@@ -163,10 +163,11 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 def prepare_dataset(config: DataConfig, out_dir: str | os.PathLike[str], progress: bool = True,
-                    size_multiple: int = 4) -> dict[str, Any]:
+                    size_multiple: int = 4, model_shape: tuple[int, int] | None = None) -> dict[str, Any]:
     """Read ``config``'s dataset, preprocess every image and write the prepared format to ``out_dir``.
 
-    ``size_multiple``: what an inferred image size must be a multiple of (the network's down-sampling).
+    ``size_multiple``: what an inferred image size must be a multiple of (the network's down-sampling);
+    ``model_shape``: an imported model's (channels, size), which ``auto`` takes (``working_shape``).
 
     Built in ``<out_dir>.tmp-<pid>`` and renamed at the end (``atomic_directory``): after any failure
     ``out_dir`` is as it was (absent, or the previous good dataset) and the temp folder is gone. The
@@ -177,7 +178,7 @@ def prepare_dataset(config: DataConfig, out_dir: str | os.PathLike[str], progres
     _check_replaceable(out_dir)
     with atomic_directory(out_dir) as tmp:
         with open_source(config, scratch_dir=tmp) as source:
-            shape = working_shape(source, config, size_multiple)
+            shape = working_shape(source, config, size_multiple, model_shape)
             spec = PreprocessSpec(channels=shape.channels, image_size=shape.image_size, fit=source.fit)
             splits = plan_splits(source, config)
             digest = hashlib.sha256()

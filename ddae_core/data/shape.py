@@ -7,7 +7,8 @@ The rule, in full (also in the README's "Your own images"):
     ``GRAY_TOLERANCE``, on a small thumbnail), else 1; so grayscale photos saved as RGB JPEGs stay 1;
   - size: the median shorter side, capped at ``data.max_image_size`` and rounded down to a multiple
     of what the network's down-sampling needs (e.g. 4 for three levels), never below 8 (rounded up).
-An explicit ``data.channels`` or ``data.image_size`` always wins.
+An explicit ``data.channels`` or ``data.image_size`` always wins; with an imported model
+(``pretrain.init``) ``auto`` takes the shape that model reads.
 """
 
 from __future__ import annotations
@@ -89,11 +90,20 @@ def _look(split: RawSplit) -> tuple[list[int], bool]:
     return sides, colour
 
 
-def working_shape(source: Source, config: DataConfig, multiple: int) -> WorkingShape:
-    """The (channels, size) prepare writes: explicit settings, else the source's own, else the rule above."""
+def working_shape(source: Source, config: DataConfig, multiple: int,
+                  model_shape: tuple[int, int] | None = None) -> WorkingShape:
+    """The (channels, size) prepare writes: explicit settings, else an imported model's input
+    (``model_shape``: it reads one shape), else the source's own, else the rule above."""
     channels, size = config.channels, config.image_size
     if channels != "auto" and size != "auto":
         return WorkingShape(int(channels), int(size), "set in data.channels and data.image_size")
+    if model_shape is not None:
+        channels = model_shape[0] if channels == "auto" else channels
+        size = model_shape[1] if size == "auto" else size
+        shape = WorkingShape(int(channels), int(size), f"the imported model's input, "
+                             f"{model_shape[0]}x{model_shape[1]}x{model_shape[1]} (pretrain.init)")
+        log.info("working shape %dx%dx%d (%s)", shape.channels, shape.image_size, shape.image_size, shape.reason)
+        return shape
     reasons = []
     if source.native_shape is not None:
         native_channels, native_size = source.native_shape

@@ -46,6 +46,12 @@ def source_snapshot(config: DataConfig) -> dict:
         if config.dataset == "cifar10" and not config.source:
             return {"dataset": "cifar10", "location": "", "files": 0, "checksum": "not downloaded"}
         raise
+    location = str(Path(config.source).expanduser().resolve()) if config.source else str(base)
+    return {"dataset": config.dataset, "location": location, "files": len(files), "checksum": files_checksum(base, files)}
+
+
+def files_checksum(base: Path, files: list[Path]) -> str:
+    """sha256 (hex) over each file's path relative to ``base`` and its bytes, in the given order."""
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(base).as_posix().encode() + b"\0")
@@ -53,5 +59,4 @@ def source_snapshot(config: DataConfig) -> dict:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
         digest.update(b"\0")
-    location = str(Path(config.source).expanduser().resolve()) if config.source else str(base)
-    return {"dataset": config.dataset, "location": location, "files": len(files), "checksum": digest.hexdigest()}
+    return digest.hexdigest()

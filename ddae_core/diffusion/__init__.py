@@ -12,7 +12,15 @@ import torch
 from torch import nn
 
 from ddae_core.config import ConfigError, DiffusionConfig
-from ddae_core.diffusion.ddpm import DDPMDenoiser, DDPMLoss, DDPMSchedule, ddim_sampler, ddpm_sampler
+from ddae_core.diffusion.ddpm import (
+    NOISE_LABELS,
+    DDPMDenoiser,
+    DDPMLoss,
+    DDPMSchedule,
+    NoiseLabel,
+    ddim_sampler,
+    ddpm_sampler,
+)
 from ddae_core.diffusion.edm import EDMLoss, EDMPrecond, edm_sampler, karras_sigmas, sigma_from_index
 
 __all__ = [
@@ -21,6 +29,8 @@ __all__ = [
     "DDPMSchedule",
     "EDMLoss",
     "EDMPrecond",
+    "NOISE_LABELS",
+    "NoiseLabel",
     "SAMPLERS",
     "build_denoiser",
     "build_loss",
@@ -40,10 +50,14 @@ Loss = Callable[..., torch.Tensor]  # loss(net, x0, generator=None) -> (N,)
 SAMPLERS: dict[str, Sampler] = {"ddpm": ddpm_sampler, "ddim": ddim_sampler, "edm": edm_sampler}
 
 
-def build_denoiser(config: DiffusionConfig, unet: nn.Module) -> DDPMDenoiser | EDMPrecond:
-    """Wrap a raw UNet in the framework's denoiser (eps-prediction DDPM or preconditioned EDM)."""
+def build_denoiser(config: DiffusionConfig, unet: nn.Module, noise_label: NoiseLabel = "scaled"
+                   ) -> DDPMDenoiser | EDMPrecond:
+    """Wrap a raw UNet in the framework's denoiser (eps-prediction DDPM or preconditioned EDM);
+    ``noise_label`` is how a DDPM network reads t (``DDPMDenoiser``)."""
     if config.framework == "ddpm":
-        return DDPMDenoiser(unet, DDPMSchedule(config.timesteps, config.beta_start, config.beta_end))
+        return DDPMDenoiser(unet, DDPMSchedule(config.timesteps, config.beta_start, config.beta_end), noise_label)
+    if noise_label != "scaled":
+        raise ValueError(f"noise_label: {noise_label!r} applies to DDPM networks only")
     if config.framework == "edm":
         return EDMPrecond(unet, config.sigma_data)
     raise ValueError(f"framework: unknown {config.framework!r} (expected 'ddpm' or 'edm')")

@@ -7,6 +7,7 @@ clean image and is only used inside the samplers (``alpha_bar_0 = 1``).
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from torch import nn
@@ -15,6 +16,8 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 NOISE_LABEL_SCALE = 1000.0  # the UNet gets 1000 * t / T (see DDPMDenoiser.forward)
+NoiseLabel = Literal["scaled", "index"]  # what a DDPM network was trained to read: 1000 t / T, or t - 1
+NOISE_LABELS: tuple[str, ...] = ("scaled", "index")
 
 
 def per_example(level: torch.Tensor | float | int, x: torch.Tensor) -> torch.Tensor:
@@ -105,18 +108,41 @@ class DDPMSchedule(nn.Module):
 class DDPMDenoiser(nn.Module):
     """eps-prediction wrapper: ``denoiser(x_t, t) -> eps_hat``, with the schedule alongside the UNet.
 
-    The paper feeds the network ``t / T``; we feed ``1000 * t / T`` (= t for T=1000). The scale only
-    changes which frequencies of the sinusoidal embedding resolve single steps, not the information.
+    The paper feeds the network ``t / T``; our own networks get ``1000 * t / T`` (= t for T=1000; the
+    scale only changes which sinusoid frequencies resolve single steps). Networks trained elsewhere
+    (Ho et al., diffusers, DiT) count steps from 0: ``noise_label="index"`` gives them ``t - 1``.
     """
 
-    def __init__(self, unet: nn.Module, schedule: DDPMSchedule | None = None) -> None:
+    def __init__(self, unet: nn.Module, schedule: DDPMSchedule | None = None,
+                 noise_label: NoiseLabel = "scaled") -> None:
         super().__init__()
+        if noise_label not in NOISE_LABELS:
+            raise ValueError(f"noise_label: {noise_label!r} is not one of {', '.join(NOISE_LABELS)}")
         self.unet = unet
         self.schedule = schedule if schedule is not None else DDPMSchedule()
+        self.label_kind = noise_label
+
+    def extra_repr(self) -> str:
+        return f"noise_label={self.label_kind}"
 
     def noise_label(self, t: torch.Tensor) -> torch.Tensor:
-        """Float (N,) label given to the UNet for steps t (N,)."""
+        """Float (N,) label given to the UNet for steps t (N,) in 1..T."""
+        if self.label_kind == "index":
+            return t.float() - 1.0
         return NOISE_LABEL_SCALE * t.float() / self.schedule.timesteps
+
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:
+        """The space the diffusion runs in: pixels, so clean images as they are (a latent model encodes)."""
+        return x0
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(channels, size) of the images it denoises."""
+        return self.unet.input_shape
+
+    def spec(self) -> dict:
+        """What rebuilds the network without its weights (``network.json``): its kind and configuration."""
+        return {**self.unet.spec(), "noise_label": self.label_kind}
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor | float | int, noise: torch.Tensor) -> torch.Tensor:
         """x_t for clean x0 (N, C, H, W) in [-1, 1] at steps t (N,) in 1..T with noise eps ~ N(0, 1)."""

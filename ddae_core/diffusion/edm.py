@@ -41,6 +41,19 @@ class EDMPrecond(nn.Module):
         c_noise = sigma.log() / 4.0
         return c_skip, c_out, c_in, c_noise
 
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:
+        """The space the diffusion runs in: pixels, so clean images as they are."""
+        return x0
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(channels, size) of the images it denoises."""
+        return self.unet.input_shape
+
+    def spec(self) -> dict:
+        """What rebuilds the network without its weights (``network.json``): its kind and configuration."""
+        return self.unet.spec()
+
     def add_noise(self, x0: torch.Tensor, sigma: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
         """x0 + sigma * noise; x0, noise (N, C, H, W), sigma (N,) > 0."""
         sigma = per_example(sigma, x0).to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))

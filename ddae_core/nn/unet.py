@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from ddae_core.config import ConfigError, as_dict, section_from_dict
 from ddae_core.nn.layers import Downsample, NoiseEmbedding, ResBlock, SelfAttention, Upsample, group_norm
 
+KIND = "unet"  # network.json's kind for our own UNet (files written before kinds existed have none: ours)
+
 
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
@@ -211,6 +213,19 @@ class UNet(nn.Module):
     def tap_channels(self) -> dict[str, tuple[int, int]]:
         """Block name -> (channels, resolution) of its output, in forward order."""
         return tap_channels(self.config)
+
+    def tap_selectors(self) -> dict[str, tuple[str, ...]]:
+        """Resolution-free names (``mid``, ``decoder``, ``dec1``, ``out_6``) -> blocks: ``tap_selectors``."""
+        return tap_selectors(self.config)
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(channels, size) of the images it denoises."""
+        return self.config.in_channels, self.config.resolution
+
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds it without its weights (``network.json``): our UNet and its configuration."""
+        return {"kind": KIND, "unet": self.config.to_dict()}
 
 
 def tap_names(config: UNetConfig) -> list[str]:

@@ -63,6 +63,9 @@ class _StandInDenoiser(nn.Module):
         betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
         self.register_buffer("alphas_bar", torch.cumprod(1 - betas, 0).float())
 
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:  # pixel space, as every DDPMDenoiser
+        return x0
+
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         ab = self.alphas_bar[t.long() - 1].view(-1, 1, 1, 1)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise

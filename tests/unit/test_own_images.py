@@ -187,8 +187,8 @@ def test_default_taps_resolve_for_every_network_at_two_sizes(name):
     multiple = size_multiple(name)
     for size in (4 * multiple, 8 * multiple):
         unet = network_config(name, 3, size)
-        validate_readouts(config, unet)  # extract.taps and every probe.concat group
         selectors = tap_selectors(unet)
+        validate_readouts(config, tap_names(unet), selectors)  # extract.taps and every probe.concat group
         blocks = resolve_taps(config.extract.taps, tap_names(unet), selectors, "extract.taps")
         decoder = [b for b in tap_names(unet) if b.startswith("dec.") and ".res" in b]
         assert blocks == ("mid.res1", *decoder)

@@ -22,8 +22,6 @@ import pyarrow.parquet as pq
 
 from ddae_core.atomic import atomic_file, write_json_atomic
 from ddae_core.config import ConfigError
-from ddae_core.nn import tap_selectors
-from ddae_core.nn.unet import UNetConfig
 from ddae_core.readout import Readout, Selection, candidates
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import StageError
@@ -206,7 +204,7 @@ class FeatureIndex:
         seed = int(data["seed"])
         return cls(
             readouts=tuple(Readout((k["tap"],), k["level"], k["pool"], seed) for k in data["keys"]),
-            selectors=tap_selectors(UNetConfig.from_dict(data["network_config"]["unet"])),
+            selectors={name: tuple(blocks) for name, blocks in data["selectors"].items()},
             class_names=tuple(data["class_names"]), splits=dict(data["splits"]),
             train_copies=int(data["train_copies"]), level_kind=data["level_kind"],
             data_checksum=data["data_checksum"], seed=seed, network_hash=data["network_hash"],

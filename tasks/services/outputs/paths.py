@@ -24,6 +24,11 @@ class Paths:
         return self.root / "data" / "prepared"
 
     @property
+    def init_record(self) -> Path:
+        """``data/init.json``: where pretraining starts (the snapshot stage's record of ``pretrain.init``)."""
+        return self.root / "data" / "init.json"
+
+    @property
     def pretrain(self) -> Path:
         return self.root / "outputs" / "pretrain"
 

@@ -37,6 +37,7 @@ def stage_main(stage: str, run: Callable[[PipelineConfig, Paths], dict]) -> None
     """
     from ddae_core.checkpoint import CheckpointError
     from ddae_core.data import DatasetError
+    from ddae_core.pretrained.errors import ImportSourceError
     from tasks.services.tracking.runs import check_reachable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
@@ -58,7 +59,7 @@ def stage_main(stage: str, run: Callable[[PipelineConfig, Paths], dict]) -> None
     except ConfigError as err:
         log.error("%s: invalid configuration: %s", stage, err)
         sys.exit(2)
-    except (StageError, DatasetError, CheckpointError) as err:
+    except (StageError, DatasetError, CheckpointError, ImportSourceError) as err:
         log.error("%s failed: %s", stage, err)
         sys.exit(1)
     except Exception as err:
