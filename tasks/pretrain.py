@@ -154,7 +154,7 @@ def publish_import(imported: ImportedNetwork, config: PipelineConfig, manifest: 
         save_loss_table([], paths.pretrain / "loss.csv")  # declared to DVC: an empty curve, no training ran
         sample_s = draw_sample_grid(imported.denoiser, config, paths.pretrain / "samples.png")
         summary = {"steps": 0, "epochs": 0.0, "final_loss": None, "images_per_s": None, "parameters": parameters,
-                   "train_wall_s": 0.0, "sample_wall_s": sample_s, "init": init_params(config, imported)}
+                   "train_wall_s": 0.0, "sample_wall_s": sample_s}
         write_json_atomic(paths.metrics / "pretrain.json", summary)
         if (paths.pretrain / "samples.png").is_file():
             mlflow.log_artifact(str(paths.pretrain / "samples.png"))
