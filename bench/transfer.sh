@@ -19,5 +19,5 @@ PY
 ddae run "${common[@]}" --set pretrain.init.mode=import --set "pretrain.init.source=$network" && summary imported
 ddae run "${common[@]}" --set pretrain.init.mode=adapt --set "pretrain.init.source=$network" \
   --set "pretrain.train.steps=$steps" && summary adapted
-ddae run "${common[@]}" --set pretrain.init.mode=scratch --set pretrain.init.source= \
+ddae run "${common[@]}" --set pretrain.init.mode=scratch --set "pretrain.init.source=\"\"" \
   --set "pretrain.train.steps=$steps" && summary scratch
