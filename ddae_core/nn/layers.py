@@ -7,52 +7,79 @@ blocks in one loop; blocks that ignore the embedding say so.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 Resample = Literal["none", "down", "up"]
+DownPadding = Literal["symmetric", "tf_same"]
+NormFactory = Callable[[int], nn.GroupNorm]  # channels -> GroupNorm; the UNet fixes groups and eps once
 
 
-def group_norm(channels: int, max_groups: int = 32, min_group_channels: int = 4) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or fewer for narrow layers (small nets).
+def group_norm(
+    channels: int,
+    max_groups: int = 32,
+    min_group_channels: int = 4,
+    *,
+    groups: int | None = None,
+    eps: float = 1e-5,
+) -> nn.GroupNorm:
+    """GroupNorm with ``groups`` groups; by default 32, or fewer for narrow layers (small nets).
 
-    Groups keep at least ``min_group_channels`` channels: with one channel per group the norm would
-    erase the per-channel noise-embedding shift added just before it, and the net would ignore the label.
+    The default keeps at least ``min_group_channels`` channels a group: with one channel per group the
+    norm would erase the per-channel noise-embedding shift added just before it, and the net would
+    ignore the label. A fixed ``groups`` (diffusers' ``norm_num_groups``) must divide ``channels``.
     """
-    limit = max(1, min(max_groups, channels // min_group_channels))
-    groups = max(g for g in range(1, limit + 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    if groups is None:
+        limit = max(1, min(max_groups, channels // min_group_channels))
+        groups = max(g for g in range(1, limit + 1) if channels % g == 0)
+    elif groups < 1 or channels % groups:
+        raise ValueError(f"groups: {groups} does not divide {channels} channels")
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
-def sinusoidal_embedding(label: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+def sinusoidal_embedding(
+    label: Tensor,
+    dim: int,
+    max_period: float = 10_000.0,
+    freq_shift: float = 0.0,
+    flip_sin_to_cos: bool = False,
+) -> Tensor:
     """Transformer-style sin/cos features of a real-valued label; (N,) -> (N, dim).
 
-    Frequencies run geometrically from 1 to 1/max_period, so integer DDPM steps (0..1000) and EDM's
-    ``ln(sigma)/4`` (about -2..1) both land on distinct, smooth codes.
+    Frequencies run geometrically from 1 towards 1/max_period, so integer DDPM steps (0..1000) and EDM's
+    ``ln(sigma)/4`` (about -2..1) both land on distinct, smooth codes. Frequency i is
+    ``max_period ** (-i / (dim/2 - freq_shift))``: shift 0 is ours, 1 is DDPM's code (the lowest one is
+    then exactly 1/max_period); ``flip_sin_to_cos`` orders the halves [cos, sin] (diffusers' options).
     """
     if dim % 2:
         raise ValueError(f"dim: must be even, got {dim}")
     half = dim // 2
-    exponents = torch.arange(half, dtype=torch.float32, device=label.device) / half
-    freqs = torch.exp(-math.log(max_period) * exponents)  # (half,) in (1/max_period, 1]
+    if half - freq_shift <= 0:
+        raise ValueError(f"freq_shift: must be below dim/2 = {half}, got {freq_shift}")
+    exponents = torch.arange(half, dtype=torch.float32, device=label.device) / (half - freq_shift)
+    freqs = torch.exp(-math.log(max_period) * exponents)  # (half,) in [1/max_period, 1]
     args = label.float()[:, None] * freqs[None, :]  # (N, half)
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (N, dim) in [-1, 1]
+    halves = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
+    return torch.cat(halves, dim=1)  # (N, dim) in [-1, 1]
 
 
 class NoiseEmbedding(nn.Module):
     """Noise label -> conditioning vector: sinusoid of width ``dim``, then a two-layer SiLU MLP."""
 
-    def __init__(self, dim: int, emb_channels: int) -> None:
+    def __init__(self, dim: int, emb_channels: int, freq_shift: float = 0.0, flip_sin_to_cos: bool = False) -> None:
         super().__init__()
         self.dim = dim
+        self.freq_shift = freq_shift
+        self.flip_sin_to_cos = flip_sin_to_cos
         self.mlp = nn.Sequential(nn.Linear(dim, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
 
     def forward(self, label: Tensor) -> Tensor:
         # label: (N,) float, any real value -> (N, emb_channels)
-        return self.mlp(sinusoidal_embedding(label, self.dim))
+        return self.mlp(sinusoidal_embedding(label, self.dim, freq_shift=self.freq_shift,
+                                             flip_sin_to_cos=self.flip_sin_to_cos))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -94,12 +121,12 @@ def upsample_conv3x3(x: Tensor, conv: nn.Conv2d) -> Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the H*W positions, pre-normed, added back residually."""
 
-    def __init__(self, channels: int, num_heads: int = 1) -> None:
+    def __init__(self, channels: int, num_heads: int = 1, norm: NormFactory = group_norm) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"num_heads: {num_heads} does not divide {channels} channels")
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
         self.proj = nn.Conv2d(channels, channels, kernel_size=1)
 
@@ -137,18 +164,19 @@ class ResBlock(nn.Module):
         attn: bool = False,
         num_heads: int = 1,
         resample: Resample = "none",
+        norm: NormFactory = group_norm,
     ) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = norm(in_channels)
         self.resample = _resampler(resample)
         self.upsamples = resample == "up"
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else nn.Identity()
-        self.attn = SelfAttention(out_channels, num_heads) if attn else None
+        self.attn = SelfAttention(out_channels, num_heads, norm) if attn else None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # x: (N, C_in, H, W), emb: (N, E) -> (N, C_out, H', W'); H' = H, H/2 (down) or 2H (up)
@@ -166,15 +194,23 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """DDPM down-sampling: 3x3 convolution with stride 2 (halves H and W). Ignores the embedding."""
+    """DDPM down-sampling: 3x3 convolution with stride 2 (halves H and W). Ignores the embedding.
 
-    def __init__(self, channels: int) -> None:
+    ``padding`` "symmetric" pads one zero on every side (windows centred on even pixels); "tf_same" pads
+    one only after (bottom, right), as TensorFlow's "SAME" does and so DDPM's own code (diffusers'
+    ``downsample_padding=0``): windows centred on odd pixels. Same parameters, different functions.
+    """
+
+    def __init__(self, channels: int, padding: DownPadding = "symmetric") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+        if padding not in ("symmetric", "tf_same"):
+            raise ValueError(f"padding: {padding!r} is not 'symmetric' or 'tf_same'")
+        self.pad_after = padding == "tf_same"
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0 if self.pad_after else 1)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         # x: (N, C, H, W) -> (N, C, H/2, W/2)
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.pad_after else x)
 
 
 class Upsample(nn.Module):

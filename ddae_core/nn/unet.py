@@ -16,7 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from ddae_core.config import ConfigError, as_dict, section_from_dict
-from ddae_core.nn.layers import Downsample, NoiseEmbedding, ResBlock, SelfAttention, Upsample, group_norm
+from ddae_core.nn.layers import (
+    DownPadding,
+    Downsample,
+    NoiseEmbedding,
+    ResBlock,
+    SelfAttention,
+    Upsample,
+    group_norm,
+)
 
 KIND = "unet"  # network.json's kind for our own UNet (files written before kinds existed have none: ours)
 
@@ -42,6 +50,12 @@ class UNetConfig:
     out_channels: int | None = None  # None = in_channels
     mid_attn: bool = True  # attention between the two middle res blocks
     zero_init_output: bool = True  # DDPM zero-inits the last conv; False gives an all-random network
+    # numerics of networks trained elsewhere (diffusers' UNet2DModel); the defaults are ours
+    norm_groups: int | None = None  # groups of every GroupNorm; None = 32, fewer for narrow layers (>= 4 ch each)
+    norm_eps: float = 1e-5  # epsilon of every GroupNorm (DDPM's code: 1e-6)
+    freq_shift: float = 0.0  # sinusoid frequency i = 10000 ** (-i / (base_channels/2 - freq_shift)); DDPM: 1
+    flip_sin_to_cos: bool = False  # sinusoid halves as [cos, sin] instead of [sin, cos]
+    down_padding: DownPadding = "symmetric"  # conv down-sampling: pad 1 all round, or TF "SAME" (DDPM's code)
 
     def __post_init__(self) -> None:
         _require(self.in_channels >= 1, "in_channels", f"must be >= 1, got {self.in_channels}")
@@ -73,6 +87,28 @@ class UNetConfig:
             _require(width % self.num_heads == 0, "num_heads", f"{self.num_heads} does not divide {width} channels")
         if self.out_channels is not None:
             _require(self.out_channels >= 1, "out_channels", f"must be >= 1 or null, got {self.out_channels}")
+        _require(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        half = self.base_channels // 2
+        _require(self.freq_shift < half, "freq_shift", f"must be below base_channels/2 = {half}, got {self.freq_shift}")
+        _require(
+            self.down_padding in ("symmetric", "tf_same"),
+            "down_padding",
+            f"must be 'symmetric' or 'tf_same', got {self.down_padding!r}",
+        )
+        _require(
+            self.resample == "conv" or self.down_padding == "symmetric",
+            "down_padding",
+            f"{self.down_padding!r} applies to resample 'conv' only (BigGAN blocks average-pool)",
+        )
+        if self.norm_groups is not None:
+            _require(self.norm_groups >= 1, "norm_groups", f"must be >= 1 or null, got {self.norm_groups}")
+            for spec in unet_layout(self):
+                for width in (spec.in_channels, spec.out_channels):
+                    _require(
+                        width % self.norm_groups == 0,
+                        "norm_groups",
+                        f"{self.norm_groups} does not divide the {width} channels of {spec.name}",
+                    )
 
     def level_resolutions(self) -> tuple[int, ...]:
         """Resolution of each encoder level, top first: (32, 16, 8, 4) for 32 and four levels."""
@@ -81,6 +117,10 @@ class UNetConfig:
     @property
     def output_channels(self) -> int:
         return self.in_channels if self.out_channels is None else self.out_channels
+
+    def make_norm(self, channels: int) -> nn.GroupNorm:
+        """A GroupNorm as every block of this network has it (``norm_groups``, ``norm_eps``)."""
+        return group_norm(channels, groups=self.norm_groups, eps=self.norm_eps)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-friendly dict (tuples become lists)."""
@@ -143,15 +183,20 @@ def unet_layout(config: UNetConfig) -> list[BlockSpec]:
 
 def _make_block(spec: BlockSpec, config: UNetConfig, emb_channels: int) -> nn.Module:
     """The module for one layout entry."""
+    norm = config.make_norm
     if spec.kind == "attn":
-        return SelfAttention(spec.in_channels, config.num_heads)
+        return SelfAttention(spec.in_channels, config.num_heads, norm)
     if spec.kind == "res":
         return ResBlock(
-            spec.in_channels, spec.out_channels, emb_channels, config.dropout, spec.attn, config.num_heads
+            spec.in_channels, spec.out_channels, emb_channels, config.dropout, spec.attn, config.num_heads, norm=norm
         )
     if config.resample == "biggan":
-        return ResBlock(spec.in_channels, spec.out_channels, emb_channels, config.dropout, resample=spec.kind)
-    return Downsample(spec.in_channels) if spec.kind == "down" else Upsample(spec.in_channels)
+        return ResBlock(
+            spec.in_channels, spec.out_channels, emb_channels, config.dropout, resample=spec.kind, norm=norm
+        )
+    if spec.kind == "down":
+        return Downsample(spec.in_channels, config.down_padding)
+    return Upsample(spec.in_channels)
 
 
 class UNet(nn.Module):
@@ -165,7 +210,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         emb_channels = 4 * config.base_channels
-        self.embed = NoiseEmbedding(config.base_channels, emb_channels)
+        self.embed = NoiseEmbedding(config.base_channels, emb_channels, config.freq_shift, config.flip_sin_to_cos)
         self.stem = nn.Conv2d(config.in_channels, config.base_channels, kernel_size=3, padding=1)
         self.enc = nn.ModuleDict()
         self.mid = nn.ModuleDict()
@@ -180,7 +225,7 @@ class UNet(nn.Module):
             parent[parts[-1]] = _make_block(spec, config, emb_channels)
         width = config.base_channels * config.channel_mults[0]
         self.head = nn.Sequential(
-            group_norm(width), nn.SiLU(), nn.Conv2d(width, config.output_channels, kernel_size=3, padding=1)
+            config.make_norm(width), nn.SiLU(), nn.Conv2d(width, config.output_channels, kernel_size=3, padding=1)
         )
         if config.zero_init_output:
             nn.init.zeros_(self.head[-1].weight)
