@@ -261,3 +261,21 @@ def test_pre_0_14_attention_names_convert_like_current_ones() -> None:
     twice = {**state, "mid_block.attentions.0.query.weight": state["mid_block.attentions.0.to_q.weight"]}
     with pytest.raises(ImportSourceError, match="two names"):
         convert_unet_state(twice, config)
+
+
+def test_an_imported_save_pretrained_folder_is_converted_and_denoises_as_the_wrapped_model(tmp_path) -> None:
+    """Through the importer: a UNet2DModel folder (safetensors, as save_pretrained writes it) is converted,
+    and the converted denoiser equals the wrapped diffusers one."""
+    diffusers = pytest.importorskip("diffusers")
+    from ddae_core.pretrained.importer import import_network
+
+    _diffusers_unet(TINY).save_pretrained(tmp_path)
+    diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp_path)
+    converted, wrapped = import_network(tmp_path), import_network(tmp_path, convert=False)
+    assert "converted into our UNet" in converted.form and "wrapped" in wrapped.form
+    assert isinstance(converted.denoiser.unet, UNet)
+    x_t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([1, 1000])
+    with torch.no_grad():
+        ours, theirs = converted.denoiser(x_t, t), wrapped.denoiser(x_t, t)
+    assert _close(theirs, ours), f"max abs diff {(theirs - ours).abs().max().item():.3g}"
