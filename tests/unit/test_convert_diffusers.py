@@ -1,7 +1,6 @@
 """Diffusers' UNet2DModel converted into our UNet: same parameters, same function, and refusals by key.
 
-Models are built with diffusers' own constructors and random weights (nothing is downloaded); tests
-that need diffusers skip without it (it is the optional ``bench`` dependency).
+Models are built with diffusers' own constructors and random weights (nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ TINY: dict[str, Any] = {
 
 def _diffusers_unet(config: dict[str, Any], seed: int = 0) -> torch.nn.Module:
     """A randomly initialised diffusers UNet2DModel (output conv included: diffusers does not zero it)."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     torch.manual_seed(seed)
     return diffusers.UNet2DModel(**config).eval()
 
@@ -176,7 +175,7 @@ def test_invalid_new_fields_name_the_field(changes: dict, field: str) -> None:
 
 
 def test_defaults_table_is_diffusers_own() -> None:
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     params = inspect.signature(diffusers.UNet2DModel.__init__).parameters
     theirs = {k: p.default for k, p in params.items() if k != "self"}
     assert dict(DIFFUSERS_DEFAULTS) == theirs
@@ -184,7 +183,7 @@ def test_defaults_table_is_diffusers_own() -> None:
 
 def test_a_config_without_attention_head_dim_gets_diffusers_8_channel_heads() -> None:
     """google/ddpm-* config files leave attention_head_dim out: diffusers then builds 256 / 8 = 32 heads."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     config = {k: v for k, v in CIFAR10_DDPM.items() if k != "attention_head_dim"}
     ours = unet_config_from_diffusers(config)
     with torch.device("meta"):
@@ -266,7 +265,7 @@ def test_pre_0_14_attention_names_convert_like_current_ones() -> None:
 def test_an_imported_save_pretrained_folder_is_converted_and_denoises_as_the_wrapped_model(tmp_path) -> None:
     """Through the importer: a UNet2DModel folder (safetensors, as save_pretrained writes it) is converted,
     and the converted denoiser equals the wrapped diffusers one."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     from ddae_core.pretrained.importer import import_network
 
     _diffusers_unet(TINY).save_pretrained(tmp_path)
