@@ -210,17 +210,18 @@ def _unet(folder: Path, diffusion: DiffusionConfig, convert: bool) -> tuple[nn.M
     config = _read_json(folder / "config.json")
     state = read_weights(weight_files(folder, DIFFUSERS_WEIGHTS))
     if convert:
-        from ddae_core.nn.unet import UNet
-        from ddae_core.pretrained.diffusers_unet import convert_unet_state, matching_network, unet_config_from_diffusers
+        from ddae_core.pretrained.diffusers_unet import matching_network, unet_config_from_diffusers, unet_from_diffusers
 
         try:
-            unet_config = unet_config_from_diffusers(config)
-        except ImportSourceError as err:
+            unet_config_from_diffusers(config)
+        except ImportSourceError as err:  # an architecture ours does not express exactly: wrapped instead
             log.info("%s: wrapped, not converted: %s", folder, err)
         else:
-            unet = UNet(unet_config)
-            _strict(unet, convert_unet_state(state, config), folder)
-            name = matching_network(unet_config)
+            try:
+                unet = unet_from_diffusers(state, config)
+            except RuntimeError as err:
+                raise ImportSourceError(f"{folder}: weights do not fit its config: {err}") from None
+            name = matching_network(unet.config)
             form = f"{UNET_CLASS} converted into our UNet" + (f" ({name})" if name else "")
             return build_denoiser(diffusion, unet, noise_label="index"), form
     from ddae_core.pretrained.wrapped import DiffusersUNet

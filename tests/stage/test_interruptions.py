@@ -75,9 +75,11 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 import toy_training as T
 from ddae_core.diffusion import build_loss
+from ddae_core.pretrained.importer import import_network
 from ddae_core.training.loop import train
 config = dataclasses.replace(T.resume_config({steps}), checkpoint_every=1, keep_last=2, log_every=1)
-result = train(T.make_denoiser(), build_loss(T.DIFFUSION), np.load({images!r}, mmap_mode="r"), config,
+denoiser = import_network({source!r}).denoiser if {source!r} else T.make_denoiser()
+result = train(denoiser, build_loss(T.DIFFUSION), np.load({images!r}, mmap_mode="r"), config,
                out_dir={out!r}, progress=False)
 print("trained steps", json.dumps([h["step"] for h in result.history]))
 """
@@ -93,16 +95,34 @@ def assert_checkpoint_loads(path: Path) -> None:
 
 
 def test_pretrain_sigkilled_three_times_resumes_to_the_uninterrupted_weights(tmp_path):
-    steps = 16
+    straight, ckpt, steps = kill_three_times_and_resume(tmp_path, make_denoiser, source="")
+    assert_resumed_equals(ckpt, steps, straight)
+
+
+def test_adapting_an_imported_network_resumes_exactly_after_sigkills(tmp_path):
+    """pretrain.init.mode: adapt trains on from a diffusers UNet2DModel: the same loop, so the same exactness."""
+    from ddae_core.pretrained.importer import import_network
+    from diffusers_models import save_unet, tiny_unet
+
+    source = save_unet(tmp_path / "imported", tiny_unet(size=16, channels=1))
+    straight, ckpt, steps = kill_three_times_and_resume(
+        tmp_path, lambda: import_network(source).denoiser, source=str(source))
+    assert "diffusers-unet" == straight.ema_denoiser.spec()["kind"]
+    assert_resumed_equals(ckpt, steps, straight)
+
+
+def kill_three_times_and_resume(tmp_path: Path, make, source: str, steps: int = 16):
+    """Train ``make()`` straight in-process; then in subprocesses SIGKILLed at three seeded points and resumed.
+    Returns the straight result, the killed run's checkpoint folder and the step count."""
     config = dataclasses.replace(resume_config(steps), checkpoint_every=1, keep_last=2, log_every=1)
     images = make_images(64)
     np.save(tmp_path / "images.npy", images)
-    straight = train(make_denoiser(), build_loss(DIFFUSION), images, config, out_dir=tmp_path / "straight",
-                     progress=False)
+    straight = train(make(), build_loss(DIFFUSION), images, config, out_dir=tmp_path / "straight", progress=False)
 
     out = tmp_path / "killed"
     ckpt = out / "checkpoints"
-    script = _TRAIN_SCRIPT.format(tests=str(TESTS), steps=steps, images=str(tmp_path / "images.npy"), out=str(out))
+    script = _TRAIN_SCRIPT.format(tests=str(TESTS), steps=steps, images=str(tmp_path / "images.npy"), out=str(out),
+                                  source=source)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(h.REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
 
@@ -131,6 +151,11 @@ def test_pretrain_sigkilled_three_times_resumes_to_the_uninterrupted_weights(tmp
     assert final == [f"step-{steps - 1:08d}", f"step-{steps:08d}"]  # temp dirs of the killed runs are gone
     for name in final:
         assert_checkpoint_loads(ckpt / name)
+    return straight, ckpt, steps
+
+
+def assert_resumed_equals(ckpt: Path, steps: int, straight) -> None:
+    """The killed-and-resumed run's final EMA equals the uninterrupted run's."""
     resumed = load_file(str(ckpt / f"step-{steps:08d}" / "ema.safetensors"))
     expected = straight.ema_denoiser.state_dict()
     assert resumed.keys() == expected.keys()

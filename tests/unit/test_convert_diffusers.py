@@ -278,3 +278,20 @@ def test_an_imported_save_pretrained_folder_is_converted_and_denoises_as_the_wra
     with torch.no_grad():
         ours, theirs = converted.denoiser(x_t, t), wrapped.denoiser(x_t, t)
     assert _close(theirs, ours), f"max abs diff {(theirs - ours).abs().max().item():.3g}"
+
+
+def test_a_published_google_ddpm_config_converts_with_one_attention_head_at_16x16():
+    """google/ddpm-cat-256's config.json as published (keys and values), no weights: the 6-level DDPM UNet."""
+    published = {
+        "_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "act_fn": "silu", "attention_head_dim": None,
+        "block_out_channels": [128, 128, 256, 256, 512, 512], "center_input_sample": False,
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D",
+                             "DownBlock2D"],
+        "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+        "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 256,
+        "time_embedding_type": "positional",
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
+    }
+    config = unet_config_from_diffusers(published)
+    assert config.channel_mults == (1, 1, 2, 2, 4, 4) and config.attn_resolutions == (16,)
+    assert config.num_heads == 1 and config.resolution == 256 and config.norm_eps == 1e-6

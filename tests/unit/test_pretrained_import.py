@@ -191,3 +191,16 @@ def test_init_modes_need_a_source_and_scratch_refuses_one():
     with pytest.raises(ConfigError, match=r"mode: is 'scratch' but source is 'x'"):
         InitConfig(source="x")
     assert InitConfig(mode="adapt", source="x").convert
+
+
+def test_the_from_scratch_baseline_of_an_imported_network_is_its_architecture_with_fresh_weights(unet_folder,
+                                                                                                  tmp_path):
+    from tasks.finetune import random_denoiser
+
+    imported = import_network(unet_folder)
+    save_network(tmp_path / "net", imported.denoiser, {"diffusion": imported.diffusion})
+    fresh, again = random_denoiser(tmp_path / "net", seed=1), random_denoiser(tmp_path / "net", seed=1)  # saved: seed 0
+    trained, drawn = imported.denoiser.state_dict(), fresh.state_dict()
+    assert type(fresh.unet) is type(imported.denoiser.unet) and drawn.keys() == trained.keys()
+    assert any(not torch.equal(drawn[k], trained[k]) for k in trained)  # new weights ...
+    assert all(torch.equal(drawn[k], again.state_dict()[k]) for k in drawn)  # ... drawn from the seed
