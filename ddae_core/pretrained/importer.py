@@ -150,7 +150,8 @@ def layout(folder: Path) -> Layout:
                                 "folder or a ddae network folder), whose JSON says how to build the model")
     if (folder / NETWORK_FILES[0]).is_file():
         return Layout("ddae", {"network": folder})
-    if (folder / "model_index.json").is_file():
+    # a pipeline folder; old hub repos (google/ddpm-*) keep the UNet's files at the top instead, read below
+    if (folder / "model_index.json").is_file() and not (folder / "config.json").is_file():
         index = _read_json(folder / "model_index.json")
         classes = {name: value[1] for name, value in index.items()
                    if isinstance(value, list) and len(value) == 2 and isinstance(value[1], str)}

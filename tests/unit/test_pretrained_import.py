@@ -204,3 +204,20 @@ def test_the_from_scratch_baseline_of_an_imported_network_is_its_architecture_wi
     assert type(fresh.unet) is type(imported.denoiser.unet) and drawn.keys() == trained.keys()
     assert any(not torch.equal(drawn[k], trained[k]) for k in trained)  # new weights ...
     assert all(torch.equal(drawn[k], again.state_dict()[k]) for k in drawn)  # ... drawn from the seed
+
+
+def test_pipeline_folders_and_the_old_hub_layout_import_the_same_unet(tmp_path):
+    pipeline = tmp_path / "pipeline"
+    save_unet(pipeline / "unet")
+    (pipeline / "scheduler").mkdir()
+    (pipeline / "unet" / "scheduler_config.json").rename(pipeline / "scheduler" / "scheduler_config.json")
+    index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}
+    (pipeline / "model_index.json").write_text(json.dumps(index))
+    flat = save_unet(tmp_path / "flat")  # as google/ddpm-cifar10-32: the UNet's files beside model_index.json
+    (flat / "model_index.json").write_text(json.dumps(index))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 50])
+    with torch.no_grad():
+        outputs = [import_network(folder).denoiser(x, t) for folder in (pipeline, flat)]
+    assert torch.equal(outputs[0], outputs[1])
+    assert input_shape_of(pipeline) == input_shape_of(flat) == (1, 16)
