@@ -64,7 +64,8 @@ def _describe_source(source: str, out: TextIO) -> int:
 
     try:
         root = resolve_root() if source.startswith("models:/") else Path.cwd()
-        out.write(describe_imported(import_network(init_folder(root, source))))
+        with init_folder(root, source) as folder:
+            out.write(describe_imported(import_network(folder)))
     except (ImportSourceError, FileNotFoundError) as err:
         print(f"ddae networks: {err}", file=sys.stderr)
         return 1

@@ -62,17 +62,17 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         denoiser = imported.denoiser
     # taps named for another size or network fail now, not after training
     validate_readouts(config, denoiser.unet.tap_names(), denoiser.unet.tap_selectors())
-    if init.mode == "import":
-        return publish_import(imported, config, manifest, paths)
     steps = planned_steps(config.pretrain.train, len(splits["train"]))
     cfg = dataclasses.replace(config.pretrain, train=dataclasses.replace(config.pretrain.train, steps=steps))
     loss_fn = build_loss(cfg.diffusion)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+                              cpu=not torch.cuda.is_available())
+    if init.mode == "import":  # nothing to train: the main process writes the outputs, the others are done
+        return publish_import(imported, config, manifest, paths) if accelerator.is_main_process else {}
 
     # independent of the process count
     fingerprint = run_fingerprint(config, manifest["checksum"], imported.checksum if imported else "")
     run_dir = paths.checkpoints / fingerprint
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-                              cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:
         remove_other_checkpoints(paths, fingerprint)
     accelerator.wait_for_everyone()
@@ -113,7 +113,8 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
 def import_init(config: PipelineConfig, paths: Paths, manifest: dict) -> ImportedNetwork:
     """Read ``pretrain.init.source`` and check it fits the prepared images and ``pretrain.diffusion``."""
     init = config.pretrain.init
-    imported = import_network(init_folder(paths.root, init.source), convert=init.convert)
+    with init_folder(paths.root, init.source) as folder:
+        imported = import_network(folder, convert=init.convert)
     preprocess = manifest["preprocess"]
     shape = (preprocess["channels"], preprocess["image_size"])
     if tuple(imported.denoiser.input_shape) != shape:

@@ -44,11 +44,7 @@ class ImportedNetwork:
     diffusion: DiffusionConfig
     form: str  # e.g. "diffusers UNet2DModel converted into our UNet (ddpm-35m)"
     location: Path
-    files: tuple[Path, ...]  # every config and weights file read: what ``checksum`` covers
-
-    @property
-    def checksum(self) -> str:
-        return checksum_of(self.files)
+    checksum: str  # sha256 over every config and weights file read (``checksum_of``): the weights' version
 
 
 @dataclass(frozen=True)
@@ -251,7 +247,7 @@ def import_network(folder: str | Path, *, convert: bool = True) -> ImportedNetwo
 
     folder = Path(folder)
     found = layout(folder)
-    files = tuple(found.files())
+    checksum = checksum_of(found.files())
     if found.form == "ddae":
         try:
             denoiser = load_network(folder)
@@ -266,4 +262,4 @@ def import_network(folder: str | Path, *, convert: bool = True) -> ImportedNetwo
         diffusion = diffusion_from_scheduler(found.components["scheduler"])
         denoiser, form = _dit(found, diffusion), f"latent {DIT_CLASS} + {VAE_CLASS}"
     log.info("imported %s from %s", form, folder)
-    return ImportedNetwork(denoiser.eval(), diffusion, form, folder, files)
+    return ImportedNetwork(denoiser.eval(), diffusion, form, folder, checksum)

@@ -7,8 +7,9 @@ anything else (a folder, a hub id) is found by ``ddae_core.pretrained.importer.l
 
 from __future__ import annotations
 
-import hashlib
-import shutil
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from ddae_core.config import InitConfig
@@ -18,15 +19,19 @@ from ddae_core.pretrained.importer import input_shape_of, locate, source_checksu
 REGISTRY_PREFIX = "models:/"
 
 
-def init_folder(root: Path, source: str) -> Path:
-    """The local folder holding ``source``'s model (downloaded first for a registry URI or a hub id)."""
-    if source.startswith(REGISTRY_PREFIX):
-        return registered_network(root, source)
-    return locate(source)
+@contextlib.contextmanager
+def init_folder(root: Path, source: str) -> Iterator[Path]:
+    """The local folder holding ``source``'s model while the block runs: a registry URI is downloaded
+    into a temporary folder (removed after: the import has read it), a hub id into the hub's cache."""
+    if not source.startswith(REGISTRY_PREFIX):
+        yield locate(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="ddae-import-") as tmp:
+        yield registered_network(root, source, Path(tmp))
 
 
-def registered_network(root: Path, uri: str) -> Path:
-    """Download the registered model ``uri`` under ``outputs/imports/`` and return its network folder."""
+def registered_network(root: Path, uri: str, target: Path) -> Path:
+    """Download the registered model ``uri`` into ``target`` and return its network folder."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -35,9 +40,6 @@ def registered_network(root: Path, uri: str) -> Path:
     store = tracking_uri(root)
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)
-    target = root / "outputs" / "imports" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    shutil.rmtree(target, ignore_errors=True)  # an alias may have moved: always the version it names now
-    target.mkdir(parents=True)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
     except MlflowException as err:
@@ -56,6 +58,6 @@ def init_snapshot(root: Path, init: InitConfig) -> dict:
     """
     if init.mode == "scratch":
         return {"mode": "scratch"}
-    folder = init_folder(root, init.source)
-    return {"mode": init.mode, "source": init.source, "convert": init.convert,
-            "checksum": source_checksum(folder), "input_shape": list(input_shape_of(folder))}
+    with init_folder(root, init.source) as folder:
+        return {"mode": init.mode, "source": init.source, "convert": init.convert,
+                "checksum": source_checksum(folder), "input_shape": list(input_shape_of(folder))}
