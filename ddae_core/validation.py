@@ -41,6 +41,23 @@ def _without_sized_blocks(config: PipelineConfig) -> PipelineConfig:
     return dataclasses.replace(config, extract=extract, probe=probe)
 
 
+def _validate_network(config: PipelineConfig) -> None:
+    """``pretrain.network`` exists, fits the data's shape where it is set, and has the taps extract reads."""
+    net = config.pretrain.network
+    if net.name not in NETWORKS:
+        raise ConfigError(f"pretrain.network.name: unknown network {net.name!r}; known: {', '.join(NETWORKS)}")
+    overrides = {} if net.dropout is None else {"dropout": net.dropout}
+    channels = None if config.data.channels == "auto" else config.data.channels
+    size = None if config.data.image_size == "auto" else config.data.image_size
+    try:
+        unet_config = network_config(net.name, channels, size, **overrides)
+    except ValueError as err:
+        raise ConfigError(f"pretrain.network.name: {net.name!r} does not fit "
+                          f"{channels}x{size}x{size} images: {err}") from None
+    checked = config if size is not None else _without_sized_blocks(config)
+    validate_readouts(checked, tap_names(unet_config), tap_selectors(unet_config))
+
+
 def validate_pipeline(config: PipelineConfig, source: str = "params.yaml") -> None:
     """Raise ConfigError (naming the key) if the sections do not fit together.
 
@@ -50,21 +67,8 @@ def validate_pipeline(config: PipelineConfig, source: str = "params.yaml") -> No
     the pretrain stage when it reads the network.
     """
     try:
-        net = config.pretrain.network
-        if net.name not in NETWORKS:
-            raise ConfigError(f"pretrain.network.name: unknown network {net.name!r}; "
-                              f"known: {', '.join(NETWORKS)}")
-        overrides = {} if net.dropout is None else {"dropout": net.dropout}
-        channels = None if config.data.channels == "auto" else config.data.channels
-        size = None if config.data.image_size == "auto" else config.data.image_size
-        try:
-            unet_config = network_config(net.name, channels, size, **overrides)
-        except ValueError as err:
-            raise ConfigError(f"pretrain.network.name: {net.name!r} does not fit "
-                              f"{channels}x{size}x{size} images: {err}") from None
-        if config.pretrain.init.mode == "scratch":  # an imported network's taps are checked once it is read
-            checked = config if size is not None else _without_sized_blocks(config)
-            validate_readouts(checked, tap_names(unet_config), tap_selectors(unet_config))
+        if config.pretrain.init.mode == "scratch":  # an imported network is checked once pretrain reads it
+            _validate_network(config)
         try:
             feature_levels(config.pretrain.diffusion, config.extract.levels, config.extract.sigma_indices)
         except ValueError as err:

@@ -221,3 +221,15 @@ def test_pipeline_folders_and_the_old_hub_layout_import_the_same_unet(tmp_path):
         outputs = [import_network(folder).denoiser(x, t) for folder in (pipeline, flat)]
     assert torch.equal(outputs[0], outputs[1])
     assert input_shape_of(pipeline) == input_shape_of(flat) == (1, 16)
+
+
+def test_params_with_an_import_are_not_checked_against_the_named_network():
+    from ddae_core.config import PipelineConfig
+    from ddae_core.validation import validate_pipeline
+
+    params = {"data": {"dataset": "imagefolder", "source": "x", "image_size": 30},  # ddpm-cpu needs a multiple of 4
+              "extract": {"taps": ["transformer_blocks.3"]}, "probe": {"concat": []}}
+    with pytest.raises(ConfigError, match=r"pretrain.network.name: 'ddpm-cpu' does not fit"):
+        validate_pipeline(PipelineConfig.from_dict(params))
+    imported = {**params, "pretrain": {"init": {"mode": "import", "source": "/models/dit"}}}
+    validate_pipeline(PipelineConfig.from_dict(imported))  # the imported network's taps: checked by pretrain
