@@ -105,7 +105,26 @@ class DDPMSchedule(nn.Module):
         return (self.sqrt_one_minus_alphas_bar[idx].double() / self.sqrt_alphas_bar[idx].double())
 
 
-class DDPMDenoiser(nn.Module):
+class PixelDenoiser(nn.Module):
+    """What every denoiser around a network ``self.unet`` that diffuses pixels shares: its space and its spec."""
+
+    unet: nn.Module
+
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:
+        """The space the diffusion runs in: pixels, so clean images as they are (a latent model encodes)."""
+        return x0
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(channels, size) of the images it denoises."""
+        return self.unet.input_shape
+
+    def spec(self) -> dict:
+        """What rebuilds the network without its weights (``network.json``): its kind and configuration."""
+        return self.unet.spec()
+
+
+class DDPMDenoiser(PixelDenoiser):
     """eps-prediction wrapper: ``denoiser(x_t, t) -> eps_hat``, with the schedule alongside the UNet.
 
     The paper feeds the network ``t / T``; our own networks get ``1000 * t / T`` (= t for T=1000; the
@@ -131,18 +150,9 @@ class DDPMDenoiser(nn.Module):
             return t.float() - 1.0
         return NOISE_LABEL_SCALE * t.float() / self.schedule.timesteps
 
-    def encode(self, x0: torch.Tensor) -> torch.Tensor:
-        """The space the diffusion runs in: pixels, so clean images as they are (a latent model encodes)."""
-        return x0
-
-    @property
-    def input_shape(self) -> tuple[int, int]:
-        """(channels, size) of the images it denoises."""
-        return self.unet.input_shape
-
     def spec(self) -> dict:
-        """What rebuilds the network without its weights (``network.json``): its kind and configuration."""
-        return {**self.unet.spec(), "noise_label": self.label_kind}
+        """What rebuilds the network without its weights (``network.json``): its kind, configuration and label."""
+        return {**super().spec(), "noise_label": self.label_kind}
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor | float | int, noise: torch.Tensor) -> torch.Tensor:
         """x_t for clean x0 (N, C, H, W) in [-1, 1] at steps t (N,) in 1..T with noise eps ~ N(0, 1)."""

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddae_core.diffusion.ddpm import draw_device, per_example
+from ddae_core.diffusion.ddpm import PixelDenoiser, draw_device, per_example
 
 logger = logging.getLogger(__name__)
 
 
-class EDMPrecond(nn.Module):
+class EDMPrecond(PixelDenoiser):
     """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise): the EDM denoiser around a raw UNet F."""
 
     def __init__(self, unet: nn.Module, sigma_data: float = 0.5) -> None:
@@ -40,19 +40,6 @@ class EDMPrecond(nn.Module):
         c_in = 1.0 / total.sqrt()
         c_noise = sigma.log() / 4.0
         return c_skip, c_out, c_in, c_noise
-
-    def encode(self, x0: torch.Tensor) -> torch.Tensor:
-        """The space the diffusion runs in: pixels, so clean images as they are."""
-        return x0
-
-    @property
-    def input_shape(self) -> tuple[int, int]:
-        """(channels, size) of the images it denoises."""
-        return self.unet.input_shape
-
-    def spec(self) -> dict:
-        """What rebuilds the network without its weights (``network.json``): its kind and configuration."""
-        return self.unet.spec()
 
     def add_noise(self, x0: torch.Tensor, sigma: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
         """x0 + sigma * noise; x0, noise (N, C, H, W), sigma (N,) > 0."""

@@ -207,7 +207,11 @@ def _unet(folder: Path, diffusion: DiffusionConfig, convert: bool) -> tuple[nn.M
     config = _read_json(folder / "config.json")
     state = read_weights(weight_files(folder, DIFFUSERS_WEIGHTS))
     if convert:
-        from ddae_core.pretrained.diffusers_unet import matching_network, unet_config_from_diffusers, unet_from_diffusers
+        from ddae_core.pretrained.diffusers_unet import (
+            matching_network,
+            unet_config_from_diffusers,
+            unet_from_diffusers,
+        )
 
         try:
             unet_config_from_diffusers(config)
