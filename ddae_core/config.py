@@ -186,7 +186,7 @@ class TrainConfig:
     warmup_steps: int = 50  # linear warm-up from 0 to lr
     grad_clip: float = 1.0  # max grad norm; 0 disables
     ema_decay: float = 0.999
-    ema_warmup: bool = True  # decay ramps as min(decay, (1+s)/(10+s)) so short runs are not all init
+    ema_warmup: Literal["ramp", "power", "none"] = "ramp"  # ramp: (1+s)/(10+s); power: the official 1-(1+s)^-2/3
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"  # auto: bf16 where native (precision.py)
     hflip: bool = True  # random horizontal flip, as in the paper
     checkpoint_every: int = 100  # steps between resumable checkpoints

@@ -45,5 +45,5 @@ def make_images(n: int = 64, seed: int = 0) -> np.ndarray:
 def resume_config(steps: int) -> TrainConfig:
     return TrainConfig(
         steps=steps, batch_size=8, grad_accum=2, lr=2e-3, warmup_steps=5, ema_decay=0.99,
-        ema_warmup=True, hflip=True, checkpoint_every=5, keep_last=2, log_every=5, seed=3, mixed_precision="no",
+        ema_warmup="ramp", hflip=True, checkpoint_every=5, keep_last=2, log_every=5, seed=3, mixed_precision="no",
     )  # fmt: skip

@@ -31,17 +31,30 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int | None = None) -
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
-def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
-    """EMA decay used after optimizer step ``step`` (0-based): ``decay``, or ramped when ``warmup``.
+EMA_POWER = 2.0 / 3.0  # ema-pytorch's default warm-up power, which the official DDAE code runs with
 
-    The ramp ``min(decay, (1 + s) / (10 + s))`` keeps a short run's EMA from being mostly the random
-    initialisation (0.1 at s=0, 0.5 at s=8, 0.99 at s=890). Range: [0, 1).
+
+def ema_decay_at(step: int, decay: float, warmup: str) -> float:
+    """EMA decay used after optimizer step ``step`` (0-based), under the warm-up ``warmup``:
+
+    - ``ramp``: ``min(decay, (1 + s) / (10 + s))``, so a short run's EMA is not mostly the random
+      initialisation (0.1 at s=0, 0.5 at s=8, 0.99 at s=890);
+    - ``power``: ``min(decay, 1 - (1 + s) ** (-2/3))``, ema-pytorch's as the official code uses it (no
+      delay, every step): 0 at s=0, 0.999 only at s=31.6k, so at 0.9999 it averages over ~1.8k steps
+      at the paper's epoch 800 (70k steps);
+    - ``none``: ``decay`` from the first step.
+
+    Range: [0, 1).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    if not warmup:
+    if warmup == "none":
         return decay
-    return min(decay, (1.0 + step) / (10.0 + step))
+    if warmup == "ramp":
+        return min(decay, (1.0 + step) / (10.0 + step))
+    if warmup == "power":
+        return min(decay, 1.0 - (1.0 + step) ** -EMA_POWER)
+    raise ValueError(f"ema_warmup: unknown {warmup!r} (ramp, power or none)")
 
 
 def planned_steps(config: TrainConfig, train_images: int) -> int:

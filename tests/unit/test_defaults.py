@@ -59,9 +59,9 @@ def test_every_default_is_params_yamls_value(params):
 def test_a_changed_value_is_named_by_its_key(params):
     """The comparison above is field by field: it names the key that differs."""
     changed = {**params, "pretrain": {**params["pretrain"],
-                                      "train": {**params["pretrain"]["train"], "ema_warmup": False}}}
+                                      "train": {**params["pretrain"]["train"], "ema_warmup": "none"}}}
     assert differences(PipelineConfig.from_dict(changed), PipelineConfig()) == {
-        "pretrain.train.ema_warmup": (False, True)}
+        "pretrain.train.ema_warmup": ("none", "ramp")}
 
 
 def test_params_yaml_lists_exactly_the_config_fields(params):

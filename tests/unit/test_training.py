@@ -25,7 +25,7 @@ from ddae_core.checkpoint import (
     save_network,
     save_training_state,
 )
-from ddae_core.config import TrainConfig
+from ddae_core.config import PipelineConfig, TrainConfig
 from ddae_core.diffusion import build_loss
 from ddae_core.training.ema import EMA
 from ddae_core.training.loop import TrainingInterrupted, global_batch_indices, local_micro_batches, train
@@ -45,8 +45,43 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ema_decay_ramps_then_caps_at_decay():
-    assert [ema_decay_at(s, 0.9, True) for s in (0, 8, 1000)] == pytest.approx([0.1, 0.5, 0.9])
-    assert ema_decay_at(0, 0.9999, False) == 0.9999
+    assert [ema_decay_at(s, 0.9, "ramp") for s in (0, 8, 1000)] == pytest.approx([0.1, 0.5, 0.9])
+    assert ema_decay_at(0, 0.9999, "none") == 0.9999
+    with pytest.raises(ValueError, match="ema_warmup: unknown 'slow'"):
+        ema_decay_at(0, 0.9, "slow")
+
+
+class _OfficialEMA:
+    """The decay the official DDAE code applies: ema-pytorch's ``EMA(beta, update_after_step=0, update_every=1)``,
+    transcribed as a step counter (``update``: the first call copies; later ones use ``get_current_decay``)."""
+
+    def __init__(self, beta: float, power: float = 2 / 3, inv_gamma: float = 1.0) -> None:
+        self.beta, self.power, self.inv_gamma, self.step = beta, power, inv_gamma, 0
+
+    def update(self) -> float:
+        """The decay of this update (0.0: the weights are copied)."""
+        step, self.step = self.step, self.step + 1
+        if step <= 0:  # step <= update_after_step: copy
+            return 0.0
+        epoch = max(self.step - 0 - 1, 0.0)
+        if epoch <= 0:
+            return 0.0
+        return min(1 - (1 + epoch / self.inv_gamma) ** -self.power, self.beta)
+
+
+@pytest.mark.parametrize("profile", ["cifar10-ddpm", "cifar10-edm", "tiny-imagenet-edm"])
+def test_the_paper_profiles_ema_decays_step_for_step_as_the_official_code(profile):
+    import yaml
+
+    settings = yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())  # over the defaults
+    train = PipelineConfig.from_dict(settings).pretrain.train
+    official = _OfficialEMA(train.ema_decay)
+    steps = [*range(2000), 31_622, 70_312, train.steps - 1]
+    decays = {s: d for s, d in ((s, official.update()) for s in range(max(steps) + 1)) if s in steps}
+    assert [ema_decay_at(s, train.ema_decay, train.ema_warmup) for s in steps] == pytest.approx(
+        [decays[s] for s in steps], rel=1e-12, abs=1e-15)
+    if train.ema_decay == 0.9999:  # the DDPM profile at epoch 800: still ~0.99945, never the configured 0.9999
+        assert ema_decay_at(70_311, 0.9999, train.ema_warmup) == pytest.approx(0.99942, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- EMA
