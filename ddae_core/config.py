@@ -176,6 +176,7 @@ class DiffusionConfig:
 class TrainConfig:
     """Pretraining loop settings; the defaults are the CPU run's (profiles/ hold the paper's)."""
 
+    splits: tuple[str, ...] = ("train",)  # images it trains on; no labels are used, so val may join (the paper's)
     steps: int = 0  # optimizer steps in total; 0 = planned from epochs (``planned_steps``)
     epochs: float = 2.0  # passes over the train split, kept within [min_images, max_images] images seen
     min_images: int = 25600  # a small dataset still trains this many images (many epochs)
@@ -198,6 +199,8 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every", "min_images"):
             value = getattr(self, key)
             _require(value >= 1, key, f"must be >= 1, got {value}")
+        _require("train" in self.splits and set(self.splits) <= {"train", "val"} and len(set(self.splits)) ==
+                 len(self.splits), "splits", f"must be [train] or [train, val], got {list(self.splits)}")
         _require(self.steps >= 0, "steps", f"must be >= 0 (0 = planned from epochs), got {self.steps}")
         _require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         _require(self.max_images >= self.min_images, "max_images",

@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 
+import numpy as np
 import torch
 
 from ddae_core.atomic import write_json_atomic
@@ -62,7 +63,8 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         denoiser = imported.denoiser
     # taps named for another size or network fail now, not after training
     validate_readouts(config, denoiser.unet.tap_names(), denoiser.unet.tap_selectors())
-    steps = planned_steps(config.pretrain.train, len(splits["train"]))
+    images = pretraining_images(config, splits)
+    steps = planned_steps(config.pretrain.train, len(images))
     cfg = dataclasses.replace(config.pretrain, train=dataclasses.replace(config.pretrain.train, steps=steps))
     loss_fn = build_loss(cfg.diffusion)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
@@ -77,7 +79,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         remove_other_checkpoints(paths, fingerprint)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:  # other ranks train; only the main process logs and saves
-        train(denoiser, loss_fn, splits["train"].images, cfg.train, out_dir=run_dir,
+        train(denoiser, loss_fn, images, cfg.train, out_dir=run_dir,
               accelerator=accelerator, progress=False)
         return {"process": accelerator.process_index}
 
@@ -97,7 +99,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
         try:
-            result = train(denoiser, loss_fn, splits["train"].images, cfg.train, out_dir=run_dir,
+            result = train(denoiser, loss_fn, images, cfg.train, out_dir=run_dir,
                            accelerator=accelerator, callbacks=(log_to_mlflow,), progress=True)
         except TrainingInterrupted as err:
             raise KeyboardInterrupt(str(err)) from err
@@ -108,6 +110,18 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             if (paths.pretrain / artifact).is_file():
                 mlflow.log_artifact(str(paths.pretrain / artifact))
     return summary
+
+
+def pretraining_images(config: PipelineConfig, splits: dict) -> np.ndarray:
+    """The uint8 images pretraining sees: ``pretrain.train.splits`` (train, or train + val: no labels are
+    read, and the probe still fits on train and selects on val); one split is its memmap, not a copy."""
+    chosen = [splits[name].images for name in config.pretrain.train.splits]
+    return chosen[0] if len(chosen) == 1 else np.concatenate(chosen)
+
+
+def pretraining_count(config: PipelineConfig, manifest: dict) -> int:
+    """How many images ``pretraining_images`` holds, from the manifest's split sizes."""
+    return sum(manifest["splits"][name] for name in config.pretrain.train.splits)
 
 
 def import_init(config: PipelineConfig, paths: Paths, manifest: dict) -> ImportedNetwork:
@@ -208,7 +222,8 @@ def publish(result: TrainResult, config: PipelineConfig, manifest: dict, paths: 
     speeds = [h["images_per_s"] for h in result.history if "images_per_s" in h]
     summary = {
         "steps": result.step,
-        "epochs": round(result.step * config.pretrain.train.batch_size / max(1, manifest["splits"]["train"]), 2),
+        "epochs": round(result.step * config.pretrain.train.batch_size / max(1, pretraining_count(config, manifest)), 2),
+        "pretraining_images": pretraining_count(config, manifest),
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "images_per_s": sum(speeds) / len(speeds) if speeds else None,
         "parameters": parameters,

@@ -39,9 +39,9 @@ def project(tmp_path: Path, profile: str | None = None) -> Path:
 
 # (network, framework, data, global batch, lr, warm-up steps, EMA, paper tap, level value)
 PAPER = {
-    "cifar10-ddpm": ("ddpm-35m", "ddpm", ("cifar10", 32, 3), 512, 4e-4, 1143, 0.9999, "dec.8x8.res2", 11.0),
-    "cifar10-edm": ("ddpmpp-56m", "edm", ("cifar10", 32, 3), 256, 4e-4, 35156, 0.9993, "dec.16x16.res1", 0.0604),
-    "tiny-imagenet-edm": ("ddpmpp-64", "edm", ("imagefolder", 64, 3), 768, 6e-4, 23438, 0.9993, "dec.16x16.res1", 0.0604),
+    "cifar10-ddpm": ("ddpm-35m", "ddpm", ("cifar10", 32, 3), 512, 4e-4, 1270, 0.9999, "dec.8x8.res2", 11.0),
+    "cifar10-edm": ("ddpmpp-56m", "edm", ("cifar10", 32, 3), 256, 4e-4, 39063, 0.9993, "dec.16x16.res1", 0.0604),
+    "tiny-imagenet-edm": ("ddpmpp-64", "edm", ("imagefolder", 64, 3), 768, 6e-4, 26042, 0.9993, "dec.16x16.res1", 0.0604),
 }
 
 
@@ -82,7 +82,7 @@ def test_a_profile_is_written_into_params_yaml_with_its_comments(tmp_path):
     profile = flatten(yaml.safe_load((tmp_path / "profiles" / "cifar10-ddpm.yaml").read_text()))
     assert {key: flatten(data)[key] for key in profile} == profile  # every key of the profile, as written
     assert "profile" not in data
-    assert "    steps: 70312             # 800 epochs\n" in written  # the profile's own comment on its key
+    assert "    steps: 78125             # 800 epochs\n" in written  # the profile's own comment on its key
     # keys the profile does not set keep their line, comment and place; sections keep their order
     kept = [line for line in original.splitlines() if not line.lstrip().startswith("- ")  # items of probe.concat
             and line.split(":")[0].strip() not in {key.split(".")[-1] for key in profile}]
@@ -137,3 +137,29 @@ def test_the_profile_override_comes_first_then_the_other_keys(tmp_path):
     apply_overrides(params, {"profile": "cifar10-edm", "data.max_train": 1000})
     config = load_params(params)
     assert (config.pretrain.network.name, config.data.max_train) == ("ddpmpp-56m", 1000)
+
+
+@pytest.mark.parametrize("name", ["cifar10-ddpm", "cifar10-edm"])
+def test_the_cifar10_profiles_pretrain_on_all_50000_images_and_the_probe_splits_stay(tmp_path, name):
+    from types import SimpleNamespace
+
+    from tasks.pretrain import pretraining_count, pretraining_images
+
+    sizes = {"train": 45_000, "val": 5_000, "test": 10_000}  # CIFAR-10 as prepare splits it (10% validation)
+    splits = {split: SimpleNamespace(images=np.full((n, 2, 2, 3), i, np.uint8)) for i, (split, n) in
+              enumerate(sizes.items())}
+    config = load_params(project(tmp_path, name))
+    images = pretraining_images(config, splits)
+    assert len(images) == 50_000 == pretraining_count(config, {"splits": sizes})
+    assert (images[:45_000] == 0).all() and (images[45_000:] == 1).all()  # train, then validation; never test
+    assert {split: len(s.images) for split, s in splits.items()} == sizes  # what the probe fits and selects on
+    default = load_params(project(tmp_path / "default"))
+    assert pretraining_images(default, splits) is splits["train"].images  # one split: no copy
+
+
+def test_pretraining_splits_must_include_train_and_name_only_train_and_val():
+    from ddae_core.config import TrainConfig
+
+    for bad in (("val",), ("train", "test"), ("train", "train")):
+        with pytest.raises(ConfigError, match=r"splits: must be \[train\] or \[train, val\]"):
+            TrainConfig(splits=bad)
