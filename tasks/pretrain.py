@@ -133,8 +133,8 @@ def import_init(config: PipelineConfig, paths: Paths, manifest: dict) -> Importe
     shape = (preprocess["channels"], preprocess["image_size"])
     if tuple(imported.denoiser.input_shape) != shape:
         c, s = imported.denoiser.input_shape
-        raise ConfigError(f"data.image_size / data.channels: the imported model reads {c}x{s}x{s} images, "
-                          f"the prepared ones are {shape[0]}x{shape[1]}x{shape[1]}; leave both auto (or set them to it)")
+        raise ConfigError(f"data.image_size / data.channels: the imported model reads {c}x{s}x{s} images, the "
+                          f"prepared ones are {shape[0]}x{shape[1]}x{shape[1]}; leave both auto (or set them to it)")
     ours, theirs = config.pretrain.diffusion, imported.diffusion
     for key in ("framework", "timesteps"):
         if getattr(ours, key) != getattr(theirs, key):
@@ -220,10 +220,11 @@ def publish(result: TrainResult, config: PipelineConfig, manifest: dict, paths: 
     save_loss_table(result.history, paths.pretrain / "loss.csv")  # the same curve as data, for `dvc plots diff`
     sample_s = draw_sample_grid(ema, config, paths.pretrain / "samples.png")
     speeds = [h["images_per_s"] for h in result.history if "images_per_s" in h]
+    seen = pretraining_count(config, manifest)
     summary = {
         "steps": result.step,
-        "epochs": round(result.step * config.pretrain.train.batch_size / max(1, pretraining_count(config, manifest)), 2),
-        "pretraining_images": pretraining_count(config, manifest),
+        "epochs": round(result.step * config.pretrain.train.batch_size / max(1, seen), 2),
+        "pretraining_images": seen,
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "images_per_s": sum(speeds) / len(speeds) if speeds else None,
         "parameters": parameters,

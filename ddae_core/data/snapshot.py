@@ -47,7 +47,8 @@ def source_snapshot(config: DataConfig) -> dict:
             return {"dataset": "cifar10", "location": "", "files": 0, "checksum": "not downloaded"}
         raise
     location = str(Path(config.source).expanduser().resolve()) if config.source else str(base)
-    return {"dataset": config.dataset, "location": location, "files": len(files), "checksum": files_checksum(base, files)}
+    return {"dataset": config.dataset, "location": location, "files": len(files),
+            "checksum": files_checksum(base, files)}
 
 
 def files_checksum(base: Path, files: list[Path]) -> str:

@@ -165,7 +165,8 @@ def layout(folder: Path) -> Layout:
         if name == DIT_CLASS:
             parent = folder.parent
             if (parent / "vae" / "config.json").is_file():
-                return Layout("dit", {"transformer": folder, "vae": parent / "vae", "scheduler": _scheduler_near(folder)})
+                return Layout("dit", {"transformer": folder, "vae": parent / "vae",
+                                      "scheduler": _scheduler_near(folder)})
             raise ImportSourceError(f"{folder}: a DiT needs its VAE: give the pipeline folder "
                                     "(transformer/, vae/, scheduler/)")
         raise ImportSourceError(f"{folder / 'config.json'}: model class {name!r} is not one we read "
