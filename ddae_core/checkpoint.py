@@ -198,12 +198,14 @@ def save_training_state(
     lr_scheduler: Any,
     meta: Mapping[str, Any],
     keep_last: int,
+    scaler: Any = None,
 ) -> Path:
     """Write ``ckpt_root/step-XXXXXXXX/`` atomically, then keep only the newest ``keep_last``.
 
     Files: ``model.safetensors``, ``ema.safetensors`` (``ema.state_dict()``), ``optimizer.pt``
-    (plain tensors and numbers: loads with ``weights_only=True``) and ``state.json`` (``step`` plus
-    ``meta``: config, data position, ...). Call on one process only.
+    (optimizer, lr schedule and, in fp16, the gradient ``scaler``'s scale and growth counter: plain
+    tensors and numbers, loads with ``weights_only=True``) and ``state.json`` (``step`` plus ``meta``:
+    config, data position, ...). Call on one process only.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -214,10 +216,10 @@ def save_training_state(
         with atomic_directory(final) as tmp:
             save_file(_tensors_for_file(model.state_dict()), str(tmp / MODEL_FILE))
             save_file(_tensors_for_file(ema.state_dict()), str(tmp / EMA_FILE))
-            torch.save(
-                {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
-                tmp / OPTIMIZER_FILE,
-            )
+            states = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+            if scaler is not None:
+                states["scaler"] = scaler.state_dict()
+            torch.save(states, tmp / OPTIMIZER_FILE)
             write_json_atomic(tmp / STATE_FILE, {**meta, "step": step})
     except _WRITE_ERRORS as err:
         raise CheckpointError(
@@ -307,8 +309,13 @@ def load_training_state(
     ema: Any,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
+    scaler: Any = None,
 ) -> dict:
-    """Load a ``step-XXXXXXXX`` directory into the given objects; return its ``state.json``."""
+    """Load a ``step-XXXXXXXX`` directory into the given objects; return its ``state.json``.
+
+    A ``scaler`` (fp16's gradient scaler) gets its saved state; a checkpoint saved without one (bf16 or
+    fp32, or older code) leaves it at its initial scale, with a warning: that resume is not exact.
+    """
     path = Path(path)
     meta = _read_state_json(path)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -321,6 +328,10 @@ def load_training_state(
     try:
         optimizer.load_state_dict(states["optimizer"])
         lr_scheduler.load_state_dict(states["lr_scheduler"])
+        if scaler is not None and "scaler" in states:
+            scaler.load_state_dict(states["scaler"])
+        elif scaler is not None:
+            log.warning("%s holds no gradient-scaler state: fp16 resumes from the initial scale", path)
     except (KeyError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path / OPTIMIZER_FILE}: does not fit the optimizer: {err}") from err
     return meta

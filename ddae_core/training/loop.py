@@ -232,13 +232,18 @@ def _prepare(denoiser: nn.Module, config: TrainConfig, accelerator: Any) -> _Ses
     return _Session(accelerator, model, bare, optimizer, lr_scheduler, EMA(bare))
 
 
+def _scaler(accelerator: Any) -> Any:
+    """fp16's gradient scaler (its scale and growth counter are part of an exact resume), else None."""
+    return getattr(accelerator, "scaler", None)
+
+
 def _resume(session: _Session, ckpt_root: Path, config: TrainConfig, num_images: int) -> int:
     """Load the newest complete checkpoint under ``ckpt_root`` into the session; its step (0 if none)."""
     resume_from = latest_checkpoint(ckpt_root)
     if resume_from is None:
         return 0
     meta = load_training_state(resume_from, model=session.bare, ema=session.ema, optimizer=session.optimizer,
-                               lr_scheduler=session.lr_scheduler)
+                               lr_scheduler=session.lr_scheduler, scaler=_scaler(session.accelerator))
     _warn_config_changes(meta, config, num_images)
     log.info("resuming from %s (step %d)", resume_from, int(meta["step"]))
     return int(meta["step"])
@@ -261,6 +266,7 @@ def _save(session: _Session, ckpt_root: Path, step: int, config: TrainConfig, nu
         path = save_training_state(
             ckpt_root, step, model=session.bare, ema=session.ema, optimizer=session.optimizer,
             lr_scheduler=session.lr_scheduler, meta=meta, keep_last=config.keep_last,
+            scaler=_scaler(accelerator),
         )  # fmt: skip
     accelerator.wait_for_everyone()
     return path

@@ -170,6 +170,34 @@ def test_training_state_round_trips_rotates_and_loads_weights_only(tmp_path):
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], exp_avg)
 
 
+def test_an_fp16_gradient_scalers_state_is_saved_and_restored_for_an_exact_resume(tmp_path, caplog):
+    """fp16 training steps through a GradScaler: its scale and growth counter are part of the state."""
+    model, ema, optimizer, scheduler = _tiny_state(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    for overflow in (True, False, False):  # one overflow halves the scale; two clean steps count towards growth
+        optimizer.zero_grad()
+        loss = model(torch.randn(2, 4)).sum() * (float("inf") if overflow else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    saved = scaler.state_dict()
+    assert (saved["scale"], saved["_growth_tracker"]) == (512.0, 2)  # not the initial state
+    save_training_state(tmp_path, 7, model=model, ema=ema, optimizer=optimizer, lr_scheduler=scheduler,
+                        meta={}, keep_last=1, scaler=scaler)
+    restored = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    fresh, fresh_ema, fresh_opt, fresh_sched = _tiny_state(1)
+    load_training_state(tmp_path / "step-00000007", model=fresh, ema=fresh_ema, optimizer=fresh_opt,
+                        lr_scheduler=fresh_sched, scaler=restored)
+    assert restored.state_dict() == saved
+
+    save_training_state(tmp_path, 8, model=model, ema=ema, optimizer=optimizer, lr_scheduler=scheduler,
+                        meta={}, keep_last=1)  # bf16/fp32: no scaler is written
+    untouched = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    load_training_state(tmp_path / "step-00000008", model=fresh, ema=fresh_ema, optimizer=fresh_opt,
+                        lr_scheduler=fresh_sched, scaler=untouched)
+    assert untouched.get_scale() == 1024.0 and "holds no gradient-scaler state" in caplog.text
+
+
 def test_latest_checkpoint_skips_temp_incomplete_and_corrupt_dirs(tmp_path):
     model, ema, optimizer, scheduler = _tiny_state(0)
     kwargs = dict(model=model, ema=ema, optimizer=optimizer, lr_scheduler=scheduler, meta={}, keep_last=5)
