@@ -15,7 +15,7 @@ from tasks.services.tracking.runs import stage_run
 def imported_shape(paths: Paths) -> tuple[int, int] | None:
     """The (channels, size) an imported model reads, as the snapshot stage recorded it; None from scratch."""
     record = json.loads(paths.init_record.read_text()) if paths.init_record.is_file() else {}
-    shape = record.get("input_shape") if record.get("mode", "scratch") != "scratch" else None
+    shape = record.get("input_shape")  # written only for an imported model (init_snapshot)
     return (int(shape[0]), int(shape[1])) if shape else None
 
 

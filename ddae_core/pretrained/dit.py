@@ -33,11 +33,6 @@ class DiTBackbone(DiTTransformer2DModel):
         """The label of "no class": the embedding row after the real classes (DiT trains it by label dropout)."""
         return int(self.config.num_embeds_ada_norm)
 
-    @property
-    def token_grid(self) -> int:
-        """Patches per side: ``sample_size / patch_size``."""
-        return int(self.config.sample_size) // int(self.config.patch_size)
-
     def tap_names(self) -> list[str]:
         """Every transformer block, in forward order."""
         return [f"transformer_blocks.{i}" for i in range(len(self.transformer_blocks))]
@@ -77,11 +72,6 @@ class LatentDDPMDenoiser(DDPMDenoiser):
         """What rebuilds it (``network.json``): both diffusers configs and the image size."""
         return {"kind": KIND, "transformer": dict(self.unet.config), "vae": dict(self.vae.config),
                 "image_size": self.image_size, "noise_label": "index"}
-
-
-def vae_factor(vae_config: dict[str, Any]) -> int:
-    """How many pixels per latent side: 2 ** (down-sampling blocks)."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def build(spec: dict[str, Any], schedule: DDPMSchedule) -> LatentDDPMDenoiser:

@@ -24,6 +24,7 @@ from torch import nn
 
 from ddae_core.config import ConfigError, DiffusionConfig
 from ddae_core.data.snapshot import files_checksum
+from ddae_core.pretrained.configs import dit_image_size, unet_input_shape
 from ddae_core.pretrained.errors import ImportSourceError
 from ddae_core.pretrained.weights import read_weights, weight_files
 
@@ -92,12 +93,9 @@ def input_shape_of(folder: Path) -> tuple[int, int]:
     elif found.form == "unet":
         config = _read_json(found.components["unet"] / "config.json")
     else:
-        from ddae_core.pretrained.dit import vae_factor
-
-        transformer = _read_json(found.components["transformer"] / "config.json")
-        return 3, int(transformer["sample_size"]) * vae_factor(_read_json(found.components["vae"] / "config.json"))
-    size = config["sample_size"]
-    return int(config["in_channels"]), int(size if isinstance(size, int) else size[0])
+        transformer, vae = (_read_json(found.components[name] / "config.json") for name in ("transformer", "vae"))
+        return 3, dit_image_size(transformer, vae)
+    return unet_input_shape(config)
 
 
 def locate(source: str) -> Path:
@@ -239,7 +237,7 @@ def _dit(found: Layout, diffusion: DiffusionConfig) -> nn.Module:
 
     transformer, vae = (found.components[name] for name in ("transformer", "vae"))
     spec = {"transformer": _read_json(transformer / "config.json"), "vae": _read_json(vae / "config.json")}
-    spec["image_size"] = int(spec["transformer"]["sample_size"]) * dit.vae_factor(spec["vae"])
+    spec["image_size"] = dit_image_size(spec["transformer"], spec["vae"])
     denoiser = dit.build(spec, DDPMSchedule(diffusion.timesteps, diffusion.beta_start, diffusion.beta_end))
     _strict(denoiser.unet, read_weights(weight_files(transformer, DIFFUSERS_WEIGHTS)), transformer)
     _strict(denoiser.vae, read_weights(weight_files(vae, DIFFUSERS_WEIGHTS)), vae)

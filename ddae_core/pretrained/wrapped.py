@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
+from ddae_core.pretrained.configs import unet_input_shape
+
 KIND = "diffusers-unet"
 
 
@@ -28,33 +30,20 @@ class DiffusersUNet(UNet2DModel):
     @property
     def input_shape(self) -> tuple[int, int]:
         """(channels, size) of the images it denoises."""
-        size = self.config.sample_size
-        return int(self.config.in_channels), int(size if isinstance(size, int) else size[0])
+        return unet_input_shape(self.config)
 
     def spec(self) -> dict[str, Any]:
         """What rebuilds it (``network.json``): the diffusers config, nothing executable."""
         return {"kind": KIND, "diffusers": dict(self.config)}
 
-    def _layers(self) -> list[tuple[str, list[str]]]:
-        """(block path, its taps in forward order) for every down, mid and up block."""
-        blocks: list[tuple[str, list[str]]] = []
-        for group, modules in (("down_blocks", self.down_blocks), ("up_blocks", self.up_blocks)):
-            if group == "up_blocks":
-                blocks.append(("mid_block", _res_attn_taps("mid_block", self.mid_block)))
-            for i, block in enumerate(modules):
-                path = f"{group}.{i}"
-                taps = _res_attn_taps(path, block)
-                for resampler in ("downsamplers", "upsamplers"):
-                    if getattr(block, resampler, None) is not None:
-                        taps.append(f"{path}.{resampler}.0")
-                blocks.append((path, taps))
-        return blocks
-
     def tap_names(self) -> list[str]:
-        """Every tap (res blocks, attentions, resamplers, whole blocks), in the order forward runs them."""
+        """Every tap (res blocks, attentions, resamplers, the mid and up blocks whole), in forward order."""
         names: list[str] = []
-        for path, taps in self._layers():
-            names += taps + ([path] if path == "mid_block" or path.startswith("up_blocks.") else [])
+        for i, block in enumerate(self.down_blocks):
+            names += _block_taps(f"down_blocks.{i}", block)
+        names += [*_res_attn_taps("mid_block", self.mid_block), "mid_block"]
+        for i, block in enumerate(self.up_blocks):
+            names += [*_block_taps(f"up_blocks.{i}", block), f"up_blocks.{i}"]
         return names
 
     def tap_selectors(self) -> dict[str, tuple[str, ...]]:
@@ -72,6 +61,13 @@ class DiffusersUNet(UNet2DModel):
             selectors[f"dec{k}"] = tuple(n for level, n in decoder if level == k)
         selectors.update({f"out_{i}": (name,) for i, (_, name) in enumerate(decoder, start=1)})
         return selectors
+
+
+def _block_taps(path: str, block: torch.nn.Module) -> list[str]:
+    """A down or up block's res blocks and attentions, then its resampler if it has one."""
+    resamplers = [f"{path}.{name}.0" for name in ("downsamplers", "upsamplers")
+                  if getattr(block, name, None) is not None]
+    return _res_attn_taps(path, block) + resamplers
 
 
 def _res_attn_taps(path: str, block: torch.nn.Module) -> list[str]:
