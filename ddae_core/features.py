@@ -249,12 +249,14 @@ def extract(
     copy: int = 0,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    crop_fill: float | None = None,
 ) -> Iterator[tuple[int, int, dict[FeatureKey, np.ndarray]]]:
     """Stream ``(start, stop, features)`` over uint8 ``images`` (N, H, W, C), batch by batch.
 
     ``images`` may be a memmap: only one batch is read and converted at a time. Copy 0 is the plain
     image; copy k > 0 is flipped/cropped by ``augment`` and noised with ``copy_seed(seed, k)`` so each
-    copy also gets its own noise. The denoiser must already live on ``device``.
+    copy also gets its own noise (crops reflect the border, or pad with ``crop_fill``, in the network's
+    [-1, 1] units). The denoiser must already live on ``device``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -272,7 +274,7 @@ def extract(
             stop = min(start + batch_size, total)
             batch_ids = ids[start:stop]
             x0 = _to_model_input(np.array(images[start:stop])).to(device)  # one batch copied  # (B, C, H, W) in [-1, 1]
-            x0 = augment(x0, batch_ids, copy, seed)
+            x0 = augment(x0, batch_ids, copy, seed, fill=crop_fill)
             yield start, stop, extract_batch(
                 denoiser, x0, batch_ids, taps=taps, levels=levels, pools=pools, seed=noise_seed
             )

@@ -86,12 +86,12 @@ def augment(
     seed: int,
     *,
     pad: int = 4,
-    mode: str = "reflect",
+    fill: float | None = None,
 ) -> torch.Tensor:
     """Deterministic flip + random crop per (seed, sample id, copy); copy 0 returns ``images``.
 
-    ``images`` is ``(N, C, H, W)`` float (any range); the image is padded by ``pad`` pixels
-    (``mode`` "reflect" or "constant" = zeros) and an ``H x W`` window is cut at a keyed offset.
+    ``images`` is ``(N, C, H, W)`` float (any range); the image is padded by ``pad`` pixels (reflected
+    when ``fill`` is None, else set to ``fill``) and an ``H x W`` window is cut at a keyed offset.
     """
     if copy < 0:
         raise ValueError(f"copy must be >= 0, got {copy}")
@@ -105,7 +105,8 @@ def augment(
     if len(ids) != images.shape[0]:
         raise ValueError(f"{len(ids)} sample ids for {images.shape[0]} images")
     height, width = images.shape[-2:]
-    padded = F.pad(images, (pad, pad, pad, pad), mode=mode) if pad else images  # (N, C, H+2p, W+2p)
+    border = dict(mode="reflect") if fill is None else dict(mode="constant", value=float(fill))
+    padded = F.pad(images, (pad, pad, pad, pad), **border) if pad else images  # (N, C, H+2p, W+2p)
     out = torch.empty_like(images)
     for row, sample_id in enumerate(ids):
         flip, dy, dx = augment_params(seed, sample_id, copy, pad)

@@ -42,13 +42,14 @@ def probe_pixels(paths: Paths, config: PipelineConfig, num_classes: int) -> dict
 
 
 def probe_online(paths: Paths, config: PipelineConfig, index: FeatureIndex, readout: Readout,
-                 num_classes: int) -> dict:
-    """The paper's online protocol (``ddae_core.heads.probe_online``) on the readout the cached probe chose.
+                 num_classes: int, cached: dict) -> dict:
+    """The official online protocol (``ddae_core.heads.probe_online``) on the readout the cached probe chose,
+    reported beside the cached probe's own result: ``{"official_protocol": ..., "cached_probe": ...}``.
 
-    Forward passes count network runs of one image at one noise level. ``cached_forward_passes``:
-    what the extract stage spends on this readout, train x (1 + extract.augment_copies) + val + test
-    (one level; every tap and pool of a level comes from the same run). ``extract_forward_passes``:
-    what the extract stage spent on its whole grid (the same times the number of levels extracted).
+    Forward passes count network runs of one image at one noise level. The cached probe's: what the
+    extract stage spends on this readout, train x (1 + extract.augment_copies) + val + test (one level;
+    every tap and pool of a level comes from the same run). ``extract_forward_passes``: what the extract
+    stage spent on its whole grid (the same times the number of levels extracted).
     """
     from ddae_core.checkpoint import load_network
     from ddae_core.heads.probe_online import online_probe
@@ -61,15 +62,24 @@ def probe_online(paths: Paths, config: PipelineConfig, index: FeatureIndex, read
         batch_size=cfg.online_batch_size, progress=True,
     )
     sizes = index.splits
-    cached = sizes["train"] * index.train_copies + sizes["val"] + sizes["test"]
+    cached_passes = sizes["train"] * index.train_copies + sizes["val"] + sizes["test"]
     return {
-        "online_test_acc": result.test_acc,
-        "online_val_acc": result.val_acc,
-        "online_forward_passes": result.forward_passes,
-        "online_wall_s": result.wall_s,
-        "cached_forward_passes": cached,
-        "extract_forward_passes": cached * len({r.level for r in index.readouts}),
+        "readout": readout.label,
+        "official_protocol": {
+            "test_acc": result.test_acc, "val_acc": result.val_acc, "forward_passes": result.forward_passes,
+            "wall_s": result.wall_s, "epochs": result.epochs, "batch_size": result.batch_size, "lr": result.lr,
+            "processes": result.processes,
+        },
+        "cached_probe": {"test_acc": cached["test_acc"], "val_acc": cached["val_acc"],
+                         "forward_passes": cached_passes},
+        "extract_forward_passes": cached_passes * len({r.level for r in index.readouts}),
     }
+
+
+def online_metrics(online: dict) -> dict[str, float]:
+    """The comparison as flat MLflow metrics: ``online.official_protocol.test_acc``, ``online.cached_probe.test_acc``..."""
+    return {f"online.{name}.{key}": float(value) for name in ("official_protocol", "cached_probe")
+            for key, value in online[name].items()}
 
 
 def select(config: PipelineConfig, index: FeatureIndex, candidates: list[Candidate],
@@ -112,8 +122,8 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         "train_size": int(len(labels["train"])),
     }
     num_classes = len(index.class_names)
-    if config.probe.online:  # the paper's protocol on the same readout (slow; off by default)
-        metrics.update(probe_online(paths, config, index, readout, num_classes))
+    if config.probe.online:  # the official protocol on the same readout (slow; off by default)
+        metrics["online"] = probe_online(paths, config, index, readout, num_classes, metrics)
     if config.probe.raw_pixels:
         pixels = probe_pixels(paths, config, num_classes)
         metrics["raw_pixels_test_acc"] = pixels["test_acc"]
@@ -172,6 +182,8 @@ def track(config: PipelineConfig, paths: Paths, selection: Selection, metrics: d
         mlflow.log_params({"best": selection.readout.label, "l2": selection.l2,
                            "l2_grid": str(list(config.probe.l2_grid)), "l2_at_edge": metrics["best"]["l2_at_edge"]})
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+        if "online" in metrics:
+            mlflow.log_metrics(online_metrics(metrics["online"]))
         mlflow.log_artifact(str(paths.plots / "probe" / "table.csv"))
         for heatmap in heatmaps:
             mlflow.log_artifact(str(paths.plots / "probe" / heatmap))
