@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,8 +199,10 @@ def save_training_state(
     meta: Mapping[str, Any],
     keep_last: int,
     scaler: Any = None,
+    protect: Collection[int] = (),
 ) -> Path:
-    """Write ``ckpt_root/step-XXXXXXXX/`` atomically, then keep only the newest ``keep_last``.
+    """Write ``ckpt_root/step-XXXXXXXX/`` atomically, then keep only the newest ``keep_last`` and the
+    steps in ``protect`` (the probe monitor's best, which a run may carry forward).
 
     Files: ``model.safetensors``, ``ema.safetensors`` (``ema.state_dict()``), ``optimizer.pt``
     (optimizer, lr schedule and, in fp16, the gradient ``scaler``'s scale and growth counter: plain
@@ -225,7 +227,7 @@ def save_training_state(
         raise CheckpointError(
             f"{final}: cannot write the checkpoint ({err}); earlier checkpoints are kept, free space and rerun"
         ) from err
-    _rotate(root, keep_last)
+    _rotate(root, keep_last, protect)
     log.info("saved training state %s", final)
     return final
 
@@ -240,12 +242,14 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _rotate(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints, incomplete ones and stale temps."""
+def _rotate(root: Path, keep_last: int, protect: Collection[int] = ()) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints and the ``protect`` steps, incomplete
+    ones and stale temps."""
     complete = _complete_step_dirs(root)
-    for _, path in complete[:-keep_last]:
-        _discard(path)
-    kept = {path for _, path in complete[-keep_last:]}
+    for step, path in complete[:-keep_last]:
+        if step not in protect:
+            _discard(path)
+    kept = {path for _, path in complete[-keep_last:]} | {path for step, path in complete if step in protect}
     own = f".tmp-{os.getpid()}"
     for child in root.iterdir():
         if not child.is_dir() or child in kept or child.name.endswith(own):

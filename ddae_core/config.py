@@ -240,6 +240,25 @@ class InitConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """The probe monitor: the EMA network's linear and kNN validation accuracy at points during pretraining,
+    and which checkpoint the run carries forward."""
+
+    points: int = 8  # scorings spread evenly over the run, the last step one of them (0 and every 0: off)
+    every: int = 0  # > 0: score every this many steps (and the last) instead
+    train_images: int = 2000  # class-balanced train images the monitor's probe fits on (0 = all)
+    val_images: int = 1000  # class-balanced validation images it is scored on (0 = all)
+    select: bool = True  # carry forward the best-scoring step's EMA network; false: the last step's
+    batch_size: int = 256  # images per forward pass while scoring
+
+    def __post_init__(self) -> None:
+        for key in ("points", "every", "train_images", "val_images"):
+            value = getattr(self, key)
+            _require(value >= 0, key, f"must be >= 0, got {value}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """The pretrain stage: where the network starts, network, framework, loop and sample grid."""
 
@@ -248,6 +267,7 @@ class PretrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     samples: SampleConfig = field(default_factory=SampleConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,18 @@ from ddae_core.atomic import write_json_atomic
 from ddae_core.checkpoint import save_network
 from ddae_core.config import ConfigError, PipelineConfig, as_dict
 from ddae_core.data import load_prepared, save_image_grid, to_uint8_images
-from ddae_core.diffusion import SAMPLERS, build_denoiser, build_loss, default_sampler
+from ddae_core.diffusion import SAMPLERS, build_denoiser, build_loss, default_sampler, feature_levels
 from ddae_core.nn import build_unet, count_parameters
 from ddae_core.precision import resolve_mixed_precision
 from ddae_core.pretrained.importer import ImportedNetwork, import_network
-from ddae_core.training.loop import TrainingInterrupted, TrainResult, train
-from ddae_core.training.schedules import planned_steps
+from ddae_core.readout import resolve_taps
+from ddae_core.sampling import capped_subset
+from ddae_core.training.loop import Monitor, TrainingInterrupted, TrainResult, train
+from ddae_core.training.monitor import LabelledImages, ProbeMonitor
+from ddae_core.training.schedules import monitor_steps, planned_steps
 from ddae_core.validation import validate_readouts
 from tasks.services.outputs.paths import Paths
-from tasks.services.outputs.plots import save_loss_curve, save_loss_table
+from tasks.services.outputs.plots import save_loss_curve, save_loss_table, save_monitor_curve, save_monitor_table
 from tasks.services.runner.stage_main import StageError, log, stage_main
 from tasks.services.tracking.imports import init_folder
 from tasks.services.tracking.runs import stage_run
@@ -37,7 +40,8 @@ from tasks.services.tracking.runs import stage_run
 def run_fingerprint(config: PipelineConfig, data_checksum: str, init_checksum: str = "") -> str:
     """Checkpoints are only resumed by a run with the same data, starting weights, network, framework and loop."""
     key = {"data": data_checksum, "pretrain": as_dict(config.pretrain)}
-    key["pretrain"].pop("samples")  # the sample grid does not change training
+    for section in ("samples", "monitor"):  # the sample grid and the monitor's scoring do not change training
+        key["pretrain"].pop(section)
     if init_checksum:
         key["init_weights"] = init_checksum
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -78,9 +82,10 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     if accelerator.is_main_process:
         remove_other_checkpoints(paths, fingerprint)
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:  # other ranks train; only the main process logs and saves
-        train(denoiser, loss_fn, images, cfg.train, out_dir=run_dir,
-              accelerator=accelerator, progress=False)
+    monitor = build_monitor(config, manifest, splits, denoiser, steps)
+    if not accelerator.is_main_process:  # other ranks train; only the main process logs, scores and saves
+        train(denoiser, loss_fn, images, cfg.train, out_dir=run_dir, accelerator=accelerator, monitor=monitor,
+              progress=False)
         return {"process": accelerator.process_index}
 
     import mlflow
@@ -99,17 +104,46 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
         try:
-            result = train(denoiser, loss_fn, images, cfg.train, out_dir=run_dir,
-                           accelerator=accelerator, callbacks=(log_to_mlflow,), progress=True)
+            result = train(denoiser, loss_fn, images, cfg.train, out_dir=run_dir, accelerator=accelerator,
+                           callbacks=(log_to_mlflow,), monitor=monitor, progress=True)
         except TrainingInterrupted as err:
             raise KeyboardInterrupt(str(err)) from err
 
-        summary = publish(result, config, manifest, paths, parameters=parameters, imported=imported)
+        summary = publish(result, config, manifest, paths, parameters=parameters, imported=imported, monitor=monitor)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-        for artifact in ("loss.png", "samples.png"):
+        for artifact in ("loss.png", "samples.png", "monitor.png", "monitor.csv"):
             if (paths.pretrain / artifact).is_file():
                 mlflow.log_artifact(str(paths.pretrain / artifact))
     return summary
+
+
+def build_monitor(config: PipelineConfig, manifest: dict, splits: dict, denoiser: torch.nn.Module,
+                  steps: int) -> Monitor | None:
+    """The probe monitor of ``pretrain.monitor``: every extract tap at the first extract level, pooled
+    globally, on seeded class-balanced train and val subsets; None when it is off or val is empty."""
+    cfg = config.pretrain.monitor
+    when = monitor_steps(steps, points=cfg.points, every=cfg.every)
+    if not when or len(splits["val"]) == 0:
+        return None
+    taps = resolve_taps(config.extract.taps, denoiser.unet.tap_names(), denoiser.unet.tap_selectors(),
+                        "extract.taps")
+    level = feature_levels(config.pretrain.diffusion, config.extract.levels, config.extract.sigma_indices)[0]
+
+    def subset(name: str, cap: int) -> LabelledImages:
+        split = splits[name]
+        rows = capped_subset(split.labels, cap, config.data.split_seed)
+        return LabelledImages(images=np.asarray(split.images[rows]), labels=np.asarray(split.labels[rows]),
+                              sample_ids=np.asarray(split.sample_ids[rows]))
+
+    probe = ProbeMonitor(train=subset("train", cfg.train_images), val=subset("val", cfg.val_images),
+                         taps=tuple(taps), level=level, num_classes=len(manifest["class_names"]),
+                         l2_grid=config.probe.l2_grid, max_iter=min(config.probe.max_iter, 100),
+                         knn_k=config.diagnostics.knn_k, knn_temperature=config.diagnostics.knn_temperature,
+                         seed=config.extract.seed, batch_size=cfg.batch_size)
+    scoring = {k: v for k, v in as_dict(cfg).items() if k != "select"}  # choosing needs no rescoring
+    key = json.dumps({"monitor": scoring, "taps": list(taps), "level": level, "l2_grid": list(config.probe.l2_grid),
+                      "seed": config.extract.seed}, sort_keys=True)
+    return Monitor(evaluate=probe, steps=when, select=cfg.select, key=hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
 def pretraining_images(config: PipelineConfig, splits: dict) -> np.ndarray:
@@ -164,9 +198,10 @@ def publish_import(imported: ImportedNetwork, config: PipelineConfig, manifest: 
         parameters = count_parameters(imported.denoiser.unet)
         mlflow.log_params({"network": imported.form, "parameters": parameters, **init_params(config, imported)})
         save_network(paths.network, imported.denoiser, network_meta(config, manifest, imported))
-        for stale in ("loss.png", "loss.csv", "samples.png"):
+        for stale in ("loss.png", "loss.csv", "samples.png", "monitor.png", "monitor.csv"):
             (paths.pretrain / stale).unlink(missing_ok=True)
         save_loss_table([], paths.pretrain / "loss.csv")  # declared to DVC: an empty curve, no training ran
+        save_monitor_table([], 0, (), paths.pretrain / "monitor.csv")
         sample_s = draw_sample_grid(imported.denoiser, config, paths.pretrain / "samples.png")
         summary = {"steps": 0, "epochs": 0.0, "final_loss": None, "images_per_s": None, "parameters": parameters,
                    "train_wall_s": 0.0, "sample_wall_s": sample_s}
@@ -211,7 +246,7 @@ def remove_other_checkpoints(paths: Paths, fingerprint: str) -> None:
 
 
 def publish(result: TrainResult, config: PipelineConfig, manifest: dict, paths: Paths, *, parameters: int,
-            imported: ImportedNetwork | None = None) -> dict:
+            imported: ImportedNetwork | None = None, monitor: Monitor | None = None) -> dict:
     """Write the stage's outputs (EMA network, loss curve as PNG and CSV, sample grid, metrics); the summary."""
     ema = result.ema_denoiser.eval()
     save_network(paths.network, ema, network_meta(config, manifest, imported))
@@ -219,10 +254,20 @@ def publish(result: TrainResult, config: PipelineConfig, manifest: dict, paths: 
     save_loss_curve(result.history, paths.pretrain / "loss.png")
     save_loss_table(result.history, paths.pretrain / "loss.csv")  # the same curve as data, for `dvc plots diff`
     sample_s = draw_sample_grid(ema, config, paths.pretrain / "samples.png")
+    for stale in ("monitor.png", "monitor.csv"):
+        (paths.pretrain / stale).unlink(missing_ok=True)
+    taps = monitor.evaluate.taps if monitor is not None else ()
+    save_monitor_table(result.monitor, result.chosen_step, taps, paths.pretrain / "monitor.csv")
+    if result.monitor:
+        save_monitor_curve(result.monitor, result.chosen_step, paths.pretrain / "monitor.png")
     speeds = [h["images_per_s"] for h in result.history if "images_per_s" in h]
     seen = pretraining_count(config, manifest)
     summary = {
         "steps": result.step,
+        "chosen_step": result.chosen_step,  # the step whose EMA network is the output (the monitor's best)
+        "monitor_points": len(result.monitor),
+        "chosen_linear_val_acc": next((p["linear_val_acc"] for p in result.monitor
+                                       if p["step"] == result.chosen_step), None),
         "epochs": round(result.step * config.pretrain.train.batch_size / max(1, seen), 2),
         "pretraining_images": seen,
         "final_loss": result.history[-1]["loss"] if result.history else None,

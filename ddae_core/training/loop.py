@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import signal
 import threading
@@ -20,19 +21,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddae_core.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from ddae_core.atomic import write_json_atomic
+from ddae_core.checkpoint import EMA_FILE, latest_checkpoint, load_training_state, save_training_state, step_dir_name
 from ddae_core.config import TrainConfig, as_dict
 from ddae_core.data import to_model_input
 from ddae_core.precision import resolve_mixed_precision
 from ddae_core.training.ema import EMA
+from ddae_core.training.monitor import best_point
 from ddae_core.training.schedules import ema_decay_at, lr_factor
 
 log = logging.getLogger(__name__)
 
-Callback = Callable[[int, dict[str, float]], None]  # cb(step, {"loss", "lr", "images_per_s", "epoch"})
+Callback = Callable[[int, dict[str, float]], None]  # cb(step, {"loss", "lr", "images_per_s", "epoch"} or {"monitor.*"})
 LossFn = Callable[..., torch.Tensor]  # loss(net, x0, generator) -> (N,)
 
 _DATA_ORDER, _STEP_RNG = 0, 1  # stream tags, so data-order and per-step seeds never coincide
@@ -50,14 +54,30 @@ class TrainingInterrupted(RuntimeError):
         self.checkpoint = checkpoint
 
 
+MONITOR_FILE = "monitor.json"  # in out_dir: the probe monitor's points, kept across resumes
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """Scores the EMA network after chosen steps; with ``select`` the run carries forward its best checkpoint."""
+
+    evaluate: Callable[[nn.Module], dict[str, float]]  # EMA network (eval mode) -> metrics with "score" (higher wins)
+    steps: frozenset[int]  # optimizer-step counts after which it runs (each is also checkpointed)
+    select: bool = True  # False: the last step is carried forward and the points are only logged
+    key: str = ""  # what the scores depend on; points saved under another key are not resumed
+
+
 @dataclass
 class TrainResult:
-    """What ``train`` returns: the last step, the EMA network, logged metrics, wall time (s)."""
+    """What ``train`` returns: the last step, the EMA network carried forward (of ``chosen_step``), logged
+    metrics, the monitor's points ({"step", "score", ...}, by step) and wall time (s)."""
 
     step: int
     ema_denoiser: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
     wall_s: float = 0.0
+    chosen_step: int = 0
+    monitor: list[dict[str, float]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -249,8 +269,10 @@ def _resume(session: _Session, ckpt_root: Path, config: TrainConfig, num_images:
     return int(meta["step"])
 
 
-def _save(session: _Session, ckpt_root: Path, step: int, config: TrainConfig, num_images: int) -> Path | None:
-    """Checkpoint ``step`` (main process writes, every process waits); the path on the main process."""
+def _save(session: _Session, ckpt_root: Path, step: int, config: TrainConfig, num_images: int,
+          protect: frozenset[int] = frozenset()) -> Path | None:
+    """Checkpoint ``step`` (main process writes, every process waits); the path on the main process.
+    Steps in ``protect`` (the monitor's best) survive the rotation."""
     accelerator, path = session.accelerator, None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -266,10 +288,67 @@ def _save(session: _Session, ckpt_root: Path, step: int, config: TrainConfig, nu
         path = save_training_state(
             ckpt_root, step, model=session.bare, ema=session.ema, optimizer=session.optimizer,
             lr_scheduler=session.lr_scheduler, meta=meta, keep_last=config.keep_last,
-            scaler=_scaler(accelerator),
+            scaler=_scaler(accelerator), protect=protect,
         )  # fmt: skip
     accelerator.wait_for_everyone()
     return path
+
+
+class _Monitoring:
+    """The probe monitor's points of one run (kept in ``out_dir/monitor.json`` across resumes), scored on the
+    main process on a copy holding the EMA weights while the other processes wait."""
+
+    def __init__(self, monitor: Monitor | None, out_dir: Path, start_step: int, device: torch.device) -> None:
+        self.monitor, self.path, self.device = monitor, out_dir / MONITOR_FILE, device
+        self.points: list[dict[str, float]] = []
+        if monitor is not None and self.path.is_file():  # points after the resumed step are scored again
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            if saved.get("key") != monitor.key:
+                log.warning("%s was scored with other monitor settings: its points are dropped", self.path)
+            else:
+                self.points = [p for p in saved["points"] if p["step"] <= start_step and p["step"] in monitor.steps]
+        self._copy: nn.Module | None = None
+
+    def due(self, step: int) -> bool:
+        return self.monitor is not None and step in self.monitor.steps
+
+    def protected(self) -> frozenset[int]:
+        """The best point's step, whose checkpoint the rotation keeps (it may be carried forward)."""
+        best = best_point(self.points) if self.monitor is not None and self.monitor.select else None
+        return frozenset() if best is None else frozenset({int(best["step"])})
+
+    def score(self, step: int, bare: nn.Module, ema: EMA, accelerator: Any, callbacks: Sequence[Callback]) -> None:
+        """Score the EMA weights after ``step`` unless that point is on record; every process must call it."""
+        if accelerator.is_main_process and not any(p["step"] == step for p in self.points):
+            assert self.monitor is not None
+            if self._copy is None:
+                self._copy = copy.deepcopy(bare)
+            ema.copy_to(self._copy)
+            self._copy.eval()
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                metrics = self.monitor.evaluate(self._copy)  # never touches the training's random streams
+            self.points = sorted([*self.points, {"step": step, **metrics}], key=lambda p: p["step"])
+            write_json_atomic(self.path, {"key": self.monitor.key, "points": self.points})
+            log.info("monitor at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            for callback in callbacks:
+                callback(step, {f"monitor.{key}": value for key, value in metrics.items()})
+        accelerator.wait_for_everyone()
+
+    def chosen(self, last_step: int) -> int:
+        """The step carried forward: the best point's with ``select``, else the last."""
+        protected = self.protected()
+        return next(iter(protected)) if protected else last_step
+
+
+def _load_ema_weights(ckpt_root: Path, step: int, network: nn.Module) -> None:
+    """Put the EMA weights of the checkpoint of ``step`` into ``network``."""
+    path = ckpt_root / step_dir_name(step) / EMA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the monitor's best checkpoint is gone; rerun to rescore, or set "
+                                f"pretrain.monitor.select: false to keep the last step")
+    ema = EMA(network)
+    ema.load_state_dict(load_file(str(path), device=str(next(network.parameters()).device)))
+    ema.copy_to(network)
 
 
 def train(
@@ -281,6 +360,7 @@ def train(
     out_dir: str | Path,
     accelerator: Any = None,
     callbacks: Sequence[Callback] = (),
+    monitor: Monitor | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Pretrain ``denoiser`` (in place) on ``images`` (uint8 (N, H, W, C)); resume if possible.
@@ -288,7 +368,9 @@ def train(
     Checkpoints go to ``out_dir/checkpoints/step-XXXXXXXX`` every ``config.checkpoint_every`` steps
     and at the end; the newest complete one there is resumed from. Callbacks run on the main process
     every ``config.log_every`` steps. SIGINT/SIGTERM: finish the step, checkpoint, raise
-    ``TrainingInterrupted``. Returns a deep copy of the denoiser holding the EMA weights.
+    ``TrainingInterrupted``. A ``monitor`` scores the EMA weights after its steps (each one also
+    checkpointed; the best one's checkpoint is kept). Returns a deep copy of the denoiser holding the
+    EMA weights of the last step, or with ``monitor.select`` of its best-scoring step.
     A given ``accelerator`` gets its gradient accumulation set to ``config.grad_accum``.
     """
     started = time.perf_counter()
@@ -301,6 +383,9 @@ def train(
     start_step = _resume(session, ckpt_root, config, num_images)
     if start_step >= config.steps:
         log.info("checkpoint at step %d already covers config.steps=%d: nothing to train", start_step, config.steps)
+    monitoring = _Monitoring(monitor, Path(out_dir), start_step, accelerator.device)
+    if monitoring.due(start_step):  # killed between a checkpoint and its score
+        monitoring.score(start_step, bare, ema, accelerator, callbacks)
     view = _LossView(model, bare)
     window = _MetricWindow(config, num_images, accelerator.device)
     history: list[dict[str, float]] = []
@@ -331,8 +416,11 @@ def train(
                         for callback in callbacks:
                             callback(step, metrics)
                 stopping = _any_process_stopping(stop, accelerator)
-                if stopping or step % config.checkpoint_every == 0 or step == config.steps:
-                    path = _save(session, ckpt_root, step, config, num_images)
+                due = monitoring.due(step)
+                if stopping or due or step % config.checkpoint_every == 0 or step == config.steps:
+                    path = _save(session, ckpt_root, step, config, num_images, monitoring.protected())
+                if due:
+                    monitoring.score(step, bare, ema, accelerator, callbacks)
                 if stopping and step < config.steps:
                     raise TrainingInterrupted(step, path)
     finally:
@@ -340,9 +428,13 @@ def train(
 
     ema_denoiser = copy.deepcopy(bare)
     ema.copy_to(ema_denoiser)
+    chosen = monitoring.chosen(step)
+    if chosen != step:
+        log.info("carrying forward step %d (the monitor's best), not the last step %d", chosen, step)
+        _load_ema_weights(ckpt_root, chosen, ema_denoiser)
     ema_denoiser.eval()
-    return TrainResult(step=step, ema_denoiser=ema_denoiser, history=history,
-                       wall_s=time.perf_counter() - started)  # fmt: skip
+    return TrainResult(step=step, ema_denoiser=ema_denoiser, history=history, wall_s=time.perf_counter() - started,
+                       chosen_step=chosen, monitor=list(monitoring.points))  # fmt: skip
 
 
 class _MetricWindow:
@@ -427,6 +519,8 @@ def _train_step(
 
 
 __all__ = [
+    "MONITOR_FILE",
+    "Monitor",
     "TrainResult",
     "TrainingInterrupted",
     "derive_seed",

@@ -64,3 +64,17 @@ def planned_steps(config: TrainConfig, train_images: int) -> int:
         return config.steps
     images = min(max(config.epochs * train_images, config.min_images), config.max_images)
     return max(1, -(-int(images) // config.batch_size))
+
+
+def monitor_steps(total_steps: int, *, points: int, every: int = 0) -> frozenset[int]:
+    """Optimizer steps (1-based counts) after which the probe monitor scores the network.
+
+    ``every`` > 0: every ``every`` steps, and the last step; else ``points`` steps spread evenly
+    (``ceil(total * k / points)``, k = 1..points, so the last step is always one). ``points`` 0 and
+    ``every`` 0: none. A run shorter than ``points`` steps scores every step.
+    """
+    if total_steps < 1 or (points <= 0 and every <= 0):
+        return frozenset()
+    if every > 0:
+        return frozenset([*range(every, total_steps + 1, every), total_steps])
+    return frozenset(-(-total_steps * k // points) for k in range(1, points + 1))

@@ -189,6 +189,17 @@ def test_dvc_plots_show_draws_every_curve(pipeline, tmp_path):
     final_loss = json.loads((root / "metrics/pretrain.json").read_text())["final_loss"]
     assert float(loss[-1]["loss"]) == pytest.approx(final_loss, rel=1e-5)
 
+    # the probe monitor: its points over the run, the carried-forward step the best of them
+    pretrain = json.loads((root / "metrics/pretrain.json").read_text())
+    [monitor] = plots["outputs/pretrain/monitor.csv"]  # two lines: DVC draws them as (field, value) rows
+    values = monitor["content"]["data"]["values"]
+    assert {p["field"] for p in values} == {"linear_val_acc", "knn_val_acc"}
+    points = {int(p["step"]): float(p["dvc_inferred_y_value"]) for p in values if p["field"] == "linear_val_acc"}
+    assert len(points) == pretrain["monitor_points"] >= 5 and max(points) == train["steps"]
+    best = max(points.values())
+    assert pretrain["chosen_step"] == min(step for step, acc in points.items() if acc == best)
+    assert pretrain["chosen_linear_val_acc"] == pytest.approx(best, abs=5e-5)
+
     # label efficiency: a line per method that ran, the cells metrics/evaluate.json holds
     table = json.loads((root / "metrics/evaluate.json").read_text())["label_efficiency"]
     efficiency = drawn("plots/evaluate/label_efficiency.csv", "labels", "test_acc")
@@ -210,7 +221,8 @@ def test_dvc_plots_show_draws_every_curve(pipeline, tmp_path):
     assert [p["class"] for p in drawn("plots/probe/per_class.csv", "recall", "class")] == manifest["class_names"]
 
     images = {name: items for name, items in plots.items() if items[0]["type"] == "image"}
-    assert set(images) == {"outputs/pretrain/loss.png", "outputs/pretrain/samples.png", "plots/probe/selective.png",
+    assert set(images) == {"outputs/pretrain/loss.png", "outputs/pretrain/monitor.png", "outputs/pretrain/samples.png",
+                           "plots/probe/selective.png",
                            "plots/probe/heatmap_pool1.png", "plots/probe/heatmap_pool2.png",
                            "plots/probe/confusion.png", "plots/evaluate/label_efficiency.png"}
     for name, [image] in images.items():

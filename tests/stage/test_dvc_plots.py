@@ -21,13 +21,14 @@ from ddae_core.readout import Readout
 from tasks.evaluate import EFFICIENCY_COLUMNS, efficiency_table
 from tasks.probe import CONFUSION_COLUMNS, PER_CLASS_COLUMNS, TABLE_COLUMNS, write_per_class, write_table
 from tasks.services.outputs.feature_store import Candidate
-from tasks.services.outputs.plots import LOSS_COLUMNS, save_loss_table
+from tasks.services.outputs.plots import LOSS_COLUMNS, MONITOR_COLUMNS, save_loss_table, save_monitor_table
 from tasks.services.outputs.selective import CURVE_COLUMNS, curve_table, write_curve_csv
 
 REPO = Path(__file__).resolve().parents[2]
 DVC = Path(sys.executable).parent / "dvc"
 COLUMNS = {  # each table dvc.yaml draws -> the columns its writer writes
     "outputs/pretrain/loss.csv": LOSS_COLUMNS,
+    "outputs/pretrain/monitor.csv": MONITOR_COLUMNS,
     "plots/probe/table.csv": TABLE_COLUMNS,
     "plots/probe/selective.csv": CURVE_COLUMNS,
     "plots/probe/confusion.csv": CONFUSION_COLUMNS,
@@ -70,7 +71,8 @@ def test_plot_axes_are_columns_the_stages_write():
     tables = {path: props for path, props in _plot_definitions().items() if path.endswith(".csv")}
     assert set(tables) == set(COLUMNS)
     for path, props in tables.items():
-        assert props["x"] in COLUMNS[path] and props["y"] in COLUMNS[path], (path, props)
+        ys = props["y"] if isinstance(props["y"], list) else [props["y"]]
+        assert props["x"] in COLUMNS[path] and set(ys) <= set(COLUMNS[path]), (path, props)
     template = json.loads((REPO / ".dvc/plots" / f"{tables['plots/evaluate/label_efficiency.csv']['template']}.json")
                           .read_text())
     assert template["encoding"]["color"]["field"] in EFFICIENCY_COLUMNS  # a line per method
@@ -101,6 +103,9 @@ def test_dvc_draws_the_tables_the_writers_write(tmp_path):
     root = _project(tmp_path / "project")
     history = [{"step": s, "epoch": s / 50, "loss": 1.0 / s, "lr": 1e-3, "images_per_s": 99.0} for s in (10, 20, 30)]
     save_loss_table(history, root / "outputs/pretrain/loss.csv")
+    points = [{"step": s, "linear_val_acc": a, "knn_val_acc": a - 0.1, "tap_index": 0.0}
+              for s, a in ((10, 0.7), (20, 0.8), (30, 0.75))]
+    save_monitor_table(points, 20, ["mid.res1"], root / "outputs/pretrain/monitor.csv")
     candidates = [Candidate(Readout(("mid.res1",), 11.0, pool, 0), {}) for pool in (1, 2)]
     rows = {c.readout.label: {"phase": "full", "l2": 0.001, "train_acc": 0.9, "val_acc": 0.8 + 0.01 * i}
             for i, c in enumerate(candidates)}
@@ -116,7 +121,7 @@ def test_dvc_draws_the_tables_the_writers_write(tmp_path):
     ran = [{"method": m, "fraction": f, "labels": int(600 * f), "test_acc": 0.6}  # no raw pixels; fine-tuned
            for m in ("ddae_probe", "ddae_knn", "ddae_finetune") for f in (0.01, 0.1, 1.0)]
     write_csv_atomic(root / "plots/evaluate/label_efficiency.csv", EFFICIENCY_COLUMNS, efficiency_table(ran))
-    for png in ("outputs/pretrain/loss.png", "outputs/pretrain/samples.png", "plots/probe/heatmap_pool1.png",
+    for png in ("outputs/pretrain/loss.png", "outputs/pretrain/monitor.png", "outputs/pretrain/samples.png", "plots/probe/heatmap_pool1.png",
                 "plots/probe/selective.png", "plots/probe/confusion.png", "plots/evaluate/label_efficiency.png"):
         write_bytes_atomic(root / png, PNG)
 
@@ -128,7 +133,7 @@ def test_dvc_draws_the_tables_the_writers_write(tmp_path):
     drawn = {name: items[0]["content"]["data"]["values"] for name, items in result["data"].items()
              if items[0]["type"] == "vega"}
     assert {name: len(points) for name, points in drawn.items()} == {
-        "outputs/pretrain/loss.csv": 3, "plots/probe/table.csv": 2, "plots/probe/selective.csv": 20,
+        "outputs/pretrain/loss.csv": 3, "outputs/pretrain/monitor.csv": 6, "plots/probe/table.csv": 2, "plots/probe/selective.csv": 20,
         "plots/probe/confusion.csv": 3, "plots/probe/per_class.csv": 3,
         "plots/evaluate/label_efficiency.csv": 9}
     assert [p["loss"] for p in drawn["outputs/pretrain/loss.csv"]] == ["0.1", "0.05", "0.0333333"]

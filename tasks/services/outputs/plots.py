@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ddae_core.atomic import write_bytes_atomic, write_csv_atomic  # noqa: E402
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "lr")  # loss.csv; dvc.yaml plots loss against step
+MONITOR_COLUMNS = ("step", "linear_val_acc", "knn_val_acc", "tap", "chosen")  # monitor.csv, one row per scoring
 
 
 def save_figure(fig: "plt.Figure", path: Path) -> None:
@@ -49,6 +50,27 @@ def save_loss_table(history: Sequence[dict], path: Path) -> None:
     """The logged training loss (mean over each ``log_every`` window) and learning rate per step, as CSV."""
     write_csv_atomic(path, LOSS_COLUMNS, ([h["step"], f"{h['epoch']:.4f}", f"{h['loss']:.6g}", f"{h['lr']:.6g}"]
                                           for h in history if "loss" in h))
+
+
+def save_monitor_table(points: Sequence[dict], chosen_step: int, taps: Sequence[str], path: Path) -> None:
+    """The probe monitor's points as CSV: accuracies, the best tap's name, and which step was carried forward."""
+    write_csv_atomic(path, MONITOR_COLUMNS, ([p["step"], f"{p['linear_val_acc']:.4f}", f"{p['knn_val_acc']:.4f}",
+                                             taps[int(p["tap_index"])], int(p["step"] == chosen_step)]
+                                            for p in points))
+
+
+def save_monitor_curve(points: Sequence[dict], chosen_step: int, path: Path) -> None:
+    """Linear and kNN validation accuracy of the EMA network against the step, the carried-forward step marked."""
+    steps = [p["step"] for p in points]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [100 * p["linear_val_acc"] for p in points], marker="o", label="linear probe")
+    ax.plot(steps, [100 * p["knn_val_acc"] for p in points], marker="s", label="kNN")
+    ax.axvline(chosen_step, color="grey", ls="--", lw=1, label=f"carried forward: step {chosen_step}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Probe monitor during pretraining (EMA network)")
+    ax.legend()
+    save_figure(fig, path)
 
 
 def save_heatmap(values: dict[tuple[str, str], float], rows: Sequence[str], cols: Sequence[str],
