@@ -22,6 +22,26 @@ def test_ddpm_35m_has_the_official_parameter_count() -> None:
     assert count_parameters(net) == 35_746_307
 
 
+@pytest.mark.parametrize(("name", "size"), [("ddpm-35m", 32), ("ddpmpp-56m", 32), ("ddpmpp-64", 64)])
+def test_official_networks_normalise_the_head_with_8_groups_at_the_same_parameter_count(name: str, size: int) -> None:
+    """The official DDAE UNet: GroupNorm(8) before the last conv, GroupNorm(32) everywhere else."""
+    net = _meta_unet(name, in_channels=3, resolution=size)
+    head = net.head[0]
+    assert isinstance(head, torch.nn.GroupNorm) and head.num_groups == 8
+    body = {m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm) and m is not head}
+    assert body == {32}
+    same_body_head = _meta_unet(name, in_channels=3, resolution=size, head_norm_groups=None)
+    assert same_body_head.head[0].num_groups == 32
+    assert count_parameters(net) == count_parameters(same_body_head)
+
+
+@pytest.mark.parametrize("name", ["ddpm-small", "ddpm-cpu", "ddpm-tiny"])
+def test_our_own_networks_keep_the_bodys_groups_in_the_head(name: str) -> None:
+    net = _meta_unet(name)
+    assert net.config.head_norm_groups is None
+    assert net.head[0].num_groups == group_norm(net.head[0].num_channels).num_groups
+
+
 def test_ddpmpp_56m_is_within_half_a_percent_of_56_5m() -> None:
     count = count_parameters(_meta_unet("ddpmpp-56m", in_channels=3, resolution=32))
     assert abs(count - 56_500_000) / 56_500_000 < 0.005
