@@ -346,8 +346,10 @@ def attention_level(resolution: int, levels: int, target: int = ATTENTION_SIZE) 
 
 
 # The official DDAE code's one UNet class (both paper networks) normalises its output head with 8
-# groups, every other GroupNorm with 32; groups change no parameter.
+# groups, every other GroupNorm with 32; groups change no parameter. Its sinusoid's frequencies are
+# 10000 ** (-i / (half - 1)), i.e. our freq_shift 1 (DDPM's own code too), halves [sin, cos].
 OFFICIAL_HEAD_GROUPS = 8
+OFFICIAL_FREQ_SHIFT = 1.0
 
 
 def ddpm_35m(*, in_channels: int = 3, resolution: int = 32) -> UNetConfig:
@@ -362,6 +364,7 @@ def ddpm_35m(*, in_channels: int = 3, resolution: int = 32) -> UNetConfig:
         dropout=0.1,
         resample="conv",
         head_norm_groups=OFFICIAL_HEAD_GROUPS,
+        freq_shift=OFFICIAL_FREQ_SHIFT,
     )
 
 
@@ -380,6 +383,7 @@ def ddpmpp_56m(*, in_channels: int = 3, resolution: int = 32) -> UNetConfig:
         dropout=0.1,
         resample="biggan",
         head_norm_groups=OFFICIAL_HEAD_GROUPS,
+        freq_shift=OFFICIAL_FREQ_SHIFT,
     )
 
 
@@ -436,6 +440,7 @@ def ddpmpp_64(*, in_channels: int = 3, resolution: int = 64) -> UNetConfig:
         dropout=0.1,
         resample="biggan",
         head_norm_groups=OFFICIAL_HEAD_GROUPS,
+        freq_shift=OFFICIAL_FREQ_SHIFT,
     )
 
 

@@ -174,11 +174,13 @@ def test_our_defaults_are_unchanged_and_old_network_json_loads() -> None:
     new_fields = ("norm_groups", "head_norm_groups", "norm_eps", "freq_shift", "flip_sin_to_cos", "down_padding")
     old = {k: v for k, v in config.to_dict().items() if k not in new_fields}
     # a network.json from before head_norm_groups reloads as it was saved: its head with the body's groups
-    assert UNetConfig.from_dict(old) == dataclasses.replace(config, head_norm_groups=None)
+    # (and its sinusoid as it was trained: shift 0)
+    assert UNetConfig.from_dict(old) == dataclasses.replace(config, head_norm_groups=None, freq_shift=0.0)
     assert UNetConfig.from_dict(config.to_dict()) == config
-    assert (config.norm_groups, config.norm_eps, config.freq_shift, config.flip_sin_to_cos,
-            config.down_padding) == (None, 1e-5, 0.0, False, "symmetric")
-    assert config.head_norm_groups == 8  # the official code's output head
+    assert (config.norm_groups, config.norm_eps, config.flip_sin_to_cos, config.down_padding) == \
+        (None, 1e-5, False, "symmetric")
+    assert (config.head_norm_groups, config.freq_shift) == (8, 1.0)  # the official code's head and sinusoid
+    assert network_config("ddpm-cpu").freq_shift == 0.0 and network_config("ddpm-cpu").head_norm_groups is None
 
 
 @pytest.mark.parametrize(

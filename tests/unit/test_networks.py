@@ -35,6 +35,20 @@ def test_official_networks_normalise_the_head_with_8_groups_at_the_same_paramete
     assert count_parameters(net) == count_parameters(same_body_head)
 
 
+@pytest.mark.parametrize("name", ["ddpm-35m", "ddpmpp-56m", "ddpmpp-64"])
+def test_official_networks_embed_the_label_with_the_official_frequencies(name: str) -> None:
+    """The official TimeEmbedding: frequencies 10000 ** (-i / (half - 1)), i < half = 64, then [sin, cos]."""
+    config = network_config(name)
+    label = torch.tensor([11 / 1000, 1.0, -0.7])  # t/T as the official DDPM feeds it; an EDM ln(sigma)/4
+    half = config.base_channels // 2
+    freqs = torch.tensor([10_000.0 ** (-i / (half - 1)) for i in range(half)])
+    expected = torch.cat([torch.sin(label[:, None] * freqs), torch.cos(label[:, None] * freqs)], dim=1)
+    ours = sinusoidal_embedding(label, config.base_channels, freq_shift=config.freq_shift,
+                                flip_sin_to_cos=config.flip_sin_to_cos)
+    assert torch.allclose(ours, expected, atol=1e-5)
+    assert not torch.allclose(sinusoidal_embedding(label, config.base_channels), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["ddpm-small", "ddpm-cpu", "ddpm-tiny"])
 def test_our_own_networks_keep_the_bodys_groups_in_the_head(name: str) -> None:
     net = _meta_unet(name)
