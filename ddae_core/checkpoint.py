@@ -127,7 +127,7 @@ def denoiser_from_meta(meta: Mapping[str, Any], source: str = NETWORK_CONFIG) ->
         diffusion = section_from_dict(DiffusionConfig, meta["diffusion"], "diffusion")
         if kind == "unet":
             return build_denoiser(diffusion, UNet(UNetConfig.from_dict(meta["unet"])),
-                                  meta.get("noise_label", "scaled"))
+                                  meta.get("noise_label", diffusion.noise_label))
         if kind == "diffusers-unet":
             from ddae_core.pretrained import wrapped
 

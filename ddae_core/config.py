@@ -164,8 +164,12 @@ class DiffusionConfig:
     sigma_data: float = 0.5  # EDM
     p_mean: float = -1.2  # EDM: ln(sigma) ~ N(p_mean, p_std^2) in training
     p_std: float = 1.2
+    noise_label: Literal["scaled", "fraction"] = "scaled"  # DDPM: the network reads 1000 t / T, or t / T (official)
 
     def __post_init__(self) -> None:
+        _require(self.noise_label == "scaled" or self.framework == "ddpm", "noise_label",
+                 f"{self.noise_label!r} applies to framework 'ddpm' only (EDM's network reads ln(sigma)/4); "
+                 "leave it at 'scaled'")
         _require(self.timesteps >= 2, "timesteps", f"must be >= 2, got {self.timesteps}")
         _require(0 < self.beta_start < self.beta_end < 1, "beta_end", "need 0 < beta_start < beta_end < 1")
         _require(self.sigma_data > 0, "sigma_data", f"must be > 0, got {self.sigma_data}")
@@ -216,7 +220,9 @@ class SampleConfig:
     """The sample grid drawn after pretraining."""
 
     count: int = 64  # images in the grid (0 disables)
-    steps: int = 50  # DDIM steps (DDPM) or Heun steps (EDM)
+    sampler: Literal["auto", "ddpm", "ddim", "edm"] = "auto"  # auto: the paper's (DDIM for DDPM, Heun for EDM)
+    steps: int = 50  # DDIM steps (DDPM) or Heun steps (EDM); the ancestral ddpm sampler runs all T
+    variance: Literal["small", "large"] = "small"  # ddpm sampler only: beta_tilde_t, or beta_t (the official)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -268,6 +274,14 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     samples: SampleConfig = field(default_factory=SampleConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        framework, sampler = self.diffusion.framework, self.samples.sampler
+        _require(sampler in ("auto", "edm") if framework == "edm" else sampler != "edm", "samples.sampler",
+                 f"{sampler!r} does not sample framework {framework!r} (ddpm and ddim: DDPM; edm: EDM; or auto)")
+        _require(self.samples.variance == "small" or sampler == "ddpm", "samples.variance",
+                 f"{self.samples.variance!r} is read by the ancestral sampler only (samples.sampler: ddpm), "
+                 f"not {sampler!r}")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from ddae_core.atomic import write_json_atomic
 from ddae_core.checkpoint import save_network
 from ddae_core.config import ConfigError, PipelineConfig, as_dict
 from ddae_core.data import load_prepared, save_image_grid, to_uint8_images
-from ddae_core.diffusion import SAMPLERS, build_denoiser, build_loss, default_sampler, feature_levels
+from ddae_core.diffusion import build_denoiser, build_loss, feature_levels, grid_sampler
 from ddae_core.nn import build_unet, count_parameters
 from ddae_core.precision import resolve_mixed_precision
 from ddae_core.pretrained.importer import ImportedNetwork, import_network
@@ -281,7 +281,7 @@ def publish(result: TrainResult, config: PipelineConfig, manifest: dict, paths: 
 
 
 def draw_sample_grid(denoiser: torch.nn.Module, config: PipelineConfig, path) -> float:
-    """Draw ``samples.count`` images with the framework's default sampler into a PNG grid."""
+    """Draw ``samples.count`` images with ``samples.sampler`` (auto: the framework's paper sampler) into a PNG grid."""
     samples = config.pretrain.samples
     if samples.count == 0:
         return 0.0
@@ -293,9 +293,9 @@ def draw_sample_grid(denoiser: torch.nn.Module, config: PipelineConfig, path) ->
     channels, size = denoiser.input_shape
     shape = (samples.count, channels, size, size)
     latents = torch.randn(shape, generator=generator)
-    sampler = SAMPLERS[default_sampler(config.pretrain.diffusion.framework)]
+    sampler, options = grid_sampler(config.pretrain.diffusion.framework, samples)
     with torch.inference_mode():
-        images = sampler(denoiser, latents, steps=samples.steps, generator=generator, progress=True)
+        images = sampler(denoiser, latents, generator=generator, progress=True, **options)
     save_image_grid(to_uint8_images(images), path, nrow=int(samples.count ** 0.5) or 1)
     return time.perf_counter() - start
 

@@ -6,12 +6,12 @@ Callers (training, sampling, feature extraction) use these factories and never b
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
 
-from ddae_core.config import ConfigError, DiffusionConfig
+from ddae_core.config import ConfigError, DiffusionConfig, SampleConfig
 from ddae_core.diffusion.ddpm import (
     NOISE_LABELS,
     DDPMDenoiser,
@@ -39,6 +39,7 @@ __all__ = [
     "default_sampler",
     "edm_sampler",
     "feature_levels",
+    "grid_sampler",
     "karras_sigmas",
     "level_kind",
     "sigma_from_index",
@@ -50,10 +51,13 @@ Loss = Callable[..., torch.Tensor]  # loss(net, x0, generator=None) -> (N,)
 SAMPLERS: dict[str, Sampler] = {"ddpm": ddpm_sampler, "ddim": ddim_sampler, "edm": edm_sampler}
 
 
-def build_denoiser(config: DiffusionConfig, unet: nn.Module, noise_label: NoiseLabel = "scaled"
+def build_denoiser(config: DiffusionConfig, unet: nn.Module, noise_label: NoiseLabel | None = None
                    ) -> DDPMDenoiser | EDMPrecond:
     """Wrap a raw UNet in the framework's denoiser (eps-prediction DDPM or preconditioned EDM);
-    ``noise_label`` is how a DDPM network reads t (``DDPMDenoiser``)."""
+    ``noise_label`` is how a DDPM network reads t (``DDPMDenoiser``): None = ``config.noise_label``,
+    a network from elsewhere passes its own."""
+    if noise_label is None:
+        noise_label = config.noise_label
     if config.framework == "ddpm":
         return DDPMDenoiser(unet, DDPMSchedule(config.timesteps, config.beta_start, config.beta_end), noise_label)
     if noise_label != "scaled":
@@ -78,6 +82,13 @@ def default_sampler(framework: str) -> str:
     if framework not in names:
         raise ValueError(f"framework: unknown {framework!r} (expected 'ddpm' or 'edm')")
     return names[framework]
+
+
+def grid_sampler(framework: str, samples: SampleConfig) -> tuple[Sampler, dict[str, Any]]:
+    """The sampler ``pretrain.samples`` names (auto: ``default_sampler``) and the options it reads:
+    ``steps`` (DDIM, Heun) or ``variance`` (ancestral DDPM, which runs all T steps)."""
+    name = default_sampler(framework) if samples.sampler == "auto" else samples.sampler
+    return SAMPLERS[name], {"variance": samples.variance} if name == "ddpm" else {"steps": samples.steps}
 
 
 def level_kind(framework: str) -> Literal["t", "sigma"]:

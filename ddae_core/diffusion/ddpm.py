@@ -15,9 +15,12 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-NOISE_LABEL_SCALE = 1000.0  # the UNet gets 1000 * t / T (see DDPMDenoiser.forward)
-NoiseLabel = Literal["scaled", "index"]  # what a DDPM network was trained to read: 1000 t / T, or t - 1
-NOISE_LABELS: tuple[str, ...] = ("scaled", "index")
+NOISE_LABEL_SCALE = 1000.0  # a "scaled" UNet gets 1000 * t / T (see DDPMDenoiser.noise_label)
+# what a DDPM network was trained to read: 1000 t / T (ours), t / T (the official DDAE code), or t - 1
+NoiseLabel = Literal["scaled", "fraction", "index"]
+NOISE_LABELS: tuple[str, ...] = ("scaled", "fraction", "index")
+Variance = Literal["small", "large"]  # ancestral step variance: posterior beta_tilde_t, or beta_t
+VARIANCES: tuple[str, ...] = ("small", "large")
 
 
 def per_example(level: torch.Tensor | float | int, x: torch.Tensor) -> torch.Tensor:
@@ -127,9 +130,11 @@ class PixelDenoiser(nn.Module):
 class DDPMDenoiser(PixelDenoiser):
     """eps-prediction wrapper: ``denoiser(x_t, t) -> eps_hat``, with the schedule alongside the UNet.
 
-    The paper feeds the network ``t / T``; our own networks get ``1000 * t / T`` (= t for T=1000; the
-    scale only changes which sinusoid frequencies resolve single steps). Networks trained elsewhere
-    (Ho et al., diffusers, DiT) count steps from 0: ``noise_label="index"`` gives them ``t - 1``.
+    The label the network reads, by ``noise_label``: ``"scaled"`` ``1000 * t / T`` (ours by default; = t
+    for T=1000), ``"fraction"`` ``t / T`` in (0, 1] (the official DDAE code: the paper's profiles), or
+    ``"index"`` ``t - 1`` (networks trained elsewhere count steps from 0: Ho et al., diffusers, DiT).
+    The scale only changes which sinusoid frequencies resolve single steps; the network must be read
+    with the label it was trained with.
     """
 
     def __init__(self, unet: nn.Module, schedule: DDPMSchedule | None = None,
@@ -148,6 +153,8 @@ class DDPMDenoiser(PixelDenoiser):
         """Float (N,) label given to the UNet for steps t (N,) in 1..T."""
         if self.label_kind == "index":
             return t.float() - 1.0
+        if self.label_kind == "fraction":
+            return t.float() / self.schedule.timesteps
         return NOISE_LABEL_SCALE * t.float() / self.schedule.timesteps
 
     def spec(self) -> dict:
@@ -208,13 +215,18 @@ def ddpm_sampler(
     *,
     generator: torch.Generator | None = None,
     clip_x0: bool = True,
+    variance: Variance = "small",
     progress: bool = False,
 ) -> torch.Tensor:
     """Ancestral sampling over all T steps from x_T = latents (N, C, H, W) ~ N(0, 1); -> images in [-1, 1].
 
-    Each step draws x_{t-1} from the posterior q(x_{t-1} | x_t, x0_hat) with its variance
-    (beta_tilde_t, "fixed small"); the last step (t=1) adds no noise and returns x0_hat.
+    Each step draws x_{t-1} around the posterior mean of q(x_{t-1} | x_t, x0_hat) with variance
+    ``"small"`` beta_tilde_t (the posterior's own, ours by default) or ``"large"`` beta_t (Ho et al.'s
+    other choice, the official DDAE code's); the last step (t=1) adds no noise and returns x0_hat.
     """
+    if variance not in VARIANCES:
+        raise ValueError(f"variance: {variance!r} is not one of {', '.join(VARIANCES)}")
+    step_variance = "posterior_variance" if variance == "small" else "betas"
     schedule = net.schedule
     x = latents
     device = draw_device(generator, x)
@@ -224,7 +236,7 @@ def ddpm_sampler(
         mean = schedule.gather("posterior_coef_x0", t, x) * x0 + schedule.gather("posterior_coef_xt", t, x) * x
         if step > 1:
             noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-            x = mean + schedule.gather("posterior_variance", t, x).sqrt() * noise
+            x = mean + schedule.gather(step_variance, t, x).sqrt() * noise
         else:
             x = mean
     return x.clamp(-1.0, 1.0)

@@ -52,6 +52,7 @@ class UNetConfig:
     zero_init_output: bool = True  # DDPM zero-inits the last conv; False gives an all-random network
     # numerics of networks trained elsewhere (diffusers' UNet2DModel); the defaults are ours
     norm_groups: int | None = None  # groups of every GroupNorm; None = 32, fewer for narrow layers (>= 4 ch each)
+    head_norm_groups: int | None = None  # the output head's GroupNorm only; None = as norm_groups (official DDAE: 8)
     norm_eps: float = 1e-5  # epsilon of every GroupNorm (DDPM's code: 1e-6)
     freq_shift: float = 0.0  # sinusoid frequency i = 10000 ** (-i / (base_channels/2 - freq_shift)); DDPM: 1
     flip_sin_to_cos: bool = False  # sinusoid halves as [cos, sin] instead of [sin, cos]
@@ -110,6 +111,11 @@ class UNetConfig:
                         f"{self.norm_groups} does not divide the {width} channels of {spec.name}",
                     )
 
+        if self.head_norm_groups is not None:
+            head = self.base_channels * self.channel_mults[0]
+            _require(self.head_norm_groups >= 1 and head % self.head_norm_groups == 0, "head_norm_groups",
+                     f"must be >= 1 and divide the head's {head} channels, or null; got {self.head_norm_groups}")
+
     def level_resolutions(self) -> tuple[int, ...]:
         """Resolution of each encoder level, top first: (32, 16, 8, 4) for 32 and four levels."""
         return tuple(self.resolution // 2**i for i in range(len(self.channel_mults)))
@@ -121,6 +127,12 @@ class UNetConfig:
     def make_norm(self, channels: int) -> nn.GroupNorm:
         """A GroupNorm as every block of this network has it (``norm_groups``, ``norm_eps``)."""
         return group_norm(channels, groups=self.norm_groups, eps=self.norm_eps)
+
+    def make_head_norm(self, channels: int) -> nn.GroupNorm:
+        """The output head's GroupNorm: ``head_norm_groups`` groups where set, else as every block's."""
+        if self.head_norm_groups is None:
+            return self.make_norm(channels)
+        return group_norm(channels, groups=self.head_norm_groups, eps=self.norm_eps)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-friendly dict (tuples become lists)."""
@@ -225,7 +237,7 @@ class UNet(nn.Module):
             parent[parts[-1]] = _make_block(spec, config, emb_channels)
         width = config.base_channels * config.channel_mults[0]
         self.head = nn.Sequential(
-            config.make_norm(width), nn.SiLU(), nn.Conv2d(width, config.output_channels, kernel_size=3, padding=1)
+            config.make_head_norm(width), nn.SiLU(), nn.Conv2d(width, config.output_channels, kernel_size=3, padding=1)
         )
         if config.zero_init_output:
             nn.init.zeros_(self.head[-1].weight)
@@ -333,6 +345,13 @@ def attention_level(resolution: int, levels: int, target: int = ATTENTION_SIZE) 
     return min(sizes, key=lambda size: (abs(size - target), -size))
 
 
+# The official DDAE code's one UNet class (both paper networks) normalises its output head with 8
+# groups, every other GroupNorm with 32; groups change no parameter. Its sinusoid's frequencies are
+# 10000 ** (-i / (half - 1)), i.e. our freq_shift 1 (DDPM's own code too), halves [sin, cos].
+OFFICIAL_HEAD_GROUPS = 8
+OFFICIAL_FREQ_SHIFT = 1.0
+
+
 def ddpm_35m(*, in_channels: int = 3, resolution: int = 32) -> UNetConfig:
     """DDPM's CIFAR-10 UNet as the official DDAE code builds it: 35,746,307 parameters at 3x32x32."""
     return UNetConfig(
@@ -344,6 +363,8 @@ def ddpm_35m(*, in_channels: int = 3, resolution: int = 32) -> UNetConfig:
         attn_resolutions=(attention_level(resolution, 4),),
         dropout=0.1,
         resample="conv",
+        head_norm_groups=OFFICIAL_HEAD_GROUPS,
+        freq_shift=OFFICIAL_FREQ_SHIFT,
     )
 
 
@@ -361,6 +382,8 @@ def ddpmpp_56m(*, in_channels: int = 3, resolution: int = 32) -> UNetConfig:
         attn_resolutions=(attention_level(resolution, 3),),
         dropout=0.1,
         resample="biggan",
+        head_norm_groups=OFFICIAL_HEAD_GROUPS,
+        freq_shift=OFFICIAL_FREQ_SHIFT,
     )
 
 
@@ -416,6 +439,8 @@ def ddpmpp_64(*, in_channels: int = 3, resolution: int = 64) -> UNetConfig:
         attn_resolutions=(attention_level(resolution, 4),),
         dropout=0.1,
         resample="biggan",
+        head_norm_groups=OFFICIAL_HEAD_GROUPS,
+        freq_shift=OFFICIAL_FREQ_SHIFT,
     )
 
 

@@ -71,7 +71,7 @@ _DOWN_PADDING = {0: "tf_same", 1: "symmetric"}  # diffusers' downsample_padding 
 
 # UNetConfig fields that change neither parameter shapes nor block layout (so not the paper's names)
 NUMERICS_ONLY = ("dropout", "norm_eps", "freq_shift", "flip_sin_to_cos", "down_padding", "num_heads",
-                 "norm_groups", "zero_init_output")
+                 "norm_groups", "head_norm_groups", "zero_init_output")
 
 
 def _fail(key: str, value: Any, why: str) -> ImportSourceError:
@@ -178,7 +178,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         num_heads=_num_heads(settings, widths, attn, settings["add_attention"]),
         out_channels=None if out_channels == in_channels else out_channels,
         mid_attn=settings["add_attention"],
-        norm_groups=groups,
+        norm_groups=groups,  # conv_norm_out too: the head keeps the body's groups (head_norm_groups unset)
         norm_eps=_number(settings, "norm_eps"),
         freq_shift=_number(settings, "freq_shift"),
         flip_sin_to_cos=settings["flip_sin_to_cos"],
@@ -305,7 +305,7 @@ def matching_network(unet_config: UNetConfig) -> str | None:
     """The name in NETWORKS whose configuration at this input shape has this architecture, else None.
 
     Architecture is the block layout and every parameter shape: the ``NUMERICS_ONLY`` fields (dropout,
-    GroupNorm groups and eps, sinusoid shift and order, down padding, head count) are not compared, so
+    GroupNorm groups (the head's too) and eps, sinusoid shift and order, down padding, head count) are not compared, so
     a DDPM from elsewhere keeps the paper's names and tap aliases (``ddpm-35m``, ``out_6``).
     """
     for name, factory in NETWORKS.items():

@@ -58,12 +58,18 @@ def test_each_profile_validates_and_holds_the_papers_settings(tmp_path, name):
     assert tap in taps
     levels = feature_levels(config.pretrain.diffusion, config.extract.levels, config.extract.sigma_indices)
     assert any(abs(v - level) < 1e-3 for v in levels)
+    # the official networks: t/T into the DDPM network (EDM's reads ln(sigma)/4), GroupNorm(8) in the head
+    assert config.pretrain.diffusion.noise_label == ("fraction" if framework == "ddpm" else "scaled")
+    assert unet.head_norm_groups == 8 and unet.freq_shift == 1.0
+    # the grid samples as the paper reports (DDIM for DDPM, Heun for EDM); large variance is the ancestral sampler's
+    assert (config.pretrain.samples.sampler, config.pretrain.samples.variance) == ("auto", "small")
 
 
 def test_cifar10_ddpm_profile_builds_35746307_parameters_and_trains_two_steps(tmp_path):
     config = load_params(project(tmp_path, "cifar10-ddpm"))
     unet = build_unet(config.pretrain.network.name, config.data.channels, config.data.image_size)
     assert count_parameters(unet) == 35_746_307
+    assert unet.head[0].num_groups == 8
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)  # random 32x32x3
     smoke = dataclasses.replace(config.pretrain.train, steps=2, batch_size=4, checkpoint_every=2, log_every=1)
     result = train(build_denoiser(config.pretrain.diffusion, unet), build_loss(config.pretrain.diffusion), images,
@@ -71,6 +77,7 @@ def test_cifar10_ddpm_profile_builds_35746307_parameters_and_trains_two_steps(tm
     assert [h["step"] for h in result.history] == [1, 2]
     assert all(np.isfinite(h["loss"]) for h in result.history)
     assert count_parameters(result.ema_denoiser.unet) == 35_746_307
+    assert result.ema_denoiser.label_kind == "fraction"
 
 
 def test_a_profile_is_written_into_params_yaml_with_its_comments(tmp_path):

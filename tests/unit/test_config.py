@@ -61,6 +61,18 @@ def test_defaults_alone_are_valid():
         (lambda p: p["label_efficiency"].update(fractions=[0.1, 0.1]), "label_efficiency.fractions", "repeats"),
         (lambda p: p["diagnostics"].update(pairs=1), "diagnostics.pairs", "0 or >= 2"),
         (lambda p: p["diagnostics"].update(pool=3), "diagnostics.pool", "not in extract.pools"),
+        (lambda p: p["pretrain"]["diffusion"].update(noise_label="index"), "pretrain.diffusion.noise_label",
+         "is not one of"),
+        (lambda p: p["pretrain"]["diffusion"].update(framework="edm", noise_label="fraction"),
+         "pretrain.diffusion.noise_label", "applies to framework 'ddpm' only"),
+        (lambda p: p["pretrain"]["samples"].update(variance="large"), "pretrain.samples.variance",
+         "ancestral sampler only"),
+        (lambda p: p["pretrain"]["samples"].update(variance="huge", sampler="ddpm"), "pretrain.samples.variance",
+         "is not one of"),
+        (lambda p: p["pretrain"]["samples"].update(sampler="edm"), "pretrain.samples.sampler",
+         "does not sample framework 'ddpm'"),
+        (lambda p: (p["pretrain"]["diffusion"].update(framework="edm"), p["pretrain"]["samples"].update(
+            sampler="ddim")), "pretrain.samples.sampler", "does not sample framework 'edm'"),
     ],
 )
 def test_bad_values_name_the_key(params, mutate, key, fragment):

@@ -86,6 +86,8 @@ def test_cifar10_ddpm_converts_to_ddpm_35m_with_every_parameter(cifar_pair) -> N
     assert matching_network(ours.config) == "ddpm-35m"
     assert paper_aliases(ours.config)["out_6"] == "dec.8x8.res2"
     assert ours.config.norm_groups == 32 and ours.config.norm_eps == 1e-6
+    assert ours.head[0].num_groups == 32  # conv_norm_out has the body's groups, though ddpm-35m's head has 8
+    assert network_config("ddpm-35m", 3, 32).head_norm_groups == 8
     assert (ours.config.freq_shift, ours.config.flip_sin_to_cos, ours.config.down_padding) == (1.0, False, "tf_same")
 
 
@@ -145,6 +147,19 @@ def test_each_option_is_needed_for_the_equality(field: str, ours: Any) -> None:
     assert not _close(a, b)
 
 
+def test_the_head_keeps_the_norm_groups_diffusers_gives_it() -> None:
+    """diffusers' conv_norm_out takes norm_num_groups: a converted head with other groups computes something else."""
+    theirs = _diffusers_unet(TINY)
+    config = unet_config_from_diffusers(TINY)
+    ours = unet_from_diffusers(theirs.state_dict(), dict(theirs.config)).eval()
+    assert config.head_norm_groups is None and ours.head[0].num_groups == config.norm_groups == 8
+    changed = UNet(dataclasses.replace(config, head_norm_groups=4)).eval()
+    changed.load_state_dict(ours.state_dict(), strict=True)  # same parameters: groups change none
+    assert changed.head[0].num_groups == 4
+    assert _close(*_outputs(theirs, ours, [10, 900]))
+    assert not _close(*_outputs(theirs, changed, [10, 900]))
+
+
 def test_every_group_norm_takes_the_configured_groups_and_eps() -> None:
     def norms(net: torch.nn.Module) -> list[tuple[int, int, float]]:
         return sorted((m.num_channels, m.num_groups, m.eps) for m in net.modules() if isinstance(m, torch.nn.GroupNorm))
@@ -156,17 +171,22 @@ def test_every_group_norm_takes_the_configured_groups_and_eps() -> None:
 
 def test_our_defaults_are_unchanged_and_old_network_json_loads() -> None:
     config = network_config("ddpm-35m", 3, 32)
-    old = {k: v for k, v in config.to_dict().items()
-           if k not in ("norm_groups", "norm_eps", "freq_shift", "flip_sin_to_cos", "down_padding")}
-    assert UNetConfig.from_dict(old) == config
+    new_fields = ("norm_groups", "head_norm_groups", "norm_eps", "freq_shift", "flip_sin_to_cos", "down_padding")
+    old = {k: v for k, v in config.to_dict().items() if k not in new_fields}
+    # a network.json from before head_norm_groups reloads as it was saved: its head with the body's groups
+    # (and its sinusoid as it was trained: shift 0)
+    assert UNetConfig.from_dict(old) == dataclasses.replace(config, head_norm_groups=None, freq_shift=0.0)
     assert UNetConfig.from_dict(config.to_dict()) == config
-    assert (config.norm_groups, config.norm_eps, config.freq_shift, config.flip_sin_to_cos,
-            config.down_padding) == (None, 1e-5, 0.0, False, "symmetric")
+    assert (config.norm_groups, config.norm_eps, config.flip_sin_to_cos, config.down_padding) == \
+        (None, 1e-5, False, "symmetric")
+    assert (config.head_norm_groups, config.freq_shift) == (8, 1.0)  # the official code's head and sinusoid
+    assert network_config("ddpm-cpu").freq_shift == 0.0 and network_config("ddpm-cpu").head_norm_groups is None
 
 
 @pytest.mark.parametrize(
     ("changes", "field"),
-    [({"norm_groups": 48}, "norm_groups"), ({"freq_shift": 64.0}, "freq_shift"),
+    [({"norm_groups": 48}, "norm_groups"), ({"head_norm_groups": 48}, "head_norm_groups"),
+     ({"head_norm_groups": 0}, "head_norm_groups"), ({"freq_shift": 64.0}, "freq_shift"),
      ({"down_padding": "tf_same", "resample": "biggan"}, "down_padding"), ({"norm_eps": 0.0}, "norm_eps")],
 )
 def test_invalid_new_fields_name_the_field(changes: dict, field: str) -> None:
@@ -196,6 +216,9 @@ def test_matching_network_names_only_a_layout_in_networks() -> None:
     assert matching_network(unet_config_from_diffusers(TINY)) is None
     assert matching_network(dataclasses.replace(network_config("ddpm-small", 1, 28), dropout=0.0)) == "ddpm-small"
     assert matching_network(dataclasses.replace(network_config("ddpm-35m", 3, 32), num_res_blocks=3)) is None
+    # head groups are numerics: either head matches the paper network's name, and nothing else does
+    assert matching_network(dataclasses.replace(network_config("ddpm-35m", 3, 32), head_norm_groups=None)) == "ddpm-35m"
+    assert matching_network(dataclasses.replace(network_config("ddpmpp-56m", 3, 32), head_norm_groups=32)) == "ddpmpp-56m"
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddae_core.config import DiffusionConfig
+from ddae_core.config import ConfigError, DiffusionConfig, SampleConfig
 from ddae_core.diffusion import (
     SAMPLERS,
     DDPMDenoiser,
@@ -27,6 +27,7 @@ from ddae_core.diffusion import (
     default_sampler,
     edm_sampler,
     feature_levels,
+    grid_sampler,
     karras_sigmas,
     level_kind,
     sigma_from_index,
@@ -161,6 +162,26 @@ def test_ddpm_noise_label_is_1000_t_over_T() -> None:
     den = DDPMDenoiser(rec, DDPMSchedule(timesteps=50))
     den(torch.zeros(SHAPE), torch.tensor([10, 50]))
     assert rec.seen[1].tolist() == pytest.approx([200.0, 1000.0])
+
+
+def test_ddpm_fraction_label_is_t_over_T_as_the_official_code() -> None:
+    rec = RecordingNet()
+    den = DDPMDenoiser(rec, DDPMSchedule(timesteps=50), noise_label="fraction")
+    den(torch.zeros(SHAPE), torch.tensor([10, 50]))
+    assert rec.seen[1].tolist() == pytest.approx([0.2, 1.0])
+    assert den.label_kind == "fraction"
+
+
+def test_build_denoiser_reads_the_configs_noise_label_unless_given_one() -> None:
+    rec = RecordingNet()
+    fraction = build_denoiser(DiffusionConfig(noise_label="fraction", timesteps=100), rec)
+    fraction(torch.zeros(SHAPE), torch.tensor([11, 100]))
+    assert rec.seen[1].tolist() == pytest.approx([0.11, 1.0])
+    build_denoiser(DiffusionConfig(timesteps=100), rec)(torch.zeros(SHAPE), torch.tensor([11, 100]))
+    assert rec.seen[1].tolist() == pytest.approx([110.0, 1000.0])  # the default: scaled, as before
+    assert build_denoiser(DiffusionConfig(noise_label="fraction"), rec, "index").label_kind == "index"
+    with pytest.raises(ConfigError, match=r"noise_label: 'fraction' applies to framework 'ddpm' only"):
+        DiffusionConfig(framework="edm", noise_label="fraction")
 
 
 def test_ddpm_loss_seeded_and_recomputable() -> None:
@@ -341,6 +362,60 @@ def test_stochastic_sampler_noise_scale_matches_marginals(sampler: str) -> None:
     for t, x_t in oracle.inputs.items():
         residual = x_t - schedule.sqrt_alphas_bar[t - 1] * x0
         assert residual.std().item() == pytest.approx(schedule.sqrt_one_minus_alphas_bar[t - 1].item(), rel=0.15)
+
+
+@pytest.mark.parametrize(("variance", "constant"), [("small", "posterior_variance"), ("large", "betas")])
+def test_ancestral_step_noise_has_the_chosen_variance(variance: str, constant: str) -> None:
+    """One step x_2 -> x_1 with an eps-oracle: x_1 - posterior mean has std sqrt(beta_tilde_2) ("small")
+    or sqrt(beta_2) ("large", the official code's); at t=2 the two differ by a factor of about 2."""
+    shape = (8, 1, 32, 32)
+    x0 = torch.rand(shape, generator=seeded(0)) * 1.8 - 0.9
+    schedule = DDPMSchedule(timesteps=100)
+    oracle = DDPMOracle(x0, schedule)
+    x_T = schedule.add_noise(x0, torch.full((shape[0],), 100), torch.randn(shape, generator=seeded(1)))
+    ddpm_sampler(DDPMDenoiser(oracle, schedule), x_T, generator=seeded(2), variance=variance)
+    t = torch.full((shape[0],), 2)
+    coef_x0, coef_xt = (schedule.gather(name, t, x0) for name in ("posterior_coef_x0", "posterior_coef_xt"))
+    mean = coef_x0 * x0 + coef_xt * oracle.inputs[2]
+    std = (oracle.inputs[1] - mean).std().item()
+    assert std == pytest.approx(getattr(schedule, constant)[1].sqrt().item(), rel=0.05)
+    other = "betas" if constant == "posterior_variance" else "posterior_variance"
+    assert std != pytest.approx(getattr(schedule, other)[1].sqrt().item(), rel=0.3)
+
+
+def test_ancestral_sampler_refuses_an_unknown_variance() -> None:
+    with pytest.raises(ValueError, match="variance: 'fixed'"):
+        ddpm_sampler(DDPMDenoiser(TinyNet()), torch.zeros(SHAPE), variance="fixed")
+
+
+def test_the_grid_sampler_gives_each_sampler_the_options_it_reads() -> None:
+    assert grid_sampler("ddpm", SampleConfig(steps=7)) == (ddim_sampler, {"steps": 7})  # auto: the paper's
+    assert grid_sampler("edm", SampleConfig(steps=7)) == (edm_sampler, {"steps": 7})
+    assert grid_sampler("ddpm", SampleConfig(sampler="ddpm", variance="large")) == (ddpm_sampler, {"variance": "large"})
+
+
+@pytest.mark.parametrize("choice", [{}, {"sampler": "ddpm", "variance": "large"}])
+def test_the_sample_grid_draws_with_the_configured_sampler(tmp_path, monkeypatch, choice: dict) -> None:
+    """``pretrain.samples`` reaches the sampler: auto is DDIM with its steps, ddpm the ancestral one with its variance."""
+    from ddae_core.config import PipelineConfig
+    from ddae_core.nn import build_unet
+    from tasks import pretrain
+
+    calls = []
+    monkeypatch.setattr(pretrain, "save_image_grid", lambda images, path, nrow: calls.append(images))
+    config = PipelineConfig.from_dict({"pretrain": {"diffusion": {"timesteps": 20},
+                                                    "samples": {"count": 4, "steps": 5, "seed": 3, **choice}}})
+    torch.manual_seed(0)
+    unet = build_unet("ddpm-tiny", in_channels=1, resolution=8, zero_init_output=False)
+    den = build_denoiser(config.pretrain.diffusion, unet).eval()
+    pretrain.draw_sample_grid(den, config, tmp_path / "samples.png")
+    generator = seeded(3)
+    latents = torch.randn(4, 1, 8, 8, generator=generator)
+    if choice:
+        expected = ddpm_sampler(den, latents, generator=generator, variance="large")
+    else:
+        expected = ddim_sampler(den, latents, steps=5, generator=generator)
+    assert torch.equal(torch.from_numpy(calls[0]), torch.from_numpy(pretrain.to_uint8_images(expected)))
 
 
 # --- factories and feature levels -----------------------------------------------------------------

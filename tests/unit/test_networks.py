@@ -22,6 +22,40 @@ def test_ddpm_35m_has_the_official_parameter_count() -> None:
     assert count_parameters(net) == 35_746_307
 
 
+@pytest.mark.parametrize(("name", "size"), [("ddpm-35m", 32), ("ddpmpp-56m", 32), ("ddpmpp-64", 64)])
+def test_official_networks_normalise_the_head_with_8_groups_at_the_same_parameter_count(name: str, size: int) -> None:
+    """The official DDAE UNet: GroupNorm(8) before the last conv, GroupNorm(32) everywhere else."""
+    net = _meta_unet(name, in_channels=3, resolution=size)
+    head = net.head[0]
+    assert isinstance(head, torch.nn.GroupNorm) and head.num_groups == 8
+    body = {m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm) and m is not head}
+    assert body == {32}
+    same_body_head = _meta_unet(name, in_channels=3, resolution=size, head_norm_groups=None)
+    assert same_body_head.head[0].num_groups == 32
+    assert count_parameters(net) == count_parameters(same_body_head)
+
+
+@pytest.mark.parametrize("name", ["ddpm-35m", "ddpmpp-56m", "ddpmpp-64"])
+def test_official_networks_embed_the_label_with_the_official_frequencies(name: str) -> None:
+    """The official TimeEmbedding: frequencies 10000 ** (-i / (half - 1)), i < half = 64, then [sin, cos]."""
+    config = network_config(name)
+    label = torch.tensor([11 / 1000, 1.0, -0.7])  # t/T as the official DDPM feeds it; an EDM ln(sigma)/4
+    half = config.base_channels // 2
+    freqs = torch.tensor([10_000.0 ** (-i / (half - 1)) for i in range(half)])
+    expected = torch.cat([torch.sin(label[:, None] * freqs), torch.cos(label[:, None] * freqs)], dim=1)
+    ours = sinusoidal_embedding(label, config.base_channels, freq_shift=config.freq_shift,
+                                flip_sin_to_cos=config.flip_sin_to_cos)
+    assert torch.allclose(ours, expected, atol=1e-5)
+    assert not torch.allclose(sinusoidal_embedding(label, config.base_channels), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ddpm-small", "ddpm-cpu", "ddpm-tiny"])
+def test_our_own_networks_keep_the_bodys_groups_in_the_head(name: str) -> None:
+    net = _meta_unet(name)
+    assert net.config.head_norm_groups is None
+    assert net.head[0].num_groups == group_norm(net.head[0].num_channels).num_groups
+
+
 def test_ddpmpp_56m_is_within_half_a_percent_of_56_5m() -> None:
     count = count_parameters(_meta_unet("ddpmpp-56m", in_channels=3, resolution=32))
     assert abs(count - 56_500_000) / 56_500_000 < 0.005

@@ -25,8 +25,9 @@ from ddae_core.checkpoint import (
     save_network,
     save_training_state,
 )
-from ddae_core.config import PipelineConfig, TrainConfig
-from ddae_core.diffusion import build_loss
+from ddae_core.config import DiffusionConfig, PipelineConfig, TrainConfig
+from ddae_core.diffusion import build_denoiser, build_loss
+from ddae_core.nn.unet import build_unet
 from ddae_core.training.ema import EMA
 from ddae_core.training.loop import TrainingInterrupted, global_batch_indices, local_micro_batches, train
 from ddae_core.training.schedules import ema_decay_at, lr_factor
@@ -242,6 +243,25 @@ def test_network_round_trip_gives_identical_outputs(tmp_path):
     (out / "network.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="network.safetensors"):
         load_network(out)
+
+
+def test_a_fraction_network_reloads_reading_t_over_T_and_an_older_file_reads_scaled(tmp_path):
+    torch.manual_seed(0)
+    unet = build_unet("ddpm-tiny", in_channels=1, resolution=16, zero_init_output=False)
+    fraction = build_denoiser(DiffusionConfig(noise_label="fraction"), unet).eval()
+    out = save_network(tmp_path / "net", fraction, {"diffusion": DiffusionConfig(noise_label="fraction")})
+    meta = json.loads((out / "network.json").read_text())
+    assert meta["noise_label"] == meta["diffusion"]["noise_label"] == "fraction"
+    loaded = load_network(out)
+    assert loaded.label_kind == "fraction"
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([11, 900])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), fraction(x, t))
+        scaled = build_denoiser(DiffusionConfig(), unet).eval()
+        assert not torch.allclose(scaled(x, t), fraction(x, t))  # the label really changes what it computes
+    del meta["noise_label"], meta["diffusion"]["noise_label"]  # a network.json from before the key
+    (out / "network.json").write_text(json.dumps(meta))
+    assert load_network(out).label_kind == "scaled"
 
 
 # ----------------------------------------------------------------------------- the loop
