@@ -20,6 +20,7 @@ from ddae_core.atomic import write_json_atomic
 from ddae_core.checkpoint import save_network
 from ddae_core.config import ConfigError, PipelineConfig, as_dict
 from ddae_core.data import load_prepared, save_image_grid, to_uint8_images
+from ddae_core.devices import stage_device
 from ddae_core.diffusion import SAMPLERS, build_denoiser, build_loss, default_sampler
 from ddae_core.nn import build_unet, count_parameters
 from ddae_core.precision import resolve_mixed_precision
@@ -68,7 +69,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     cfg = dataclasses.replace(config.pretrain, train=dataclasses.replace(config.pretrain.train, steps=steps))
     loss_fn = build_loss(cfg.diffusion)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-                              cpu=not torch.cuda.is_available())
+                              cpu=stage_device("pretrain", log).type == "cpu")
     if init.mode == "import":  # nothing to train: the main process writes the outputs, the others are done
         return publish_import(imported, config, manifest, paths) if accelerator.is_main_process else {}
 
