@@ -414,7 +414,7 @@ class LaunchConfig:
     """
 
     processes: int = 1  # 1: python -m tasks.<stage>; N > 1: accelerate launch --multi_gpu --num_processes N
-    args: str = ""  # more accelerate launch arguments, e.g. "--num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1"
+    args: str = ""  # more accelerate launch arguments (multi-node: "--num_machines 2 --machine_rank 0 ...")
 
     def __post_init__(self) -> None:
         _require(self.processes >= 1, "processes", f"must be >= 1, got {self.processes}")

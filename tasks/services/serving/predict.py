@@ -46,8 +46,8 @@ class PredictSummary:
     def line(self) -> str:
         return (f"predicted {self.images} images ({self.unreadable} unreadable) in {self.seconds:.1f} s: "
                 f"{self.images_per_s:.1f} images/s; {self.needs_review} need review (confidence < "
-                f"{self.review_threshold:g} or unreadable); model {self.model_uri} (version {self.model_version or '-'}, "
-                f"{self.device}) -> {self.output}")
+                f"{self.review_threshold:g} or unreadable); model {self.model_uri} "
+                f"(version {self.model_version or '-'}, {self.device}) -> {self.output}")
 
 
 def probability_column(class_name: str) -> str:
