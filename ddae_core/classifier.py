@@ -40,8 +40,10 @@ class Classifier:
     class_names: list[str]
 
     @classmethod
-    def load(cls, network_dir: Path, probe_dir: Path, preprocess: dict) -> "Classifier":
-        """Rebuild from a network directory and a probe directory (safetensors + JSON, no pickle).
+    def load(cls, network_dir: Path, probe_dir: Path, preprocess: dict,
+             device: str | torch.device = "cpu") -> "Classifier":
+        """Rebuild from a network directory and a probe directory (safetensors + JSON, no pickle); the
+        network runs on ``device`` (the probe on the CPU, on the features brought back).
 
         Reads only the readout and ``class_names`` of ``selection.json``, so the probe's and the
         finetune stage's files (and those of models registered long ago) load alike.
@@ -49,16 +51,22 @@ class Classifier:
         selection = json.loads((Path(probe_dir) / SELECTION_FILE).read_text())
         probe = LinearProbe.from_state_dict(load_file(str(Path(probe_dir) / "probe.safetensors")))
         return cls(
-            denoiser=load_network(Path(network_dir)).eval(),
+            denoiser=load_network(Path(network_dir), device=device).eval(),
             probe=probe,
             readout=Readout.from_json(selection),
             preprocess=PreprocessSpec.from_dict(preprocess),
             class_names=list(selection["class_names"]),
         )
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs."""
+        param = next(self.denoiser.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
     def features(self, images_uint8: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
         """Probe input for uint8 images (N, H, W, C): the readout's taps pooled and concatenated."""
-        x0 = to_model_input(images_uint8)
+        x0 = to_model_input(images_uint8).to(self.device)
         readout = self.readout
         out = extract_batch(self.denoiser, x0, sample_ids, taps=readout.taps, levels=(readout.level,),
                             pools=(readout.pool,), seed=readout.seed)

@@ -9,6 +9,7 @@ a params mapping means what the default run uses.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -439,6 +440,29 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """How pretrain and extract start: one process, or ``accelerate launch`` over ``processes``.
+
+    Not a DVC param of any stage: their results do not depend on the process count, so changing it
+    reruns nothing.
+    """
+
+    processes: int = 1  # 1: python -m tasks.<stage>; N > 1: accelerate launch --multi_gpu --num_processes N
+    args: str = ""  # more accelerate launch arguments (multi-node: "--num_machines 2 --machine_rank 0 ...")
+
+    def __post_init__(self) -> None:
+        _require(self.processes >= 1, "processes", f"must be >= 1, got {self.processes}")
+        try:
+            shlex.split(self.args)
+        except ValueError as err:
+            raise ConfigError(f"args: {self.args!r} does not split into arguments ({err})") from None
+
+    def arguments(self) -> list[str]:
+        """``args`` split as a shell would."""
+        return shlex.split(self.args)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """All of ``params.yaml``."""
 
@@ -451,6 +475,7 @@ class PipelineConfig:
     label_efficiency: LabelEfficiencyConfig = field(default_factory=LabelEfficiencyConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "params.yaml") -> "PipelineConfig":

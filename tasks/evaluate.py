@@ -12,11 +12,13 @@ import json
 import logging
 
 import numpy as np
+import torch
 
 from ddae_core.atomic import atomic_directory, write_bytes_atomic, write_csv_atomic, write_json_atomic
 from ddae_core.checkpoint import load_network, network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
+from ddae_core.devices import stage_device
 from ddae_core.features import extract_all
 from ddae_core.heads.diagnostics import alignment, knn_accuracy, uniformity
 from ddae_core.heads.probe import select_probe
@@ -40,23 +42,24 @@ METHODS = {  # column -> what the table calls it
 
 
 def probe_accuracy(x: dict[str, np.ndarray], y: dict[str, np.ndarray], rows: np.ndarray, num_classes: int,
-                   config: PipelineConfig, name: str = "features") -> dict[str, float | bool]:
-    """Probe fitted on ``rows`` of train, L2 chosen on validation along the probe stage's L2 path (fewer
-    labels move the optimum to larger L2; the path extends to it), scored once on test.
+                   config: PipelineConfig, name: str = "features",
+                   device: str | torch.device = "cpu") -> dict[str, float | bool]:
+    """Probe fitted on ``rows`` of train (on ``device``), L2 chosen on validation along the probe stage's L2
+    path (fewer labels move the optimum to larger L2; the path extends to it), scored once on test.
 
     Returns val_acc, test_acc, the chosen l2 and l2_at_edge (warned, under ``name``, when True).
     """
     _key, l2, probe, table = select_probe({name: (x["train"][rows], x["val"])}, y["train"][rows], y["val"],
                                           num_classes=num_classes, l2_grid=config.probe.l2_grid,
                                           max_iter=config.probe.max_iter, l2_extend=config.probe.l2_extend,
-                                          l2_bounds=config.probe.l2_bounds, progress=False)
+                                          l2_bounds=config.probe.l2_bounds, progress=False, device=device)
     chosen = next(r for r in table if r["l2"] == l2)
     return {"val_acc": chosen["val_acc"], "test_acc": float(probe.accuracy(x["test"], y["test"])), "l2": l2,
             "l2_at_edge": chosen["l2_at_edge"]}
 
 
-def label_efficiency(config: PipelineConfig, paths: Paths,
-                     checkpoint: str) -> tuple[list[dict], dict[float, int]]:
+def label_efficiency(config: PipelineConfig, paths: Paths, checkpoint: str,
+                     device: str | torch.device = "cpu") -> tuple[list[dict], dict[float, int]]:
     """One row per (method, fraction): labels used, validation and test accuracy; and the fractions
     skipped for holding fewer labels than classes (``too_few_labels``), with their label counts.
 
@@ -89,14 +92,14 @@ def label_efficiency(config: PipelineConfig, paths: Paths,
                          "test_acc": selection.test_acc})
         else:
             rows.append({**cell, "method": "ddae_probe", **probe_accuracy(x, y, subset, num_classes, config,
-                                                                          selection.readout.label)})
+                                                                          selection.readout.label, device)})
         if pixels is not None:
             if len(subset) == len(y["train"]) and "raw_pixels_test_acc" in probe_metrics:
                 rows.append({**cell, "method": "raw_pixels", "val_acc": probe_metrics["raw_pixels_val_acc"],
                              "test_acc": probe_metrics["raw_pixels_test_acc"]})
             else:
                 rows.append({**cell, "method": "raw_pixels", **probe_accuracy(pixels, y, subset, num_classes, config,
-                                                                              "pixels")})
+                                                                              "pixels", device)})
         rows.append({**cell, "method": "ddae_knn", "test_images": int(len(queries)), "test_acc": knn_accuracy(
             x["train"][subset], y["train"][subset], x["test"][queries], y["test"][queries], num_classes=num_classes,
             k=config.diagnostics.knn_k, temperature=config.diagnostics.knn_temperature)})
@@ -114,7 +117,8 @@ def knn_queries(test_labels: np.ndarray, config: PipelineConfig) -> np.ndarray:
     return capped_subset(test_labels, config.diagnostics.knn_queries, config.diagnostics.seed)
 
 
-def diagnostics(config: PipelineConfig, paths: Paths, index: FeatureIndex, checkpoint: str) -> list[dict]:
+def diagnostics(config: PipelineConfig, paths: Paths, index: FeatureIndex, checkpoint: str,
+                device: str | torch.device = "cpu") -> list[dict]:
     """Per (tap, level) at ``diagnostics.pool``: kNN test accuracy, alignment and uniformity."""
     cfg = config.diagnostics
     keys = [r for r in index.readouts if r.pool == cfg.pool]
@@ -122,7 +126,7 @@ def diagnostics(config: PipelineConfig, paths: Paths, index: FeatureIndex, check
         raise StageError(f"params.yaml: diagnostics.pool: {cfg.pool} is not in extract.pools "
                          f"({sorted({r.pool for r in index.readouts})})")
     num_classes = len(index.class_names)
-    views = two_views(config, paths, index, keys) if cfg.pairs else {}
+    views = two_views(config, paths, index, keys, device) if cfg.pairs else {}
     rows = []
     for key in keys:
         train, y_train = read_readout(paths.features, key, "train", checkpoint)
@@ -141,17 +145,19 @@ def diagnostics(config: PipelineConfig, paths: Paths, index: FeatureIndex, check
     return rows
 
 
-def two_views(config: PipelineConfig, paths: Paths, index: FeatureIndex, keys: list[Readout]) -> dict[int, dict]:
-    """Features of augmented copies 1 and 2 (flip/crop + their own noise) of a few train images."""
+def two_views(config: PipelineConfig, paths: Paths, index: FeatureIndex, keys: list[Readout],
+              device: str | torch.device = "cpu") -> dict[int, dict]:
+    """Features of augmented copies 1 and 2 (flip/crop + their own noise) of a few train images, the
+    network on ``device``."""
     _manifest, splits = load_prepared(paths.prepared)
     train = splits["train"]
     rows = nested_subset(train.labels, min(config.diagnostics.pairs, len(train)), config.diagnostics.seed)
-    denoiser = load_network(paths.network).eval()
+    denoiser = load_network(paths.network, device=device).eval()
     taps = list(dict.fromkeys(k.taps[0] for k in keys))
     levels = sorted({k.level for k in keys})
     return {copy: extract_all(denoiser, np.asarray(train.images[rows]), np.asarray(train.sample_ids)[rows],
                               taps=taps, levels=levels, pools=[config.diagnostics.pool], seed=index.seed,
-                              batch_size=config.extract.batch_size, copy=copy, progress=False)
+                              batch_size=config.extract.batch_size, copy=copy, progress=False, device=device)
             for copy in (1, 2)}
 
 
@@ -203,10 +209,11 @@ def summary_metrics(efficiency: list[dict], study: list[dict], skipped: dict[flo
 
 def run(config: PipelineConfig, paths: Paths) -> dict:
     """Label efficiency and diagnostics; returns the metrics written to metrics/evaluate.json."""
+    device = stage_device("evaluate", log)
     index = FeatureIndex.load(paths.features)
     checkpoint = network_hash(paths.network)
-    efficiency, skipped = label_efficiency(config, paths, checkpoint)
-    study = diagnostics(config, paths, index, checkpoint)
+    efficiency, skipped = label_efficiency(config, paths, checkpoint, device)
+    study = diagnostics(config, paths, index, checkpoint, device)
     with atomic_directory(paths.plots / "evaluate") as plots:
         write_csv_atomic(plots / "label_efficiency.csv", EFFICIENCY_COLUMNS, efficiency_table(efficiency))
         write_csv_atomic(plots / "diagnostics.csv", list(study[0]), [list(r.values()) for r in study])

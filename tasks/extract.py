@@ -26,6 +26,7 @@ from ddae_core.atomic import atomic_directory
 from ddae_core.checkpoint import load_network, network_hash, read_network_config
 from ddae_core.config import PipelineConfig, as_dict
 from ddae_core.data import load_prepared
+from ddae_core.devices import stage_device
 from ddae_core.diffusion import feature_levels, level_kind
 from ddae_core.features import extract
 from ddae_core.readout import Readout, resolve_taps
@@ -216,7 +217,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     """
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=stage_device("extract", log).type == "cpu")
     summary = build_features(config, paths, process_index=state.process_index, num_processes=state.num_processes,
                              device=state.device, barrier=state.wait_for_everyone)
     if not state.is_main_process:  # other ranks extract; only the main process assembles and logs

@@ -20,6 +20,7 @@ from ddae_core.atomic import atomic_directory, write_json_atomic
 from ddae_core.checkpoint import denoiser_from_meta, load_network, network_hash, read_network_config, save_network
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
+from ddae_core.devices import stage_device
 from ddae_core.features import extract_all
 from ddae_core.heads.finetune import ReadoutClassifier, accuracy, finetune, zero_head
 from ddae_core.heads.probe import LinearProbe, fit_logistic
@@ -44,21 +45,25 @@ def random_denoiser(network_dir, seed: int) -> torch.nn.Module:
         return denoiser_from_meta(read_network_config(network_dir))
 
 
-def scratch_head(denoiser, split, rows: np.ndarray, readout: Readout, num_classes: int, seed: int):
-    """A zero head standardised by the random network's readout on (up to 1024 of) ``rows``."""
+def scratch_head(denoiser, split, rows: np.ndarray, readout: Readout, num_classes: int, seed: int,
+                 device: str | torch.device = "cpu"):
+    """A zero head standardised by the random network's readout (on ``device``, where the network lives)
+    on (up to 1024 of) ``rows``."""
     rows = np.sort(rows[np.random.default_rng([seed, 6]).permutation(len(rows))[:_STATS_IMAGES]])
     feats = extract_all(denoiser, np.asarray(split.images[rows]), np.asarray(split.sample_ids)[rows],
                         taps=readout.taps, levels=[readout.level], pools=[readout.pool], seed=readout.seed,
-                        progress=False)
+                        progress=False, device=device)
     return zero_head(readout.concat(feats), num_classes)
 
 
 def probe_head(paths: Paths, x_train: np.ndarray, y_train: np.ndarray, rows: np.ndarray, selection: Selection,
-               num_classes: int, max_iter: int) -> LinearProbe:
-    """The pretrained model's head: a probe on the cached features of ``rows`` (all rows: the probe stage's)."""
+               num_classes: int, max_iter: int, device: str | torch.device = "cpu") -> LinearProbe:
+    """The pretrained model's head: a probe on the cached features of ``rows`` (all rows: the probe stage's),
+    fitted on ``device``."""
     if len(rows) == len(y_train):
         return LinearProbe.from_state_dict(load_file(str(paths.probe / "probe.safetensors")))
-    return fit_logistic(x_train[rows], y_train[rows], num_classes=num_classes, l2=selection.l2, max_iter=max_iter)
+    return fit_logistic(x_train[rows], y_train[rows], num_classes=num_classes, l2=selection.l2, max_iter=max_iter,
+                        device=device)
 
 
 def disabled(paths: Paths) -> dict:
@@ -75,6 +80,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     cfg = config.finetune
     if not cfg.enabled:
         return disabled(paths)
+    device = stage_device("finetune", log)
     selection = load_selection(paths)
     readout = selection.readout
     index = FeatureIndex.load(paths.features)
@@ -92,12 +98,13 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     for fraction, rows in sorted(subsets.items()):
         for model_name in MODELS if cfg.scratch else MODELS[:1]:
             if model_name == "ddae_finetune":
-                denoiser = load_network(paths.network)
-                head = probe_head(paths, x_train, y_train, rows, selection, num_classes, config.probe.max_iter)
+                denoiser = load_network(paths.network, device=device)
+                head = probe_head(paths, x_train, y_train, rows, selection, num_classes, config.probe.max_iter,
+                                  device)
             else:
-                denoiser = random_denoiser(paths.network, cfg.seed)
-                head = scratch_head(denoiser, splits["train"], rows, readout, num_classes, cfg.seed)
-            model = ReadoutClassifier(denoiser, head, readout)
+                denoiser = random_denoiser(paths.network, cfg.seed).to(device)
+                head = scratch_head(denoiser, splits["train"], rows, readout, num_classes, cfg.seed, device)
+            model = ReadoutClassifier(denoiser, head, readout).to(device)
             log.info("finetune: %s on %s of the labels (%d images)", model_name, fraction_label(fraction), len(rows))
             result = finetune(model, splits["train"], rows, splits["val"], val_rows, cfg, progress=True)
             test_acc = accuracy(result.model, splits["test"], test_rows)

@@ -20,6 +20,7 @@ from ddae_core.atomic import write_json_atomic
 from ddae_core.checkpoint import save_network
 from ddae_core.config import ConfigError, PipelineConfig, as_dict
 from ddae_core.data import load_prepared, save_image_grid, to_uint8_images
+from ddae_core.devices import stage_device
 from ddae_core.diffusion import build_denoiser, build_loss, feature_levels, grid_sampler
 from ddae_core.nn import build_unet, count_parameters
 from ddae_core.precision import resolve_mixed_precision
@@ -72,7 +73,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     cfg = dataclasses.replace(config.pretrain, train=dataclasses.replace(config.pretrain.train, steps=steps))
     loss_fn = build_loss(cfg.diffusion)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-                              cpu=not torch.cuda.is_available())
+                              cpu=stage_device("pretrain", log).type == "cpu")
     if init.mode == "import":  # nothing to train: the main process writes the outputs, the others are done
         return publish_import(imported, config, manifest, paths) if accelerator.is_main_process else {}
 
@@ -292,11 +293,12 @@ def draw_sample_grid(denoiser: torch.nn.Module, config: PipelineConfig, path) ->
     generator = torch.Generator().manual_seed(samples.seed)
     channels, size = denoiser.input_shape
     shape = (samples.count, channels, size, size)
-    latents = torch.randn(shape, generator=generator)
+    device = next(denoiser.parameters()).device  # the CPU generator draws; the network samples where it lives
+    latents = torch.randn(shape, generator=generator).to(device)
     sampler, options = grid_sampler(config.pretrain.diffusion.framework, samples)
     with torch.inference_mode():
         images = sampler(denoiser, latents, generator=generator, progress=True, **options)
-    save_image_grid(to_uint8_images(images), path, nrow=int(samples.count ** 0.5) or 1)
+    save_image_grid(to_uint8_images(images.cpu()), path, nrow=int(samples.count ** 0.5) or 1)
     return time.perf_counter() - start
 
 

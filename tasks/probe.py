@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.numpy import save_file
 
 from ddae_core.atomic import atomic_directory, write_csv_atomic, write_json_atomic
 from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
+from ddae_core.devices import stage_device
 from ddae_core.heads.metrics import balanced_accuracy, confusion_matrix, per_class
 from ddae_core.heads.probe import LinearProbe, screen_and_select, select_probe
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
@@ -22,19 +24,20 @@ from tasks.services.outputs.feature_store import Candidate, FeatureIndex, load_c
 from tasks.services.outputs.paths import Paths
 from tasks.services.outputs.plots import save_confusion, save_heatmap
 from tasks.services.outputs.selective import selective_report
-from tasks.services.runner.stage_main import stage_main
+from tasks.services.runner.stage_main import log, stage_main
 from tasks.services.tracking.runs import stage_run
 
 
-def probe_pixels(paths: Paths, config: PipelineConfig, num_classes: int) -> dict:
-    """The raw-pixel floor through the same probe code: pixels in [0, 1], flattened."""
+def probe_pixels(paths: Paths, config: PipelineConfig, num_classes: int,
+                 device: str | torch.device = "cpu") -> dict:
+    """The raw-pixel floor through the same probe code (fits on ``device``): pixels in [0, 1], flattened."""
     _manifest, splits = load_prepared(paths.prepared)
     as_x = {s: np.asarray(splits[s].images, dtype=np.float32).reshape(len(splits[s]), -1) / 255.0
             for s in ("train", "val", "test")}
     _key, l2, probe, table = select_probe(
         {"pixels": (as_x["train"], as_x["val"])}, splits["train"].labels, splits["val"].labels,
         num_classes=num_classes, l2_grid=config.probe.l2_grid, max_iter=config.probe.max_iter,
-        l2_extend=config.probe.l2_extend, l2_bounds=config.probe.l2_bounds, progress=True,
+        l2_extend=config.probe.l2_extend, l2_bounds=config.probe.l2_bounds, progress=True, device=device,
     )
     chosen = next(r for r in table if r["l2"] == l2)
     return {"l2": l2, "l2_at_edge": chosen["l2_at_edge"], "val_acc": chosen["val_acc"],
@@ -42,9 +45,10 @@ def probe_pixels(paths: Paths, config: PipelineConfig, num_classes: int) -> dict
 
 
 def probe_online(paths: Paths, config: PipelineConfig, index: FeatureIndex, readout: Readout,
-                 num_classes: int, cached: dict) -> dict:
+                 num_classes: int, cached: dict, device: str | torch.device = "cpu") -> dict:
     """The official online protocol (``ddae_core.heads.probe_online``) on the readout the cached probe chose,
-    reported beside the cached probe's own result: ``{"official_protocol": ..., "cached_probe": ...}``.
+    the network on ``device``, reported beside the cached probe's own result: ``{"official_protocol": ...,
+    "cached_probe": ...}``.
 
     Forward passes count network runs of one image at one noise level. The cached probe's: what the
     extract stage spends on this readout, train x (1 + extract.augment_copies) + val + test (one level;
@@ -57,9 +61,9 @@ def probe_online(paths: Paths, config: PipelineConfig, index: FeatureIndex, read
     _manifest, splits = load_prepared(paths.prepared)
     cfg = config.probe
     result = online_probe(
-        load_network(paths.network), splits["train"], splits["val"], splits["test"], readout=readout,
-        num_classes=num_classes, epochs=cfg.online_epochs, lr=cfg.online_lr,
-        batch_size=cfg.online_batch_size, progress=True,
+        load_network(paths.network, device=device), splits["train"], splits["val"], splits["test"],
+        readout=readout, num_classes=num_classes, epochs=cfg.online_epochs, lr=cfg.online_lr,
+        batch_size=cfg.online_batch_size, progress=True, device=device,
     )
     sizes = index.splits
     cached_passes = sizes["train"] * index.train_copies + sizes["val"] + sizes["test"]
@@ -83,15 +87,17 @@ def online_metrics(online: dict) -> dict[str, float]:
 
 
 def select(config: PipelineConfig, index: FeatureIndex, candidates: list[Candidate],
-           labels: dict[str, np.ndarray]) -> tuple[Candidate, float, LinearProbe, list[dict]]:
-    """Screen, refit the finalists and choose (candidate, L2) on validation; ties keep candidate order."""
+           labels: dict[str, np.ndarray],
+           device: str | torch.device = "cpu") -> tuple[Candidate, float, LinearProbe, list[dict]]:
+    """Screen, refit the finalists and choose (candidate, L2) on validation (fits on ``device``); ties keep
+    candidate order."""
     by_label = {c.readout.label: c for c in candidates}
     best_name, best_l2, best_probe, table = screen_and_select(
         {name: (c.features["train"], c.features["val"]) for name, c in by_label.items()},
         labels["train"], labels["val"], num_classes=len(index.class_names), l2_grid=config.probe.l2_grid,
         max_iter=config.probe.max_iter, l2_extend=config.probe.l2_extend, l2_bounds=config.probe.l2_bounds,
         screen_size=config.probe.screen_train,
-        finalists=config.probe.finalists, seed=index.seed, progress=True,
+        finalists=config.probe.finalists, seed=index.seed, progress=True, device=device,
     )
     return by_label[best_name], best_l2, best_probe, table
 
@@ -102,10 +108,11 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     Returns:
         The metrics dict written to metrics/probe.json.
     """
+    device = stage_device("probe", log)
     index = FeatureIndex.load(paths.features)
     checkpoint = network_hash(paths.network)
     candidates, labels = load_candidates(paths.features, index, config.probe.concat, checkpoint)
-    best, best_l2, best_probe, table = select(config, index, candidates, labels)
+    best, best_l2, best_probe, table = select(config, index, candidates, labels, device)
     readout = best.readout
     test_predictions = best_probe.predict(best.features["test"])
     test_acc = float(np.mean(test_predictions == labels["test"]))
@@ -123,9 +130,9 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     }
     num_classes = len(index.class_names)
     if config.probe.online:  # the official protocol on the same readout (slow; off by default)
-        metrics["online"] = probe_online(paths, config, index, readout, num_classes, metrics)
+        metrics["online"] = probe_online(paths, config, index, readout, num_classes, metrics, device)
     if config.probe.raw_pixels:
-        pixels = probe_pixels(paths, config, num_classes)
+        pixels = probe_pixels(paths, config, num_classes, device)
         metrics["raw_pixels_test_acc"] = pixels["test_acc"]
         metrics["raw_pixels_val_acc"] = pixels["val_acc"]
         metrics["raw_pixels_l2"], metrics["raw_pixels_l2_at_edge"] = pixels["l2"], pixels["l2_at_edge"]

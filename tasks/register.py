@@ -103,8 +103,8 @@ def score(root: Path, uri: str, frame_path: Path) -> float:
         check_reachable(root)
         raise StageError(f"scoring {uri} failed with exit code {result.returncode} (its log is above)")
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    log.info("%s: test accuracy %.4f on %d images (ddae_core from %s)", uri, report["accuracy"],
-             report["images"], report["ddae_core"])
+    log.info("register scoring: %s: test accuracy %.4f on %d images, device %s (ddae_core from %s)", uri,
+             report["accuracy"], report["images"], report.get("device", "cpu"), report["ddae_core"])
     return report["accuracy"]
 
 

@@ -1,6 +1,7 @@
 """The project code each DVC stage runs, derived from the source, and the stage graph of dvc.yaml.
 
-A stage runs ``python -m <module>``; the files it executes are that module, every project module it
+A stage runs ``python -m <module>`` (or ``python -m <launcher> -m <module>``: every module its cmd names
+after ``-m`` runs); the files it executes are that module, every project module it
 imports (at module level or inside a function, followed transitively), every project module it
 starts as a child ``python -m`` (a ``"-m", "pkg.mod"`` pair in an argument list: register's
 ``tasks.services.tracking.score_model``) with what that imports, and the package ``__init__.py`` files those run. The walk is static (an AST of every import statement) rather
@@ -26,6 +27,7 @@ PACKAGES = ("tasks", "ddae_core")  # the project's importable code; everything e
 WHOLE_DIRECTORY_DEPS = {"register": frozenset({"ddae_core"})}
 
 _COMMAND = re.compile(r"\bpython\s+-m\s+([\w.]+)")
+_MODULE = re.compile(r"(?:^|\s)-m\s+([\w.]+)")
 
 
 def dvc_stages(root: Path = REPO) -> dict[str, dict]:
@@ -33,12 +35,16 @@ def dvc_stages(root: Path = REPO) -> dict[str, dict]:
     return yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
 
 
-def entry_module(stage: dict) -> str:
-    """The module a stage's ``cmd`` runs with ``python -m``."""
-    found = _COMMAND.search(stage["cmd"])
-    if not found:
+def entry_modules(stage: dict) -> list[str]:
+    """Every module a stage's ``cmd`` names after ``-m``: the launcher (if any), then the stage's module."""
+    if not _COMMAND.search(stage["cmd"]):
         raise ValueError(f"dvc.yaml cmd {stage['cmd']!r} does not run `python -m <module>`")
-    return found.group(1)
+    return _MODULE.findall(stage["cmd"].split("#")[0])
+
+
+def entry_module(stage: dict) -> str:
+    """The stage's own module: the last one its ``cmd`` names (``tasks.<stage>``, also behind a launcher)."""
+    return entry_modules(stage)[-1]
 
 
 def module_file(root: Path, dotted: str) -> Path | None:
@@ -125,8 +131,8 @@ def code_files(module: str, root: Path = REPO) -> frozenset[str]:
 
 
 def stage_code(stage: str, root: Path = REPO) -> frozenset[str]:
-    """The project files a dvc.yaml stage runs (its entry module and all it imports)."""
-    return code_files(entry_module(dvc_stages(root)[stage]), root)
+    """The project files a dvc.yaml stage runs (its entry modules and all they import)."""
+    return frozenset().union(*(code_files(module, root) for module in entry_modules(dvc_stages(root)[stage])))
 
 
 def is_code_path(dep: str) -> bool:

@@ -6,6 +6,7 @@ is again "network + ``LinearProbe``" and serves through ``classifier.Classifier`
 Training: AdamW with a lower learning rate for the network than for the head, linear warm-up then
 cosine decay, keyed flip/crop augmentation and fresh noise per epoch, early stopping on validation
 (the best validation state is kept). The from-scratch baseline is the same code on random weights.
+Batches go to the device the model lives on (move the model there first).
 """
 
 from __future__ import annotations
@@ -76,15 +77,21 @@ def total_steps(rows: int, config: FinetuneConfig) -> int:
     return min(steps, config.max_steps) if config.max_steps else steps
 
 
-def _batches(split: ImageSplit, rows: np.ndarray, batch_size: int):
-    """``(x0 (B, C, H, W) in [-1, 1], sample ids (B,), labels (B,))`` over ``rows`` in order."""
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _batches(split: ImageSplit, rows: np.ndarray, batch_size: int, device: torch.device):
+    """``(x0 (B, C, H, W) in [-1, 1], sample ids (B,), labels (B,))`` over ``rows`` in order, tensors on
+    ``device``."""
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         sorted_chunk = np.sort(chunk)  # memmaps read fastest in order
         back = np.argsort(np.argsort(chunk))
         images = np.asarray(split.images[sorted_chunk])[back]
-        yield (to_model_input(images), np.asarray(split.sample_ids)[chunk],
-               torch.from_numpy(np.asarray(split.labels, dtype=np.int64)[chunk]))
+        yield (to_model_input(images).to(device), np.asarray(split.sample_ids)[chunk],
+               torch.from_numpy(np.asarray(split.labels, dtype=np.int64)[chunk]).to(device))
 
 
 def accuracy(model: ReadoutClassifier, split: ImageSplit, rows: np.ndarray | None = None,
@@ -98,7 +105,7 @@ def accuracy(model: ReadoutClassifier, split: ImageSplit, rows: np.ndarray | Non
     hits = 0
     try:
         with torch.no_grad():
-            for x0, ids, labels in _batches(split, rows, batch_size):
+            for x0, ids, labels in _batches(split, rows, batch_size, _device_of(model)):
                 hits += int((model(x0, ids).argmax(1) == labels).sum())
     finally:
         model.train(was_training)
@@ -146,7 +153,7 @@ def finetune(model: ReadoutClassifier, train: ImageSplit, train_rows: np.ndarray
         epoch = 0
         while step < steps_total and not stopped_early:
             order = train_rows[np.random.default_rng([config.seed, 5, epoch]).permutation(len(train_rows))]
-            for x0, ids, labels in _batches(train, order, config.batch_size):
+            for x0, ids, labels in _batches(train, order, config.batch_size, _device_of(model)):
                 if step >= steps_total:
                     break
                 for group in optimizer.param_groups:

@@ -4,7 +4,8 @@ The L2 path starts from a configured grid and extends past its ends while a cand
 optimum sits there (the right strength grows as the labels get fewer), with a warning when it stays there.
 
 Full-batch L-BFGS on cached features is deterministic and converges in seconds, unlike the paper's
-15 epochs of Adam; the model is the same single linear layer on the pooled feature.
+15 epochs of Adam; the model is the same single linear layer on the pooled feature. The fits run on
+``device`` (standardisation stays on the CPU, in float64); probes come back as CPU numpy arrays.
 """
 
 from __future__ import annotations
@@ -158,12 +159,13 @@ def _fit_standardized(
     max_iter: int,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L-BFGS on mean CE + l2/2 ||W||^2 for standardised ``xs`` (N, D); returns (W (K, D), b (K,))."""
+    """L-BFGS on mean CE + l2/2 ||W||^2 for standardised ``xs`` (N, D); returns (W (K, D), b (K,)) on
+    ``xs``'s device."""
     if init is None:
-        weight = torch.zeros((num_classes, xs.shape[1]), dtype=torch.float32)
-        bias = torch.zeros(num_classes, dtype=torch.float32)
+        weight = torch.zeros((num_classes, xs.shape[1]), dtype=torch.float32, device=xs.device)
+        bias = torch.zeros(num_classes, dtype=torch.float32, device=xs.device)
     else:
-        weight, bias = init[0].detach().clone(), init[1].detach().clone()
+        weight, bias = init[0].detach().to(xs.device).clone(), init[1].detach().to(xs.device).clone()
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     optimizer = torch.optim.LBFGS(
@@ -195,11 +197,13 @@ def fit_logistic(
     l2: float,
     max_iter: int = 200,
     init: LinearProbe | None = None,
+    device: str | torch.device = "cpu",
 ) -> LinearProbe:
     """Fit a standardised softmax regression on ``x`` (N, D) float, ``y`` (N,) int in [0, K).
 
     Loss = mean cross-entropy + ``l2`` / 2 * ||W||^2 (bias unpenalised), weights in standardised
-    units; full-batch L-BFGS with strong-Wolfe line search from zeros (or from ``init``, same D and K).
+    units; full-batch L-BFGS with strong-Wolfe line search from zeros (or from ``init``, same D and K),
+    on ``device``.
     """
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}")
@@ -210,9 +214,10 @@ def fit_logistic(
     scaler = Standardizer.fit(data)
     start = None if init is None else (torch.from_numpy(init.weight), torch.from_numpy(init.bias))
     weight, bias = _fit_standardized(
-        scaler.transform(data), labels, num_classes=num_classes, l2=l2, max_iter=max_iter, init=start
+        scaler.transform(data).to(device), labels.to(device), num_classes=num_classes, l2=l2, max_iter=max_iter,
+        init=start,
     )
-    return LinearProbe(weight=weight.numpy(), bias=bias.numpy(), mean=scaler.mean, std=scaler.std)
+    return LinearProbe(weight=weight.cpu().numpy(), bias=bias.cpu().numpy(), mean=scaler.mean, std=scaler.std)
 
 
 def _correct(xs: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> int:
@@ -316,6 +321,7 @@ def _search(
     l2_extend: int,
     l2_bounds: tuple[float, float],
     progress: bool,
+    device: str | torch.device = "cpu",
 ) -> tuple[Hashable, float, LinearProbe, list[dict[str, Any]]]:
     """``select_probe`` without its edge warning (screening uses it: its choice is not the final one)."""
     if not candidates:
@@ -333,20 +339,20 @@ def _search(
     with tqdm(total=len(candidates) * len(grid), disable=not progress, desc="probe", unit="fit") as bar:
         for key, (x_train, x_val) in candidates.items():
             train = _as_float_tensor(x_train)
-            labels_train = _as_labels(y_train, num_classes, train.shape[0])
+            labels_train = _as_labels(y_train, num_classes, train.shape[0]).to(device)
             scaler = Standardizer.fit(train)
-            xs_train = scaler.transform(train)
-            xs_val = scaler.transform(x_val)
+            xs_train = scaler.transform(train).to(device)
+            xs_val = scaler.transform(x_val).to(device)
             if xs_val.shape[1] != xs_train.shape[1]:
                 raise ValueError(f"{key}: train has {xs_train.shape[1]} features, val {xs_val.shape[1]}")
-            labels_val = _as_labels(y_val, num_classes, xs_val.shape[0])
+            labels_val = _as_labels(y_val, num_classes, xs_val.shape[0]).to(device)
             fits, at_edge = _l2_path(key, xs_train, labels_train, xs_val, labels_val, num_classes=num_classes,
                                      grid=grid, max_iter=max_iter, l2_extend=l2_extend, l2_bounds=bounds, bar=bar)
             table += [{"key": key, "l2": f.l2, "train_acc": f.train_hits / max(len(labels_train), 1),
                        "val_acc": f.val_hits / max(len(labels_val), 1), "l2_at_edge": at_edge} for f in fits]
             top = _best_fit(fits)
             if best is None or top.val_hits > best[0]:  # a tie keeps the candidate listed first
-                probe = LinearProbe(weight=top.state[0].numpy().copy(), bias=top.state[1].numpy().copy(),
+                probe = LinearProbe(weight=top.state[0].cpu().numpy().copy(), bias=top.state[1].cpu().numpy().copy(),
                                     mean=scaler.mean, std=scaler.std)
                 best = (top.val_hits, key, top.l2, probe)
     assert best is not None
@@ -376,6 +382,7 @@ def select_probe(
     l2_extend: int = 0,
     l2_bounds: tuple[float, float] = (0.0, math.inf),
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[Hashable, float, LinearProbe, list[dict[str, Any]]]:
     """Fit every (candidate, L2) on train, pick the best VALIDATION accuracy; test is left to the caller.
 
@@ -389,10 +396,11 @@ def select_probe(
     flat curve says nothing against more L2), one at the bottom stops. Returns (key, l2, probe, rows of {key, l2,
     train_acc, val_acc, l2_at_edge}), a candidate's rows largest L2 first; ``l2_at_edge`` (the same on
     all of a candidate's rows) says its best L2 still has nothing tried beyond it on one side, and a
-    warning names the chosen candidate when that is so.
+    warning names the chosen candidate when that is so. The fits run on ``device``.
     """
     key, l2, probe, table = _search(candidates, y_train, y_val, num_classes=num_classes, l2_grid=l2_grid,
-                                    max_iter=max_iter, l2_extend=l2_extend, l2_bounds=l2_bounds, progress=progress)
+                                    max_iter=max_iter, l2_extend=l2_extend, l2_bounds=l2_bounds, progress=progress,
+                                    device=device)
     _warn_if_at_edge(key, l2, table, len(np.asarray(y_train)))
     return key, l2, probe, table
 
@@ -411,6 +419,7 @@ def screen_and_select(
     finalists: int = 2,
     seed: int = 0,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[Hashable, float, LinearProbe, list[dict[str, Any]]]:
     """Two-phase selection: every candidate on a ``screen_size`` train subset, the best few on all.
 
@@ -422,7 +431,7 @@ def screen_and_select(
     ``phase`` ("screen" or "full"). Selection never looks at test.
     """
     path = {"num_classes": num_classes, "l2_grid": l2_grid, "max_iter": max_iter, "l2_extend": l2_extend,
-            "l2_bounds": l2_bounds, "progress": progress}
+            "l2_bounds": l2_bounds, "progress": progress, "device": device}
     y_train = np.asarray(y_train)
     if screen_size <= 0 or screen_size >= len(y_train) or len(candidates) <= finalists:
         key, l2, probe, table = select_probe(candidates, y_train, y_val, **path)

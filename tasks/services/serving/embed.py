@@ -98,4 +98,4 @@ def run_embed(root: Path, source: str, output: str, *, model: str | None = None,
     embedded = sum(len(t[0]) for t in tables)
     return {"output": str(out), "images": embedded, "unreadable": len(skipped), "tap": readout.tap_name, "dim": dim,
             "seconds": round(seconds, 2), "images_per_s": round(embedded / seconds, 1) if seconds > 0 else 0.0,
-            "model_uri": loaded.uri, "model_version": loaded.version}
+            "model_uri": loaded.uri, "model_version": loaded.version, "device": loaded.device}

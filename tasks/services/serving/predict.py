@@ -41,12 +41,13 @@ class PredictSummary:
     images_per_s: float
     model_uri: str
     model_version: str
+    device: str = "cpu"  # where the model ran
 
     def line(self) -> str:
         return (f"predicted {self.images} images ({self.unreadable} unreadable) in {self.seconds:.1f} s: "
                 f"{self.images_per_s:.1f} images/s; {self.needs_review} need review (confidence < "
-                f"{self.review_threshold:g} or unreadable); model {self.model_uri} (version {self.model_version or '-'}) "
-                f"-> {self.output}")
+                f"{self.review_threshold:g} or unreadable); model {self.model_uri} "
+                f"(version {self.model_version or '-'}, {self.device}) -> {self.output}")
 
 
 def probability_column(class_name: str) -> str:
@@ -145,4 +146,4 @@ def run_predict(root: Path, source: str, output: str, *, model: str | None = Non
     seconds = time.perf_counter() - start
     return PredictSummary(output=str(out), review_threshold=threshold, seconds=seconds,
                           images_per_s=counts["images"] / seconds if seconds > 0 else 0.0,
-                          model_uri=loaded.uri, model_version=loaded.version, **counts)
+                          model_uri=loaded.uri, model_version=loaded.version, device=loaded.device, **counts)

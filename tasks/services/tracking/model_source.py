@@ -27,6 +27,11 @@ class LoadedModel:
         """The ``ddae_core.classifier.Classifier`` inside the pyfunc (class names, network, taps)."""
         return self.pyfunc.unwrap_python_model().classifier
 
+    @property
+    def device(self) -> str:
+        """Where the model's network runs (it picks the GPU when loaded, if there is one)."""
+        return str(getattr(self.classifier, "device", "cpu"))  # versions logged before devices: cpu
+
 
 def model_uri(name: str, model: str | None = None, version: int | None = None) -> str:
     """``model`` as given, else ``models:/<name>/<version>``, else ``models:/<name>@champion``."""

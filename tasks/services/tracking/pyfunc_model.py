@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 
 import mlflow
 import numpy as np
@@ -33,9 +34,12 @@ class DDAEClassifierModel(PythonModel):
 
     def load_context(self, context) -> None:
         from ddae_core.classifier import Classifier
+        from ddae_core.devices import stage_device
 
         preprocess = json.loads(open(context.artifacts["preprocess"]).read())
-        self.classifier = Classifier.load(context.artifacts["network"], context.artifacts["probe"], preprocess)
+        device = stage_device("model", logging.getLogger("ddae"))  # served on the GPU when there is one
+        self.classifier = Classifier.load(context.artifacts["network"], context.artifacts["probe"], preprocess,
+                                          device=device)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if "image" not in model_input.columns:
