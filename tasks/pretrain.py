@@ -298,7 +298,7 @@ def draw_sample_grid(denoiser: torch.nn.Module, config: PipelineConfig, path) ->
     sampler, options = grid_sampler(config.pretrain.diffusion.framework, samples)
     with torch.inference_mode():
         images = sampler(denoiser, latents, generator=generator, progress=True, **options)
-    save_image_grid(to_uint8_images(images.cpu()), path, nrow=int(samples.count ** 0.5) or 1)
+    save_image_grid(to_uint8_images(images), path, nrow=int(samples.count ** 0.5) or 1)
     return time.perf_counter() - start
 
 
