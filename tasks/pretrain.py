@@ -267,6 +267,7 @@ def publish(result: TrainResult, config: PipelineConfig, manifest: dict, paths: 
         "steps": result.step,
         "chosen_step": result.chosen_step,  # the step whose EMA network is the output (the monitor's best)
         "monitor_points": len(result.monitor),
+        "monitor_wall_s": sum(p.get("wall_s", 0.0) for p in result.monitor),  # scoring, within train_wall_s
         "chosen_linear_val_acc": next((p["linear_val_acc"] for p in result.monitor
                                        if p["step"] == result.chosen_step), None),
         "epochs": round(result.step * config.pretrain.train.batch_size / max(1, seen), 2),

@@ -325,8 +325,10 @@ class _Monitoring:
                 self._copy = copy.deepcopy(bare)
             ema.copy_to(self._copy)
             self._copy.eval()
+            started = time.perf_counter()
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 metrics = self.monitor.evaluate(self._copy)  # never touches the training's random streams
+            metrics = {**metrics, "wall_s": time.perf_counter() - started}
             self.points = sorted([*self.points, {"step": step, **metrics}], key=lambda p: p["step"])
             write_json_atomic(self.path, {"key": self.monitor.key, "points": self.points})
             log.info("monitor at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
