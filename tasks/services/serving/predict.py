@@ -72,14 +72,19 @@ def batches(source: str, size: int) -> Iterator[list[tuple[str, bytes]]]:
 
 
 def predict_batch(pyfunc, payloads: list[bytes]) -> tuple[list[dict | None], list[str | None]]:
-    """Model outputs per image; when the batch fails, image by image, so one bad file costs one row."""
+    """Model outputs per image: the model's error rows as they are; when an older version fails the
+    batch, image by image, so one bad file costs one row."""
     def rows(frame: pd.DataFrame) -> list[dict]:
         return frame.to_dict("records")
 
     try:
-        return rows(pyfunc.predict(pd.DataFrame({"image": payloads}))), [None] * len(payloads)
+        frame = pyfunc.predict(pd.DataFrame({"image": payloads}))
     except Exception:  # noqa: BLE001 - find the unreadable images one by one
         pass
+    else:  # the model reports an unreadable image in its row (versions logged before that raise)
+        errors = [None if pd.isna(e) else str(e) for e in frame["error"]] if "error" in frame.columns \
+            else [None] * len(payloads)
+        return [None if e is not None else row for row, e in zip(rows(frame), errors)], errors
     outputs: list[dict | None] = []
     errors: list[str | None] = []
     for payload in payloads:

@@ -1,7 +1,9 @@
 """The MLflow pyfunc model (logged as code, so loading it unpickles nothing).
 
 Input: a DataFrame with a column ``image`` of encoded image bytes (or base64 text, as the REST
-server delivers them). Output: ``class_name``, ``class_id``, ``confidence`` and ``probabilities``.
+server delivers them). Output: ``class_name``, ``class_id``, ``confidence`` and ``probabilities``,
+and ``error``: None, or for an image that cannot be read a short message (its other columns empty).
+One bad image costs its own row, never the request.
 """
 
 from __future__ import annotations
@@ -29,6 +31,45 @@ def as_bytes(value) -> bytes:
     raise TypeError(f"image: expected bytes or base64 text, got {type(value).__name__}")
 
 
+MAX_ERROR_CHARS = 300  # an error row says what is wrong in a line, never a stack trace
+
+
+def read_rows(values) -> tuple[list[bytes], list[str | None]]:
+    """Each row's image bytes (empty when unusable) and its error (None when it is image bytes)."""
+    images: list[bytes] = []
+    errors: list[str | None] = []
+    for value in values:
+        try:
+            images.append(as_bytes(value))
+            errors.append(None)
+        except (TypeError, ValueError) as err:
+            images.append(b"")
+            errors.append(str(err)[:MAX_ERROR_CHARS])
+    return images, errors
+
+
+def decode_error(image: bytes, preprocess) -> str | None:
+    """Why ``image`` cannot be decoded and preprocessed, or None when it can."""
+    from ddae_core.data import preprocess_image
+
+    try:
+        preprocess_image(image, preprocess)
+    except Exception as err:  # noqa: BLE001 - whatever the decoder raises is this image's problem
+        return f"cannot decode image: {err}"[:MAX_ERROR_CHARS]
+    return None
+
+
+def with_error_rows(frame: pd.DataFrame, errors: list[str | None]) -> pd.DataFrame:
+    """One row per input row: ``frame``'s rows (one per readable image, in order) and an empty row,
+    with its ``error``, for each unreadable one."""
+    if all(e is None for e in errors):
+        return frame.assign(error=pd.Series([None] * len(frame), dtype=object, index=frame.index))
+    readable = iter(frame.to_dict("records"))
+    rows = [next(readable) if e is None else dict.fromkeys(frame.columns) for e in errors]
+    columns = {c: pd.Series([row[c] for row in rows], dtype=object) for c in frame.columns}
+    return pd.DataFrame({**columns, "error": pd.Series(errors, dtype=object)})
+
+
 class DDAEClassifierModel(PythonModel):
     """Adapts ``ddae_core.classifier.Classifier`` to MLflow's DataFrame interface."""
 
@@ -44,7 +85,20 @@ class DDAEClassifierModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if "image" not in model_input.columns:
             raise ValueError(f"input needs a column 'image'; got columns {list(model_input.columns)}")
-        images = [as_bytes(v) for v in model_input["image"]]
+        images, errors = read_rows(model_input["image"])
+        try:
+            frame = self.predict_images([b for b, e in zip(images, errors) if e is None])
+        except Exception:
+            # Find the images that cannot be decoded; when every image decodes, the failure is not theirs.
+            found = [e or decode_error(b, self.classifier.preprocess) for b, e in zip(images, errors)]
+            if found == errors:
+                raise
+            errors = found
+            frame = self.predict_images([b for b, e in zip(images, errors) if e is None])
+        return with_error_rows(frame, errors)
+
+    def predict_images(self, images: list[bytes]) -> pd.DataFrame:
+        """Predictions for images that are all readable, one row each."""
         probs = self.classifier.predict_proba(images)
         ids = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
         names = self.classifier.class_names
