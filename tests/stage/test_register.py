@@ -51,6 +51,29 @@ def _aliases(client) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The experiment
+
+
+def test_the_experiment_opens_in_the_model_training_view(tracking, tmp_path):
+    from tasks.services.tracking.runs import EXPERIMENT, stage_run
+
+    kind = "mlflow.experimentKind"
+    assert tracking.get_experiment_by_name(EXPERIMENT).tags[kind] == "custom_model_development"  # created with it
+
+    # An experiment made before the tag (an older store) gets it from the next stage run, once.
+    other = tmp_path / "older"
+    other.mkdir()
+    mlflow.set_tracking_uri(f"sqlite:///{other / 'mlflow.db'}")
+    old_id = mlflow.create_experiment(EXPERIMENT, artifact_location=(other / "mlartifacts").as_uri())
+    assert kind not in mlflow.MlflowClient().get_experiment(old_id).tags
+    for _ in range(2):
+        with stage_run(other, "register"):
+            pass
+    experiment = mlflow.MlflowClient().get_experiment_by_name(EXPERIMENT)
+    assert experiment.experiment_id == old_id and experiment.tags[kind] == "custom_model_development"
+
+
+# ---------------------------------------------------------------------------------------------
 # The gate
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 EXPERIMENT = "ddae"
+# MLflow 3's UI opens an experiment of this kind in its model-training view (runs, metrics, models)
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 PARENT_ENV = "DDAE_PIPELINE_RUN_ID"
 # MLflow's own HTTP retries default to 7 with a doubling backoff (minutes on a dead server): bound them
 HTTP_RETRY_DEFAULTS = {
@@ -69,7 +71,8 @@ def check_reachable(root: Path, attempts: int = REACH_ATTEMPTS, delay_s: float =
 
 
 def configure(root: Path) -> str:
-    """Point MLflow at the tracking store and make sure the experiment exists; return its id."""
+    """Point MLflow at the tracking store and make sure the experiment exists, with ``EXPERIMENT_TAGS``
+    (set once, also on an experiment made before them); return its id."""
     import mlflow
 
     check_reachable(root)
@@ -81,9 +84,12 @@ def configure(root: Path) -> str:
         artifacts = None
         if uri.startswith("sqlite:"):
             artifacts = (root / "mlartifacts").resolve().as_uri()
-        experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
     else:
         experiment_id = experiment.experiment_id
+        for key, value in EXPERIMENT_TAGS.items():
+            if experiment.tags.get(key) != value:
+                mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
