@@ -1,7 +1,7 @@
 """The ``ddae`` console script: one handler per subcommand, registered in ``SUBCOMMANDS``.
 
 To add a subcommand, write ``configure(parser)`` and ``run(args, out) -> exit code`` and add an entry;
-handlers write their report to ``out`` (stdout) and diagnostics to logging. Each handler imports what
+handlers write their report to ``out`` (stdout) and diagnostics to logging (``-v`` DEBUG, ``-q`` WARNING). Each handler imports what
 it needs when it runs, so ``ddae networks`` starts no orchestration stack.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -248,21 +249,38 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
+def verbosity_options() -> argparse.ArgumentParser:
+    """``-v`` / ``-q``, accepted before or after the subcommand (``ddae -v run``, ``ddae run -q``)."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
+                       default=argparse.SUPPRESS, help="log ddae's DEBUG lines too (also in the stages it runs)")
+    group.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
+                       default=argparse.SUPPRESS, help="log warnings and errors only (the report still prints)")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per subcommand."""
-    parser = argparse.ArgumentParser(prog="ddae",
+    verbosity = verbosity_options()
+    parser = argparse.ArgumentParser(prog="ddae", parents=[verbosity],
                                      description="Denoising diffusion autoencoders (DDAE): images to a classifier.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
-        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        sub = subparsers.add_parser(name, help=command.help, description=command.help, parents=[verbosity])
         command.configure(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ddae`` console script: run one subcommand; returns the exit code."""
+    from tasks.services.runner.process_env import LOG_LEVEL_ENV, configure_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = getattr(args, "log_level", logging.INFO)  # INFO unless -v / -q
+    configure_logging("%(levelname)s %(name)s: %(message)s", level)
+    if level != logging.INFO:
+        os.environ[LOG_LEVEL_ENV] = logging.getLevelName(level)  # the stages `ddae run` starts log alike
     return SUBCOMMANDS[args.command].run(args, sys.stdout)
 
 

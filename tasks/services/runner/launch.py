@@ -16,6 +16,7 @@ import sys
 from ddae_core.config import ConfigError, LaunchConfig
 from tasks.services.outputs.paths import Paths, resolve_root
 from tasks.services.params.loading import load_params
+from tasks.services.runner.process_env import configure_logging
 
 log = logging.getLogger("ddae")
 
@@ -39,7 +40,7 @@ def launch_env(launch: LaunchConfig, env: dict[str, str], gpu: bool) -> dict[str
 
 def main(argv: list[str]) -> int:
     """Read ``launch`` from params.yaml and exec the command (returns only on a usage or config error)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    configure_logging("%(asctime)s %(levelname)s [%(name)s] %(message)s")
     if len(argv) != 2 or argv[0] != "-m":
         sys.stderr.write(USAGE + "\n")
         return 2

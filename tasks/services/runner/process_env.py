@@ -1,8 +1,10 @@
-"""The process settings every ddae entry point applies: no telemetry, no spin-waiting, freed memory kept."""
+"""The process settings every ddae entry point applies: no telemetry, no spin-waiting, freed memory kept,
+and the log level (``ddae -v`` / ``-q``, handed to the stages it starts)."""
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 
@@ -23,6 +25,20 @@ def apply_offline_env(env: dict[str, str] | None = None) -> dict[str, str]:
     for key, value in OFFLINE_SAFE_ENV.items():
         target.setdefault(key, value)
     return target  # type: ignore[return-value]
+
+
+LOG_LEVEL_ENV = "DDAE_LOG_LEVEL"  # DEBUG / INFO / WARNING: `ddae -v` / `-q` set it for the stages they start
+
+
+def configure_logging(fmt: str, level: int | None = None) -> int:
+    """Log ``ddae`` at ``level`` (default: ``LOG_LEVEL_ENV``, else INFO); other libraries at INFO, or
+    at ``level`` when it is quieter (their DEBUG floods the log). Returns the level."""
+    if level is None:
+        named = logging.getLevelName(os.environ.get(LOG_LEVEL_ENV, "INFO").upper())
+        level = named if isinstance(named, int) else logging.INFO
+    logging.basicConfig(level=max(level, logging.INFO), format=fmt)
+    logging.getLogger("ddae").setLevel(level)
+    return level
 
 
 # glibc malloc settings (mallopt parameter -> value): keep freed memory for reuse instead of handing it

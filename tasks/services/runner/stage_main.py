@@ -1,25 +1,40 @@
 """``python -m tasks.<stage>``: validate params, run the stage, and exit with a code that says what happened.
 
 Stages are what DVC runs and what the Prefect flow reproduces through DVC; both load ``params.yaml``
-through ``load_params`` here, so a bad value fails before any work, naming the key.
+through ``load_params`` here, so a bad value fails before any work, naming the key. ``--help``
+prints what the stage does (its module docstring) and the exit codes; a stage takes no other argument.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ddae_core.config import ConfigError, PipelineConfig
 from tasks.services.outputs.paths import Paths, resolve_root
 from tasks.services.params.loading import load_params
-from tasks.services.runner.process_env import apply_offline_env, keep_freed_memory
+from tasks.services.runner.process_env import apply_offline_env, configure_logging, keep_freed_memory
 
 log = logging.getLogger("ddae")
 
 TRANSIENT_MARKER = "failed on I/O (retrying may help)"
+EXIT_CODES = {0: "done", 1: "the stage failed (the log says why)", 2: "invalid configuration or arguments",
+              75: "transient I/O, e.g. the tracking server did not answer (worth a retry)",
+              130: "interrupted (completed checkpoints and outputs are kept)"}
+
+
+def stage_parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
+    """``python -m tasks.<stage> [--help]``: the help is the stage module's docstring and the exit codes."""
+    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
+    return argparse.ArgumentParser(
+        prog=f"python -m tasks.{stage}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(doc or f"The {stage} stage.").strip(),
+        epilog=f"It takes no other argument: its params come from params.yaml (dvc.yaml runs it so).\n\n"
+               f"exit codes:\n{codes}")
 
 
 def is_transient(err: BaseException) -> bool:
@@ -29,18 +44,20 @@ def is_transient(err: BaseException) -> bool:
     return type(err).__module__.startswith("mlflow") and "request" in str(err).lower()
 
 
-def stage_main(stage: str, run: Callable[[PipelineConfig, Paths], dict]) -> None:
+def stage_main(stage: str, run: Callable[[PipelineConfig, Paths], dict], argv: Sequence[str] | None = None) -> None:
     """Entry point shared by ``python -m tasks.<stage>``: validate params, run, exit non-zero on error.
 
-    Exit codes: 2 invalid configuration, 1 the stage failed, 75 transient I/O (worth a retry),
-    130 interrupted (completed checkpoints and outputs are kept).
+    Exit codes (``EXIT_CODES``): 2 invalid configuration (or an argument: ``--help`` is the only one,
+    and exits 0 without running), 1 the stage failed, 75 transient I/O (worth a retry), 130 interrupted
+    (completed checkpoints and outputs are kept).
     """
+    stage_parser(stage, sys.modules[run.__module__].__doc__).parse_args(sys.argv[1:] if argv is None else argv)
     from ddae_core.checkpoint import CheckpointError
     from ddae_core.data import DatasetError
     from ddae_core.pretrained.errors import ImportSourceError
     from tasks.services.tracking.runs import check_reachable
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    configure_logging("%(asctime)s %(levelname)s [%(name)s] %(message)s")  # INFO, or what `ddae -v`/`-q` set
     apply_offline_env()
     keep_freed_memory()
     try:
