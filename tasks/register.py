@@ -6,6 +6,8 @@ there is no champion yet or the new test accuracy beats the champion's by more t
 of its own with its own logged code (``tasks.services.tracking.score_model``). The decision (both scores, margin, data
 version, git commit, why) is tagged on both versions. Inside ``dvc exp run`` the version is registered
 and tagged with the experiment, but no alias moves: only a pipeline run outside experiments promotes.
+Every version's run gets a model card (``model_card.md``: data, network, readout, scores, review
+threshold, known limits; ``tasks.services.tracking.model_card``) and, for the probe, the test confusion PNG.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ddae_core.data import load_prepared
 from ddae_core.readout import SELECTION_FILE, Selection
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import StageError, log, stage_main
+from tasks.services.tracking.model_card import CONFUSION_FILE, card_sections, log_card, read_json, render_card
 from tasks.services.tracking.runs import (
     check_reachable,
     content_key,
@@ -127,8 +130,29 @@ def log_classifier(paths: Paths, network: Path, probe: Path, preprocess: Path, e
     )
 
 
+def log_version_card(paths: Paths, name: str, version, manifest: dict, selection: Selection, network: Path,
+                     registered_acc: float, *, probe: bool) -> list[str]:
+    """Log the model card (and for a probe version the test confusion PNG) to the version's run.
+
+    A finetune version's head has its own test accuracy and no review threshold of its own.
+    """
+    from mlflow import MlflowClient
+
+    probe_metrics = read_json(paths.metrics / "probe.json") if probe else {"test_acc": selection.test_acc}
+    sections = card_sections(
+        manifest=manifest, selection=selection, network_meta=read_network_config(network),
+        network_hash=network_hash(network), probe_metrics=probe_metrics,
+        evaluate_metrics=read_json(paths.metrics / "evaluate.json"), registered_acc=registered_acc,
+        selective=probe_metrics.get("selective") if probe else None)
+    # More sections (e.g. a novelty threshold) are added to ``sections`` here, before rendering.
+    card = render_card(f"{name} version {version.version}", sections,
+                       facts={"kind": selection.kind, "git commit": git_commit(paths.root)})
+    confusion = paths.plots / "probe" / CONFUSION_FILE if probe else None
+    return log_card(MlflowClient(), version.run_id, card, confusion)
+
+
 def register_finetuned(paths: Paths, name: str, tags: dict, preprocess: Path, frame: pd.DataFrame,
-                       scoring: Path, experiment: Experiment | None) -> dict | None:
+                       scoring: Path, experiment: Experiment | None, manifest: dict) -> dict | None:
     """When the finetune stage saved a model: a second version (tag ``ddae.kind=finetune``, alias ``finetune``).
 
     It is the same pyfunc flavour (network + head as a probe directory); the champion gate stays
@@ -150,6 +174,7 @@ def register_finetuned(paths: Paths, name: str, tags: dict, preprocess: Path, fr
         client.set_registered_model_alias(name, "finetune", version.version)
     test_acc = score(paths.root, f"models:/{name}/{version.version}", scoring)
     client.set_model_version_tag(name, version.version, "ddae.gate.test_acc", str(test_acc))
+    log_version_card(paths, name, version, manifest, selection, network, test_acc, probe=False)
     return {"version": int(version.version), "test_acc": test_acc}
 
 
@@ -268,8 +293,9 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             MlflowClient(), name, version.version, score_uri=lambda uri: score(paths.root, uri, scoring),
             margin=config.register.min_improvement, experiment=experiment,
             facts={"model": name, "data_checksum": manifest["checksum"], "git_commit": tags["ddae.git_commit"]})
+        log_version_card(paths, name, version, manifest, selection, paths.network, decision["test_acc"], probe=True)
         finetuned = register_finetuned(paths, name, {**tags, "ddae.kind": "finetune"}, preprocess, frame,
-                                       scoring, experiment)
+                                       scoring, experiment, manifest)
         if finetuned is not None:
             decision["finetune"] = finetuned
         mlflow.log_metrics({"registered_test_acc": decision["test_acc"], "promoted": float(decision["promoted"])})

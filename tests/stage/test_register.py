@@ -217,3 +217,48 @@ def test_the_logged_model_code_is_the_pyfunc_module():
     import tasks.services.tracking.pyfunc_model as pyfunc_model
 
     assert register.CLASSIFIER_CODE.resolve() == Path(pyfunc_model.__file__).resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card
+
+
+def test_the_stage_logs_a_model_card_and_the_confusion_matrix_with_the_version(tmp_path, monkeypatch):
+    """The register stage on a tiny project; the card and PNG are read back from the version's run."""
+    from ddae_core.config import PipelineConfig
+    from tasks.services.tracking.model_card import CARD_FILE
+
+    from served_model import build_project
+
+    paths = build_project(tmp_path / "project")
+    (paths.root / "ddae_core").symlink_to(REPO / "ddae_core")  # the model's code_paths, as in the repository
+    evaluate = {"label_efficiency": {"ddae": {"10%": 0.625, "100%": 0.75}}, "labels": {"10%": 3, "100%": 9}}
+    (paths.metrics / "evaluate.json").write_text(json.dumps(evaluate))
+    for key in ("MLFLOW_TRACKING_URI", "DDAE_PIPELINE_RUN_ID", "DVC_EXP_BASELINE_REV", "DVC_EXP_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # scoring in-process never happens, but loading prepends
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        decision = register.run(PipelineConfig(), paths)
+        client = mlflow.MlflowClient()
+        version = client.get_model_version(NAME, str(decision["version"]))
+        names = {a.path for a in client.list_artifacts(version.run_id)}
+        assert {CARD_FILE, "confusion.png"} <= names
+        card = Path(client.download_artifacts(version.run_id, CARD_FILE, str(tmp_path / "dl"))).read_text()
+        png = Path(client.download_artifacts(version.run_id, "confusion.png", str(tmp_path / "dl"))).read_bytes()
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    probe = json.loads((paths.metrics / "probe.json").read_text())
+    manifest = json.loads((paths.prepared / "manifest.json").read_text())
+    assert png == (paths.plots / "probe" / "confusion.png").read_bytes()
+    assert f"{NAME} version {decision['version']}" in card
+    assert f"test accuracy: {100 * probe['test_acc']:.2f}%" in card
+    assert f"balanced accuracy, the mean recall over classes: {100 * probe['test_balanced_acc']:.2f}%" in card
+    assert manifest["checksum"] in card and f"{100 * decision['test_acc']:.2f}%" in card
+    assert "trained from scratch by the pretrain stage" in card and "mid.res1" in card
+    assert "| ddae | 62.50% | 75.00% |" in card  # label efficiency from metrics/evaluate.json
+    selective = probe["selective"]
+    assert f"below **{selective['suggested_threshold']:.3f}**" in card
+    assert f"accepts {100 * selective['test_coverage']:.2f}% of the images" in card
+    assert "## Known limits" in card and "a, b, c" in card and "32x32" in card
