@@ -7,14 +7,14 @@ first makes the Gaussian fit hold better), ``P`` the inverse of the within-class
 towards a scaled identity by the Ledoit-Wolf (2004) rule, so a few hundred rows in thousands of
 dimensions still give a usable precision. The model is K means and one D x D matrix: no feature bank.
 
-The threshold is calibrated on known-class images (validation): the ``1 - false_alarm`` quantile of
-their scores, so about that share of known images is flagged. Scores above it are novel.
+The threshold is calibrated on known-class images (validation): their ``1 - false_alarm`` quantile,
+so that share of them (to within one image) scores above it. Scores above it are novel.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +99,10 @@ class NoveltyModel:
             scores.append(np.maximum(squared.min(axis=1), 0.0))
         return np.concatenate(scores) if scores else np.zeros(0)
 
-    def calibrated(self, known: np.ndarray, false_alarm: float) -> "NoveltyModel":
-        """This model with the threshold that flags about ``false_alarm`` of the ``known`` features (N, D)."""
-        return NoveltyModel(self.means, self.precision, calibrate(self.score(known), false_alarm), self.shrinkage)
+    def calibrated(self, known_scores: np.ndarray, false_alarm: float) -> "NoveltyModel":
+        """This model with the threshold that flags about ``false_alarm`` of known images, given their
+        ``score`` (N,) (validation: the classes the probe knows, images it was not fitted on)."""
+        return replace(self, threshold=calibrate(known_scores, false_alarm))
 
     def is_novel(self, scores: np.ndarray) -> np.ndarray:
         """Boolean (N,): scores above the threshold (never, while uncalibrated or for a nan score)."""
@@ -156,14 +157,15 @@ def fit_novelty(features: np.ndarray, labels: np.ndarray) -> NoveltyModel:
 
 
 def calibrate(scores: np.ndarray, false_alarm: float) -> float:
-    """The threshold flagging at most ``false_alarm`` of ``scores`` (N,): their ``1 - false_alarm``
-    quantile, taken at a data point (``method="higher"``), so a score above it is rarer than that."""
+    """The threshold flagging ``floor(false_alarm * N)`` of ``scores`` (N,) (fewer where they tie): the
+    score ranked just below that many, so the share above it is at most the rate and within 1/N of it."""
     if not 0.0 < false_alarm < 1.0:
         raise ValueError(f"false-alarm rate must be in (0, 1), got {false_alarm}")
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1 or len(scores) == 0:
         raise ValueError(f"calibration needs a non-empty 1-d array of scores, got shape {scores.shape}")
-    return float(np.quantile(scores, 1.0 - false_alarm, method="higher"))
+    flagged = int(np.floor(false_alarm * len(scores) + 1e-9))  # 0.29 * 100 is 28.999...: still 29
+    return float(np.sort(scores)[len(scores) - 1 - flagged])
 
 
 def false_alarm_rate(scores: np.ndarray, threshold: float) -> float:

@@ -68,7 +68,7 @@ def test_an_unseen_class_scores_higher_than_the_known_ones():
     model = fit_novelty(x[known][::2], labels[known][::2])
     held_out, unseen_known = model.score(x[~known]), model.score(x[known][1::2])
     assert held_out.mean() > 3 * unseen_known.mean()
-    calibrated = model.calibrated(x[known][1::2], 0.05)
+    calibrated = model.calibrated(unseen_known, 0.05)
     assert calibrated.is_novel(held_out).mean() > 0.9
 
 
@@ -78,8 +78,8 @@ def test_calibration_flags_about_the_chosen_share_of_known_images():
     train, val, test = (slice(0, None, 3), slice(1, None, 3), slice(2, None, 3))  # 1500 rows each
     model = fit_novelty(x[train], labels[train])
     for rate in (0.01, 0.05, 0.2):
-        calibrated = model.calibrated(x[val], rate)
         val_scores = model.score(x[val])
+        calibrated = model.calibrated(val_scores, rate)
         assert calibrated.threshold == calibrate(val_scores, rate)
         measured = false_alarm_rate(val_scores, calibrated.threshold)
         assert rate - 1 / 1500 <= measured <= rate  # a quantile at a data point: never above the rate
@@ -101,13 +101,14 @@ def test_an_uncalibrated_model_and_nan_scores_flag_nothing():
     x, labels, *_ = clusters(rng, 20)
     model = fit_novelty(x, labels)
     assert math.isnan(model.threshold) and not model.is_novel(model.score(x)).any()
-    assert not model.calibrated(x, 0.1).is_novel(np.array([np.nan])).any()
+    assert not model.calibrated(model.score(x), 0.1).is_novel(np.array([np.nan])).any()
 
 
 def test_it_saves_as_tensors_and_loads_back_exactly(tmp_path):
     rng = np.random.default_rng(5)
     x, labels, *_ = clusters(rng, 20)
-    model = fit_novelty(x, labels).calibrated(x, 0.1)
+    model = fit_novelty(x, labels)
+    model = model.calibrated(model.score(x), 0.1)
     assert NoveltyModel.load(tmp_path) is None  # a probe directory without one (a finetune head)
     path = model.save(tmp_path)
     assert path.name == NOVELTY_FILE and path.read_bytes()[8:9] == b"{"  # safetensors: a JSON header, no pickle
@@ -122,3 +123,10 @@ def test_l2_normalise_keeps_zero_rows_and_refuses_other_ranks():
     np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
     with pytest.raises(ValueError, match=r"\(N, D\)"):
         l2_normalise(np.zeros(3))
+
+
+def test_the_threshold_flags_exactly_the_rate_rounded_down():
+    scores = np.random.default_rng(6).permutation(np.arange(100.0))
+    for rate, flagged in ((0.05, 5), (0.29, 29), (0.005, 0), (0.999, 99)):
+        assert np.sum(scores > calibrate(scores, rate)) == flagged, rate
+    assert calibrate(np.array([1.0, 2.0, 2.0, 2.0]), 0.5) == 2.0  # a tie is never split: none above
