@@ -1,7 +1,10 @@
 """The MLflow pyfunc model (logged as code, so loading it unpickles nothing).
 
 Input: a DataFrame with a column ``image`` of encoded image bytes (or base64 text, as the REST
-server delivers them). Output: ``class_name``, ``class_id``, ``confidence`` and ``probabilities``.
+server delivers them). Output: ``class_name``, ``class_id``, ``confidence``, ``probabilities``, then
+``novelty`` (nan for a model without a novelty model) and ``review_reason`` (``ddae_core.heads.selective.
+review_reason``: confidence below ``params["review_threshold"]``, default ``predict.review_threshold``'s
+default, or novelty above the threshold calibrated on validation; "" when neither).
 """
 
 from __future__ import annotations
@@ -44,15 +47,25 @@ class DDAEClassifierModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if "image" not in model_input.columns:
             raise ValueError(f"input needs a column 'image'; got columns {list(model_input.columns)}")
+        from ddae_core.config import PredictConfig
+        from ddae_core.heads.selective import review_reason
+
         images = [as_bytes(v) for v in model_input["image"]]
-        probs = self.classifier.predict_proba(images)
+        prediction = self.classifier.predict(images)
+        probs = prediction.probabilities
         ids = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
         names = self.classifier.class_names
+        confidence = probs.max(axis=1).astype(np.float64) if len(probs) else np.zeros(0)
+        threshold = float((params or {}).get("review_threshold", PredictConfig().review_threshold))
+        novelty_threshold = self.classifier.novelty_threshold()
         return pd.DataFrame({
             "class_name": [names[i] for i in ids],
             "class_id": ids.astype(np.int64),
-            "confidence": probs.max(axis=1).astype(np.float64) if len(probs) else np.zeros(0),
+            "confidence": confidence,
             "probabilities": [row.astype(np.float64).tolist() for row in probs],
+            "novelty": prediction.novelty.astype(np.float64),
+            "review_reason": [review_reason(float(c), float(n), threshold, novelty_threshold)
+                              for c, n in zip(confidence, prediction.novelty)],
         })
 
 
