@@ -118,7 +118,8 @@ def novelty_model(config: PipelineConfig, index: FeatureIndex, best: Candidate,
         "method": METHOD, "threshold": model.threshold, "false_alarm": config.predict.novelty_false_alarm,
         "val_false_alarm": false_alarm_rate(val_scores, model.threshold),
         "test_false_alarm": false_alarm_rate(model.score(best.features["test"]), model.threshold),
-        "chosen_on": "val", "train_rows": int(rows), "dim": model.dim, "shrinkage": model.shrinkage,
+        "chosen_on": "val", "val_rows": int(len(val_scores)), "train_rows": int(rows), "dim": model.dim,
+        "shrinkage": model.shrinkage,
     }
 
 
