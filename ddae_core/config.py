@@ -430,6 +430,7 @@ class PredictConfig:
     review_threshold: float = 0.5  # a prediction with confidence below this is flagged needs_review
     target_accuracy: float = 0.95  # the probe suggests the threshold whose accepted predictions reach this
     batch_size: int = 256  # images per model call in ddae predict / ddae embed
+    novelty_false_alarm: float = 0.05  # share of known (validation) images the novelty threshold flags
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.review_threshold <= 1.0, "review_threshold",
@@ -437,6 +438,8 @@ class PredictConfig:
         _require(0.0 < self.target_accuracy <= 1.0, "target_accuracy",
                  f"must be in (0, 1], got {self.target_accuracy}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(0.0 < self.novelty_false_alarm < 1.0, "novelty_false_alarm",
+                 f"must be in (0, 1), got {self.novelty_false_alarm}")
 
 
 @dataclass(frozen=True)

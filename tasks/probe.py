@@ -18,6 +18,7 @@ from ddae_core.config import PipelineConfig
 from ddae_core.data import load_prepared
 from ddae_core.devices import stage_device
 from ddae_core.heads.metrics import balanced_accuracy, confusion_matrix, per_class
+from ddae_core.heads.novelty import METHOD, NoveltyModel, false_alarm_rate, fit_novelty
 from ddae_core.heads.probe import LinearProbe, screen_and_select, select_probe
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
 from tasks.services.outputs.feature_store import Candidate, FeatureIndex, load_candidates
@@ -102,6 +103,26 @@ def select(config: PipelineConfig, index: FeatureIndex, candidates: list[Candida
     return by_label[best_name], best_l2, best_probe, table
 
 
+def novelty_model(config: PipelineConfig, index: FeatureIndex, best: Candidate,
+                  labels: dict[str, np.ndarray]) -> tuple[NoveltyModel, dict]:
+    """The chosen readout's novelty model (``ddae_core.heads.novelty``) and its metrics.
+
+    Fitted on the train images (copy 0: not their augmented copies), the threshold calibrated on
+    validation to ``predict.novelty_false_alarm``; the false-alarm rate measured on val and on test.
+    """
+    rows = index.splits["train"]  # the train features stack copy 0 first
+    model = fit_novelty(best.features["train"][:rows], labels["train"][:rows])
+    val_scores = model.score(best.features["val"])
+    model = model.calibrated(val_scores, config.predict.novelty_false_alarm)
+    return model, {
+        "method": METHOD, "threshold": model.threshold, "false_alarm": config.predict.novelty_false_alarm,
+        "val_false_alarm": false_alarm_rate(val_scores, model.threshold),
+        "test_false_alarm": false_alarm_rate(model.score(best.features["test"]), model.threshold),
+        "chosen_on": "val", "val_rows": int(len(val_scores)), "train_rows": int(rows), "dim": model.dim,
+        "shrinkage": model.shrinkage,
+    }
+
+
 def run(config: PipelineConfig, paths: Paths) -> dict:
     """Probe every candidate, select on validation, evaluate the winner on test once.
 
@@ -128,6 +149,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         "candidates": len(candidates),
         "train_size": int(len(labels["train"])),
     }
+    novelty, metrics["novelty"] = novelty_model(config, index, best, labels)
     num_classes = len(index.class_names)
     if config.probe.online:  # the official protocol on the same readout (slow; off by default)
         metrics["online"] = probe_online(paths, config, index, readout, num_classes, metrics, device)
@@ -139,17 +161,18 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     selection = Selection(readout=readout, class_names=index.class_names, level_kind=index.level_kind,
                           test_acc=test_acc, network_hash=checkpoint, data_checksum=index.data_checksum,
                           l2=best_l2, val_acc=metrics["val_acc"])
-    heatmaps = publish(config, paths, selection, best_probe, best, candidates, table, labels, metrics,
+    heatmaps = publish(config, paths, selection, best_probe, novelty, best, candidates, table, labels, metrics,
                        (test_predictions, confusion))
     write_json_atomic(paths.metrics / "probe.json", metrics)
     track(config, paths, selection, metrics, heatmaps)
     return metrics
 
 
-def publish(config: PipelineConfig, paths: Paths, selection: Selection, probe: LinearProbe, best: Candidate,
-            candidates: list[Candidate], table: list[dict], labels: dict[str, np.ndarray],
+def publish(config: PipelineConfig, paths: Paths, selection: Selection, probe: LinearProbe, novelty: NoveltyModel,
+            best: Candidate, candidates: list[Candidate], table: list[dict], labels: dict[str, np.ndarray],
             metrics: dict, test_scores: tuple[np.ndarray, np.ndarray]) -> list[str]:
-    """``outputs/probe`` (probe weights + selection.json) and ``plots/probe``; sets ``metrics["selective"]``.
+    """``outputs/probe`` (probe weights, novelty model, selection.json) and ``plots/probe``; sets
+    ``metrics["selective"]``.
 
     ``test_scores``: the chosen probe's test predictions and their confusion matrix (confusion.csv holds
     one ``actual,predicted`` row per test image for ``dvc plots``' confusion template, confusion.png the matrix,
@@ -160,6 +183,7 @@ def publish(config: PipelineConfig, paths: Paths, selection: Selection, probe: L
     with atomic_directory(paths.probe) as staging:
         save_file({k: np.ascontiguousarray(v) for k, v in probe.state_dict().items()},
                   str(staging / "probe.safetensors"))
+        novelty.save(staging)
         write_json_atomic(staging / SELECTION_FILE, selection.to_json())
     per_candidate = best_rows(table)
     with atomic_directory(paths.plots / "probe") as plots:
@@ -191,6 +215,8 @@ def track(config: PipelineConfig, paths: Paths, selection: Selection, metrics: d
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
         if "online" in metrics:
             mlflow.log_metrics(online_metrics(metrics["online"]))
+        mlflow.log_metrics({f"novelty.{k}": float(v) for k, v in metrics["novelty"].items()
+                            if k in ("threshold", "val_false_alarm", "test_false_alarm")})
         mlflow.log_artifact(str(paths.plots / "probe" / "table.csv"))
         for heatmap in heatmaps:
             mlflow.log_artifact(str(paths.plots / "probe" / heatmap))

@@ -2,7 +2,8 @@
 
 Raising the threshold sends more predictions to human review (lower coverage) and, for a calibrated
 enough model, makes the accepted ones more accurate. These functions trace that trade-off and pick
-the threshold that reaches a target accuracy with the most coverage.
+the threshold that reaches a target accuracy with the most coverage. ``review_reason`` is the one
+review rule: low confidence, or novelty above its calibrated threshold (``heads.novelty``).
 """
 
 from __future__ import annotations
@@ -55,3 +56,21 @@ def at_threshold(confidence: np.ndarray, correct: np.ndarray, threshold: float) 
     coverage = float(accepted.mean()) if len(confidence) else 0.0
     accuracy = float(np.asarray(correct, dtype=bool)[accepted].mean()) if accepted.any() else float("nan")
     return coverage, accuracy
+
+
+REVIEW_REASONS = ("unreadable", "low_confidence", "novel")  # joined with "+" when several hold
+
+
+def review_reason(confidence: float | None, novelty: float | None, confidence_threshold: float,
+                  novelty_threshold: float | None) -> str:
+    """Why a prediction needs review: ``""`` (it does not), ``"unreadable"`` (no confidence), else
+    ``"low_confidence"`` (below ``confidence_threshold``), ``"novel"`` (novelty above ``novelty_threshold``;
+    never when either is None or nan) or ``"low_confidence+novel"``."""
+    if confidence is None:
+        return "unreadable"
+    reasons = []
+    if confidence < confidence_threshold:
+        reasons.append("low_confidence")
+    if novelty is not None and novelty_threshold is not None and novelty > novelty_threshold:
+        reasons.append("novel")
+    return "+".join(reasons)

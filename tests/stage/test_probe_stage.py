@@ -9,6 +9,7 @@ bytes) and the registered model's ``Classifier.load`` reading the same features 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -173,3 +174,47 @@ def test_the_per_class_table_and_confusion_rows_are_the_saved_probes_test_predic
         assert float(row["recall"]) == pytest.approx(hits / images, abs=1e-4)
     assert metrics["test_balanced_acc"] == pytest.approx(np.mean([float(r["recall"]) for r in rows]), abs=1e-4)
     assert {"confusion.png", "confusion.csv", "per_class.csv"} <= set(tracked[0][-1])  # logged to MLflow
+
+
+def test_the_novelty_model_is_calibrated_on_val_saved_and_served(store, monkeypatch):
+    paths, images, ids, _features = store
+    monkeypatch.setattr(probe_stage, "track", lambda *args: None)  # no MLflow here
+    rate = 0.25
+    cfg = PipelineConfig.from_dict({"probe": {"concat": [], "raw_pixels": False, "max_iter": 30,
+                                              "l2_grid": [1e-2], "screen_train": 0},
+                                    "predict": {"novelty_false_alarm": rate}})
+    metrics = probe_stage.run(cfg, paths)
+    novelty = metrics["novelty"]
+    assert (novelty["method"], novelty["false_alarm"], novelty["chosen_on"]) == ("mahalanobis", rate, "val")
+    assert novelty["train_rows"] == SIZES["train"]  # copy 0 of train
+    assert json.loads((paths.metrics / "probe.json").read_text())["novelty"] == novelty
+    # the calibration: the share of validation images above the threshold, never above the rate
+    selection = Selection.read(paths.probe)
+    x_val, _ = read_readout(paths.features, selection.readout, "val", selection.network_hash)
+    classifier = Classifier.load(paths.network, paths.probe, {"channels": 1, "image_size": 32, "fit": "pad"})
+    assert classifier.novelty is not None and classifier.novelty_threshold() == novelty["threshold"]
+    val_scores = classifier.novelty.score(x_val)
+    assert novelty["val_false_alarm"] == pytest.approx(np.mean(val_scores > novelty["threshold"]))
+    assert rate - 1 / SIZES["val"] <= novelty["val_false_alarm"] <= rate
+    # served images get the score of their stored features
+    x_test, _ = read_readout(paths.features, selection.readout, "test", selection.network_hash)
+    served = classifier.novelty_of(classifier.features(images["test"], ids["test"]))
+    np.testing.assert_allclose(served, classifier.novelty.score(x_test), rtol=1e-3)
+
+
+def test_a_class_left_out_of_the_novelty_fit_scores_as_novel(store):
+    """The acceptance check without training anything new: fit on two of the three classes' train
+    features, calibrate on their validation images; the third class's images are the novel ones."""
+    paths, *_ = store
+    index = FeatureIndex.load(paths.features)
+    found, labels = load_candidates(paths.features, index, [], index.network_hash)
+    best = found[0]
+    keep = {split: labels[split] != 2 for split in SIZES}
+    known = probe_stage.Candidate(best.readout, {s: best.features[s][keep[s]] for s in SIZES})
+    known_labels = {s: labels[s][keep[s]] for s in SIZES}
+    smaller = dataclasses.replace(index, splits={s: int(keep[s].sum()) for s in SIZES})
+    model, metrics = probe_stage.novelty_model(PipelineConfig(), smaller, known, known_labels)
+    unseen = np.concatenate([best.features[s][~keep[s]] for s in ("val", "test")])
+    novel_scores, known_scores = model.score(unseen), model.score(best.features["test"][keep["test"]])
+    assert novel_scores.mean() > known_scores.mean()
+    assert model.is_novel(novel_scores).mean() > 0.5 and metrics["threshold"] == model.threshold

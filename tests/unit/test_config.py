@@ -59,6 +59,8 @@ def test_defaults_alone_are_valid():
         (lambda p: p["finetune"].update(patience=0), "finetune.patience", "must be >= 1"),
         (lambda p: p["label_efficiency"].update(fractions=[0.01, 1.5]), "label_efficiency.fractions[1]", "(0, 1]"),
         (lambda p: p["label_efficiency"].update(fractions=[0.1, 0.1]), "label_efficiency.fractions", "repeats"),
+        (lambda p: p["predict"].update(novelty_false_alarm=0.0), "predict.novelty_false_alarm", "(0, 1)"),
+        (lambda p: p["predict"].update(novelty_false_alarm=1), "predict.novelty_false_alarm", "(0, 1)"),
         (lambda p: p["diagnostics"].update(pairs=1), "diagnostics.pairs", "0 or >= 2"),
         (lambda p: p["diagnostics"].update(pool=3), "diagnostics.pool", "not in extract.pools"),
         (lambda p: p["pretrain"]["diffusion"].update(noise_label="index"), "pretrain.diffusion.noise_label",

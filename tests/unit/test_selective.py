@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ddae_core.heads.selective import at_threshold, selective_curve, suggest_threshold
+from ddae_core.heads.selective import at_threshold, review_reason, selective_curve, suggest_threshold
 
 
 def test_curve_points_accept_whole_ties_and_count_hits():
@@ -38,3 +38,19 @@ def test_selective_accuracy_rises_for_informative_confidence():
     assert top_fifth > curve.accuracy[-1] + 0.1
     with pytest.raises(ValueError, match="1-d"):
         selective_curve(np.zeros(3), np.zeros(2, dtype=bool))
+
+
+@pytest.mark.parametrize("confidence, novelty, novelty_threshold, expected", [
+    (0.9, 1.0, 2.0, ""),
+    (0.4, 1.0, 2.0, "low_confidence"),
+    (0.5, 1.0, 2.0, ""),  # at the threshold is accepted, as in at_threshold
+    (0.9, 3.0, 2.0, "novel"),
+    (0.9, 2.0, 2.0, ""),  # novel means above the calibrated threshold
+    (0.4, 3.0, 2.0, "low_confidence+novel"),
+    (0.9, float("nan"), 2.0, ""),  # a model without a novelty score
+    (0.9, 3.0, None, ""),
+    (0.4, None, None, "low_confidence"),
+    (None, None, 2.0, "unreadable"),
+])
+def test_review_reason_is_low_confidence_or_novelty(confidence, novelty, novelty_threshold, expected):
+    assert review_reason(confidence, novelty, 0.5, novelty_threshold) == expected

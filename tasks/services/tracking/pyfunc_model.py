@@ -1,9 +1,12 @@
 """The MLflow pyfunc model (logged as code, so loading it unpickles nothing).
 
 Input: a DataFrame with a column ``image`` of encoded image bytes (or base64 text, as the REST
-server delivers them). Output: ``class_name``, ``class_id``, ``confidence`` and ``probabilities``,
-and ``error``: None, or for an image that cannot be read a short message (its other columns empty).
-One bad image costs its own row, never the request.
+server delivers them). Output: ``class_name``, ``class_id``, ``confidence``, ``probabilities``, then
+``novelty`` (nan for a model without a novelty model) and ``review_reason`` (``ddae_core.heads.selective.
+review_reason``: confidence below ``params["review_threshold"]``, default ``predict.review_threshold``'s
+default, or novelty above the threshold calibrated on validation; "" when neither), and ``error``: None,
+or for an image that cannot be read a short message (its review reason "unreadable", its other columns
+empty). One bad image costs its own row, never the request.
 """
 
 from __future__ import annotations
@@ -87,26 +90,38 @@ class DDAEClassifierModel(PythonModel):
             raise ValueError(f"input needs a column 'image'; got columns {list(model_input.columns)}")
         images, errors = read_rows(model_input["image"])
         try:
-            frame = self.predict_images([b for b, e in zip(images, errors) if e is None])
+            frame = self.predict_images([b for b, e in zip(images, errors) if e is None], params)
         except Exception:
             # Find the images that cannot be decoded; when every image decodes, the failure is not theirs.
             found = [e or decode_error(b, self.classifier.preprocess) for b, e in zip(images, errors)]
             if found == errors:
                 raise
             errors = found
-            frame = self.predict_images([b for b, e in zip(images, errors) if e is None])
-        return with_error_rows(frame, errors)
+            frame = self.predict_images([b for b, e in zip(images, errors) if e is None], params)
+        out = with_error_rows(frame, errors)
+        out.loc[out["error"].notna(), "review_reason"] = "unreadable"
+        return out
 
-    def predict_images(self, images: list[bytes]) -> pd.DataFrame:
+    def predict_images(self, images: list[bytes], params=None) -> pd.DataFrame:
         """Predictions for images that are all readable, one row each."""
-        probs = self.classifier.predict_proba(images)
+        from ddae_core.config import PredictConfig
+        from ddae_core.heads.selective import review_reason
+
+        prediction = self.classifier.predict(images)
+        probs = prediction.probabilities
         ids = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
         names = self.classifier.class_names
+        confidence = probs.max(axis=1).astype(np.float64) if len(probs) else np.zeros(0)
+        threshold = float((params or {}).get("review_threshold", PredictConfig().review_threshold))
+        novelty_threshold = self.classifier.novelty_threshold()
         return pd.DataFrame({
             "class_name": [names[i] for i in ids],
             "class_id": ids.astype(np.int64),
-            "confidence": probs.max(axis=1).astype(np.float64) if len(probs) else np.zeros(0),
+            "confidence": confidence,
             "probabilities": [row.astype(np.float64).tolist() for row in probs],
+            "novelty": prediction.novelty.astype(np.float64),
+            "review_reason": [review_reason(float(c), float(n), threshold, novelty_threshold)
+                              for c, n in zip(confidence, prediction.novelty)],
         })
 
 
