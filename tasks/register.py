@@ -30,7 +30,7 @@ from PIL import Image
 
 from ddae_core.atomic import write_json_atomic
 from ddae_core.checkpoint import network_hash, read_network_config
-from ddae_core.config import PipelineConfig
+from ddae_core.config import PipelineConfig, PredictConfig
 from ddae_core.data import load_prepared
 from ddae_core.readout import SELECTION_FILE, Selection
 from tasks.services.outputs.paths import Paths
@@ -121,7 +121,8 @@ def log_classifier(paths: Paths, network: Path, probe: Path, preprocess: Path, e
     artifacts = {"network": str(network), "probe": str(probe), "preprocess": str(preprocess)}
     local = DDAEClassifierModel()
     local.load_context(type("Context", (), {"artifacts": artifacts})())
-    signature = infer_signature(example, local.predict(None, example))
+    params = {"review_threshold": PredictConfig().review_threshold}  # a request may pass its own
+    signature = infer_signature(example, local.predict(None, example, params), params=params)
     return mlflow.pyfunc.log_model(
         name=name, python_model=str(CLASSIFIER_CODE), artifacts=artifacts,
         code_paths=[str(paths.root / "ddae_core")],
@@ -144,7 +145,6 @@ def log_version_card(paths: Paths, name: str, version, manifest: dict, selection
         network_hash=network_hash(network), probe_metrics=probe_metrics,
         evaluate_metrics=read_json(paths.metrics / "evaluate.json"), registered_acc=registered_acc,
         selective=probe_metrics.get("selective") if probe else None)
-    # More sections (e.g. a novelty threshold) are added to ``sections`` here, before rendering.
     card = render_card(f"{name} version {version.version}", sections,
                        facts={"kind": selection.kind, "git commit": git_commit(paths.root)})
     confusion = paths.plots / "probe" / CONFUSION_FILE if probe else None

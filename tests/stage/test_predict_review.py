@@ -39,7 +39,8 @@ def test_the_served_model_adds_novelty_and_the_reason_beside_its_columns():
     stub = StubClassifier([[0.9, 0.1], [0.45, 0.55], [0.8, 0.2], [0.3, 0.7]], [1.0, 2.0, 11.0, 12.0])
     out = served(stub)
     assert list(out.columns) == ["class_name", "class_id", "confidence", "probabilities", "novelty",
-                                 "review_reason"]
+                                 "review_reason", "error"]
+    assert out["error"].isna().all()
     assert out["class_id"].tolist() == [0, 1, 0, 1] and out["novelty"].tolist() == [1.0, 2.0, 11.0, 12.0]
     assert out["review_reason"].tolist() == ["", "", "novel", "novel"]  # confidence 0.55 >= 0.5
     assert served(stub, {"review_threshold": 0.75})["review_reason"].tolist() == [

@@ -234,6 +234,10 @@ def test_the_stage_logs_a_model_card_and_the_confusion_matrix_with_the_version(t
     (paths.root / "ddae_core").symlink_to(REPO / "ddae_core")  # the model's code_paths, as in the repository
     evaluate = {"label_efficiency": {"ddae": {"10%": 0.625, "100%": 0.75}}, "labels": {"10%": 3, "100%": 9}}
     (paths.metrics / "evaluate.json").write_text(json.dumps(evaluate))
+    probe_metrics = json.loads((paths.metrics / "probe.json").read_text())
+    probe_metrics["novelty"] = {"method": "mahalanobis", "threshold": 35.7, "false_alarm": 0.05, "val_rows": 9,
+                                "val_false_alarm": 0.0, "test_false_alarm": 0.25}
+    (paths.metrics / "probe.json").write_text(json.dumps(probe_metrics))
     for key in ("MLFLOW_TRACKING_URI", "DDAE_PIPELINE_RUN_ID", "DVC_EXP_BASELINE_REV", "DVC_EXP_NAME"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(sys, "path", list(sys.path))  # scoring in-process never happens, but loading prepends
@@ -261,4 +265,6 @@ def test_the_stage_logs_a_model_card_and_the_confusion_matrix_with_the_version(t
     selective = probe["selective"]
     assert f"below **{selective['suggested_threshold']:.3f}**" in card
     assert f"accepts {100 * selective['test_coverage']:.2f}% of the images" in card
+    assert "## Novelty threshold" in card and "above **35.7**" in card and "9 validation images" in card
+    assert "25.00% on test" in card
     assert "## Known limits" in card and "a, b, c" in card and "32x32" in card

@@ -54,6 +54,7 @@ def test_one_corrupt_image_costs_its_own_row_only(served):
     assert corrupt["class_name"] is None and corrupt["probabilities"] is None
     assert corrupt["error"].startswith("cannot decode image: ") and "Traceback" not in corrupt["error"]
     assert "base64" in text["error"] and text["class_id"] is None
+    assert corrupt["review_reason"] == text["review_reason"] == "unreadable" != good["review_reason"]
     # The good row is what the model answers for that image alone.
     alone = served.predict(pd.DataFrame({"image": [png(90)]})).iloc[0]
     assert alone["class_id"] == good["class_id"] and alone["confidence"] == pytest.approx(good["confidence"])

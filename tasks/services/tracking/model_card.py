@@ -2,8 +2,8 @@
 
 ``model_card.md`` (markdown) goes to the version's run, beside the probe's test confusion matrix
 (``confusion.png``), so whoever picks a version in the registry reads both there. The card is built
-as named sections (``card_sections``) and rendered by ``render_card``: to add a section (a novelty
-threshold, say), add an entry to the dict before rendering.
+as named sections (``card_sections``) and rendered by ``render_card``: a new section is one more
+entry of that dict.
 """
 
 from __future__ import annotations
@@ -95,6 +95,17 @@ def review_section(selective: Mapping | None) -> str:
             "accuracy on those. `ddae predict` flags below `predict.review_threshold` (params.yaml).")
 
 
+def novelty_section(novelty: Mapping | None) -> str:
+    if not novelty:
+        return "No novelty model: every image gets one of the known classes, however unlike them it is."
+    return (f"`novelty` is the {novelty.get('method', 'novelty')} score in the readout's feature space; above "
+            f"**{novelty['threshold']:.4g}** (calibrated on {novelty.get('val_rows', '?')} validation images of "
+            f"known classes for a {percent(novelty.get('false_alarm'))} false-alarm rate: "
+            f"{percent(novelty.get('val_false_alarm'))} there, {percent(novelty.get('test_false_alarm'))} on test) "
+            "a prediction goes to review as `novel`. An image of a kind never seen in training should score "
+            "above it; a small validation split makes the rate coarse.")
+
+
 def limits_section(manifest: Mapping) -> str:
     spec = manifest["preprocess"]
     size, channels = spec["image_size"], spec["channels"]
@@ -125,14 +136,13 @@ def card_sections(*, manifest: Mapping, selection, network_meta: Mapping, networ
         "Test accuracy": accuracy_section(probe_metrics, registered_acc, int(manifest["splits"].get("test", 0))),
         "Label efficiency": efficiency_section(evaluate_metrics),
         "Review threshold": review_section(selective),
+        "Novelty threshold": novelty_section(probe_metrics.get("novelty")),
         "Known limits": limits_section(manifest),
     }
 
 
 def render_card(title: str, sections: Mapping[str, str], facts: Mapping[str, str] | None = None) -> str:
     """The card's markdown: ``# title``, one line of ``facts`` (version, commit, ...), then each section.
-
-    Extension point: more sections (e.g. a novelty threshold) are entries added to ``sections``.
     """
     parts = [f"# {title}", ""]
     if facts:
