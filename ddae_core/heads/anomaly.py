@@ -1,5 +1,6 @@
-"""Anomaly detection scores of a one-class (good parts only) model: AUROC, the ROC curve, and the
-false-alarm rate at a required recall.
+"""Anomaly detection with good parts only: the novelty model (``heads.novelty``) fitted on normal
+images, and how well its score separates anomalies: AUROC, the ROC curve, the false-alarm rate at a
+required recall.
 
 Higher scores mean "more anomalous"; ``anomalous`` is True for a positive (an anomaly), False for a
 normal image. Ties between a normal and an anomalous score count one half, as in the Mann-Whitney U.
@@ -8,8 +9,11 @@ normal image. Ties between a normal and an anomalous score count one half, as in
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+from ddae_core.heads.novelty import NoveltyModel, false_alarm_rate, fit_novelty
 
 
 def _checked(scores: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,3 +66,42 @@ def false_alarm_at_recall(scores: np.ndarray, anomalous: np.ndarray, recall: flo
         return math.nan, math.nan
     first = int(np.argmax(caught >= recall - 1e-12))
     return float(false_alarm[first]), float(thresholds[first])
+
+
+@dataclass(frozen=True)
+class OneClassResult:
+    """A novelty model fitted on normal train images, calibrated on normal val, scored on test."""
+
+    model: NoveltyModel
+    test_scores: np.ndarray  # (N_test,) float64
+    report: dict  # JSON-ready: test_auroc, false_alarm_at_recall, threshold, ... (``one_class``)
+
+
+def one_class(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, test: np.ndarray,
+              anomalous: np.ndarray, *, false_alarm: float, recall: float) -> OneClassResult:
+    """Fit the novelty model on normal ``train`` features (N, D) (their labels: the normal classes, so
+    with several the score is the distance to the nearest one's mean), calibrate its threshold to flag
+    ``false_alarm`` of the normal ``val`` rows, and score ``test`` against ``anomalous`` (N_test,).
+
+    The report: ``test_auroc``; ``false_alarm_at_recall``, the share of normal test images flagged at the
+    threshold that first catches ``recall`` of the anomalies (a property of the curve, the threshold read
+    off test, so reported and never served); ``threshold`` (the served one, from val) with the false-alarm
+    rate and recall it gives on test.
+    """
+    anomalous = np.asarray(anomalous, dtype=bool)
+    model = fit_novelty(train, train_labels)
+    val_scores = model.score(val)
+    model = model.calibrated(val_scores, false_alarm)
+    test_scores = model.score(test)
+    at_recall, _threshold = false_alarm_at_recall(test_scores, anomalous, recall)
+    flagged = model.is_novel(test_scores)
+    report = {
+        "test_auroc": auroc(test_scores, anomalous),
+        "recall": recall, "false_alarm_at_recall": at_recall,
+        "threshold": model.threshold, "false_alarm": false_alarm,
+        "val_false_alarm": false_alarm_rate(val_scores, model.threshold),
+        "test_false_alarm": float(flagged[~anomalous].mean()) if (~anomalous).any() else math.nan,
+        "test_recall": float(flagged[anomalous].mean()) if anomalous.any() else math.nan,
+        "dim": model.dim, "shrinkage": model.shrinkage,
+    }
+    return OneClassResult(model=model, test_scores=test_scores, report=report)

@@ -61,3 +61,22 @@ def test_false_alarm_at_recall_is_the_least_false_alarm_reaching_it():
     assert false_alarm_at_recall(scores, anomalous, 1.0) == (0.4, 5.5)
     with pytest.raises(ValueError, match="recall"):
         false_alarm_at_recall(scores, anomalous, 0.0)
+
+
+def test_one_class_flags_a_different_cluster_and_calibrates_on_normal_val():
+    from ddae_core.heads.anomaly import one_class
+
+    rng = np.random.default_rng(4)
+    dim = 16
+    centre, other = rng.normal(size=dim) * 3, rng.normal(size=dim) * 3
+    normal = centre + rng.normal(size=(600, dim))
+    anomalies = other + rng.normal(size=(100, dim))
+    test = np.r_[normal[400:], anomalies]
+    anomalous = np.r_[np.zeros(200, bool), np.ones(100, bool)]
+    result = one_class(normal[:300], np.zeros(300, np.int64), normal[300:400], test, anomalous,
+                       false_alarm=0.1, recall=0.95)
+    report = result.report
+    assert report["test_auroc"] > 0.95 and report["test_auroc"] == auroc(result.test_scores, anomalous)
+    assert report["val_false_alarm"] <= 0.1 and report["threshold"] == result.model.threshold
+    assert report["false_alarm_at_recall"] == false_alarm_at_recall(result.test_scores, anomalous, 0.95)[0]
+    assert report["test_recall"] > 0.9 and report["test_false_alarm"] < 0.25
