@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score, roc_curve as sk_roc_curve
+from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
 
 from ddae_core.heads.anomaly import auroc, false_alarm_at_recall, roc_curve
 
