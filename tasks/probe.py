@@ -232,6 +232,7 @@ def track(config: PipelineConfig, paths: Paths, selection: Selection, metrics: d
 
 
 ANOMALY_READOUT_RULE = "fixed: the first extract tap at the first level, globally pooled (no anomaly is looked at)"
+ANOMALY_CLASSES = ("normal", "anomaly")  # confusion.png in anomaly mode: rows the truth, columns flagged novel
 MAX_PIXEL_DIM = 4096  # raw pixels beyond this many values per image: no pixel baseline (a D x D precision)
 
 
@@ -259,7 +260,7 @@ def run_anomaly(config: PipelineConfig, paths: Paths, normal: list[str]) -> dict
     normal val), AUROC and false alarm at ``probe.anomaly_recall`` on test (normal = negative, every
     other class = positive); raw pixels beside it. Writes what the classifier path writes, less the
     linear probe: ``outputs/probe`` (selection.json kind anomaly, novelty.safetensors), metrics/probe.json,
-    ``plots/probe/roc.csv`` and ``roc.png``."""
+    ``plots/probe/roc.csv`` and ``roc.png``, and ``confusion.png`` (normal/anomaly against flagged)."""
     index = FeatureIndex.load(paths.features)
     checkpoint = network_hash(paths.network)
     candidates, labels = load_candidates(paths.features, index, (), checkpoint)
@@ -307,6 +308,10 @@ def run_anomaly(config: PipelineConfig, paths: Paths, normal: list[str]) -> dict
             curves["raw pixels"] = (*roc_curve(pixels.test_scores, anomalous)[:2], pixels.report["test_auroc"])
         save_roc_curves(curves, plots / "roc.png", f"Anomalies on test (normal: {', '.join(normal)})",
                         operating=(report["test_false_alarm"], report["test_recall"]))
+        flagged = result.model.is_novel(result.test_scores)  # the served threshold's decisions, as the card shows
+        save_confusion(confusion_matrix(anomalous.astype(int), flagged.astype(int), 2), ANOMALY_CLASSES,
+                       plots / "confusion.png", f"Test at the served threshold: {100 * report['test_recall']:.1f}% "
+                       f"of anomalies flagged, {100 * report['test_false_alarm']:.1f}% false alarms")
     write_json_atomic(paths.metrics / "probe.json", metrics)
     with stage_run(paths.root, "probe", {"ddae.network_hash": checkpoint, "ddae.data_checksum": index.data_checksum,
                                          "ddae.mode": "anomaly"}):
