@@ -17,7 +17,7 @@ import torch
 from ddae_core.atomic import atomic_directory, write_bytes_atomic, write_csv_atomic, write_json_atomic
 from ddae_core.checkpoint import load_network, network_hash
 from ddae_core.config import PipelineConfig
-from ddae_core.data import load_prepared, normal_classes, read_manifest
+from ddae_core.data import load_prepared, normal_classes
 from ddae_core.devices import stage_device
 from ddae_core.features import extract_all
 from ddae_core.heads.diagnostics import alignment, knn_accuracy, uniformity
@@ -209,9 +209,9 @@ def summary_metrics(efficiency: list[dict], study: list[dict], skipped: dict[flo
 
 def run(config: PipelineConfig, paths: Paths) -> dict:
     """Label efficiency and diagnostics; returns the metrics written to metrics/evaluate.json."""
-    if normal_classes(read_manifest(paths.prepared)):
-        return skipped_for_anomaly(paths)
     device = stage_device("evaluate", log)
+    if normal_classes(paths.prepared):
+        return skipped_for_anomaly(paths)
     index = FeatureIndex.load(paths.features)
     checkpoint = network_hash(paths.network)
     efficiency, skipped = label_efficiency(config, paths, checkpoint, device)

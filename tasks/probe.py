@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from ddae_core.atomic import atomic_directory, write_csv_atomic, write_json_atomic
 from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
-from ddae_core.data import load_prepared, normal_classes, read_manifest
+from ddae_core.data import load_prepared, normal_classes
 from ddae_core.devices import stage_device
 from ddae_core.heads.anomaly import OneClassResult, one_class, roc_curve
 from ddae_core.heads.metrics import balanced_accuracy, confusion_matrix, per_class
@@ -135,10 +135,10 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     Returns:
         The metrics dict written to metrics/probe.json.
     """
-    normal = normal_classes(read_manifest(paths.prepared))
+    device = stage_device("probe", log)
+    normal = normal_classes(paths.prepared)
     if normal:
         return run_anomaly(config, paths, normal)
-    device = stage_device("probe", log)
     index = FeatureIndex.load(paths.features)
     checkpoint = network_hash(paths.network)
     candidates, labels = load_candidates(paths.features, index, config.probe.concat, checkpoint)

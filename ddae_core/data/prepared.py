@@ -262,8 +262,12 @@ def manifest_config(config: DataConfig) -> dict[str, Any]:
     return recorded
 
 
-def normal_classes(manifest: Mapping[str, Any]) -> list[str]:
-    """The prepared data's normal classes (anomaly mode, in class order); [] for a classifier's data."""
+def normal_classes(manifest: Mapping[str, Any] | str | os.PathLike[str]) -> list[str]:
+    """The prepared data's normal classes (anomaly mode, in class order); [] for a classifier's data.
+    Given a prepared folder: [] too when it holds no manifest (a stage run on cached features alone)."""
+    if not isinstance(manifest, Mapping):
+        path = Path(manifest) / MANIFEST
+        manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     return list(manifest.get("normal_classes", []))
 
 
