@@ -1,5 +1,7 @@
 """A DDAE classifier: raw image bytes -> preprocessing -> frozen denoiser taps -> linear probe, and
 the novelty of each image in the same features (``heads.novelty``, when the probe directory has one).
+An anomaly-mode directory (good parts only) has no linear probe: the class probabilities over the
+normal classes are the novelty model's own (``NoveltyModel.posterior``: the nearest mean wins).
 
 Everything the deployed model does lives here (the MLflow wrapper only adapts DataFrames), and it
 reuses the one feature path, ``features.extract_batch``, so serving sees exactly what probing saw.
@@ -44,7 +46,7 @@ class Classifier:
     """The frozen network read at the chosen readout, plus the probe and, when saved, the novelty model."""
 
     denoiser: torch.nn.Module
-    probe: LinearProbe
+    probe: LinearProbe | None  # None: anomaly mode, the novelty model's posterior classifies
     readout: Readout
     preprocess: PreprocessSpec
     class_names: list[str]
@@ -61,14 +63,17 @@ class Classifier:
         when the directory has one.
         """
         selection = json.loads((Path(probe_dir) / SELECTION_FILE).read_text())
-        probe = LinearProbe.from_state_dict(load_file(str(Path(probe_dir) / "probe.safetensors")))
+        weights = Path(probe_dir) / "probe.safetensors"
+        novelty = NoveltyModel.load(Path(probe_dir))
+        if not weights.is_file() and novelty is None:
+            raise FileNotFoundError(f"{probe_dir} holds neither probe.safetensors nor a novelty model")
         return cls(
             denoiser=load_network(Path(network_dir), device=device).eval(),
-            probe=probe,
+            probe=LinearProbe.from_state_dict(load_file(str(weights))) if weights.is_file() else None,
             readout=Readout.from_json(selection),
             preprocess=PreprocessSpec.from_dict(preprocess),
             class_names=list(selection["class_names"]),
-            novelty=NoveltyModel.load(Path(probe_dir)),
+            novelty=novelty,
         )
 
     @property
@@ -102,7 +107,8 @@ class Classifier:
             chunk = list(images[start:start + batch_size])
             pixels = np.stack([preprocess_image(b, self.preprocess) for b in chunk])
             features = self.features(pixels, content_ids(chunk))
-            probs.append(self.probe.predict_proba(features))
+            probs.append(self.probe.predict_proba(features) if self.probe is not None
+                         else self.novelty.posterior(features))
             novelty.append(self.novelty_of(features))
         if not probs:
             return Prediction(np.zeros((0, len(self.class_names)), dtype=np.float32), np.zeros(0))

@@ -130,8 +130,20 @@ class DataConfig:
     on_corrupt: Literal["fail", "skip"] = "fail"  # unreadable images: stop, or skip and report
     max_train: int = 0  # 0 = all; else a class-balanced subset (quick runs, tests)
     max_test: int = 0  # 0 = all
+    # anomaly detection (good parts only): the normal classes; train and val keep only them, test all
+    # classes (the others are the anomalies). Empty: the classifier. Names are checked against the data at prepare.
+    normal_classes: tuple[str, ...] = ()
+
+    @property
+    def anomaly(self) -> bool:
+        """True in the one-class mode: ``normal_classes`` lists the classes that are normal."""
+        return bool(self.normal_classes)
 
     def __post_init__(self) -> None:
+        for i, name in enumerate(self.normal_classes):
+            _require(bool(name), f"normal_classes[{i}]", "must be a class name, got an empty string")
+        _require(len(set(self.normal_classes)) == len(self.normal_classes), "normal_classes",
+                 f"repeats a class: {list(self.normal_classes)}")
         _require(self.image_size == "auto" or self.image_size >= 8, "image_size",
                  f"must be >= 8 or auto, got {self.image_size}")
         _require(self.channels in (1, 3, "auto"), "channels", f"must be 1, 3 or auto, got {self.channels}")
@@ -327,8 +339,10 @@ class ProbeConfig:
     online_epochs: int = 15  # official: 15 epochs of Adam, cosine per epoch, flip/zero-padded crop + fresh noise
     online_lr: float = 4e-3  # effective: official 1e-3 per GPU x 4 GPUs (the same for any process count here)
     online_batch_size: int = 512  # effective (global): official 128 per GPU x 4 GPUs
+    anomaly_recall: float = 0.95  # data.normal_classes set: report the false-alarm rate at this recall of anomalies
 
     def __post_init__(self) -> None:
+        _require(0.0 < self.anomaly_recall <= 1.0, "anomaly_recall", f"must be in (0, 1], got {self.anomaly_recall}")
         _require(self.online_epochs >= 1, "online_epochs", f"must be >= 1, got {self.online_epochs}")
         _require(self.online_lr > 0, "online_lr", f"must be > 0, got {self.online_lr}")
         _require(self.online_batch_size >= 1, "online_batch_size", f"must be >= 1, got {self.online_batch_size}")

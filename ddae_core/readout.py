@@ -112,27 +112,31 @@ class Selection:
     """What ``selection.json`` holds: the readout a head was trained on, plus that head's provenance.
 
     The probe stage writes one (with the chosen ``l2`` and its ``val_acc``), the finetune stage one
-    for its head (``kind="finetune"``, no L2 or validation score); served models load either.
+    for its head (``kind="finetune"``, no L2 or validation score); served models load either. In
+    anomaly mode the probe stage writes ``kind="anomaly"``: no linear probe, ``class_names`` the normal
+    classes (the novelty model's means, in order), ``test_auroc`` instead of ``test_acc``.
     """
 
     readout: Readout
     class_names: tuple[str, ...]  # class id -> name, the head's output order
     level_kind: str  # "t" (DDPM) or "sigma" (EDM): how to read readout.level
-    test_acc: float  # of this head on the test split, as its stage measured it
+    test_acc: float | None  # of this head on the test split, as its stage measured it (None: anomaly)
     network_hash: str  # the network the head reads (for a fine-tuned head, the fine-tuned network)
     data_checksum: str  # the prepared data it was trained and scored on
     l2: float | None = None  # probe only: the L2 strength chosen on validation
     val_acc: float | None = None  # probe only
-    kind: Literal["probe", "finetune"] = "probe"
+    kind: Literal["probe", "finetune", "anomaly"] = "probe"
+    test_auroc: float | None = None  # anomaly only: the novelty score's AUROC on test
 
     def __post_init__(self) -> None:
-        if self.kind not in ("probe", "finetune"):
-            raise ValueError(f"selection kind: expected 'probe' or 'finetune', got {self.kind!r}")
+        if self.kind not in ("probe", "finetune", "anomaly"):
+            raise ValueError(f"selection kind: expected 'probe', 'finetune' or 'anomaly', got {self.kind!r}")
+        if (self.test_acc is None) != (self.kind == "anomaly"):
+            raise ValueError(f"selection test_acc: a {self.kind} head {'has none' if self.kind == 'anomaly' else 'needs one'}")
         if isinstance(self.class_names, str):
             raise ValueError(f"selection class_names must be a list of names, got the string {self.class_names!r}")
         object.__setattr__(self, "class_names", tuple(self.class_names))
-        object.__setattr__(self, "test_acc", float(self.test_acc))
-        for name in ("l2", "val_acc"):
+        for name in ("test_acc", "l2", "val_acc", "test_auroc"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -140,7 +144,10 @@ class Selection:
         """Flat keys, as the stages have always written them; ``None`` fields and ``kind="probe"`` left out."""
         data = {**self.readout.to_json(), "class_names": list(self.class_names), "level_kind": self.level_kind,
                 "test_acc": self.test_acc, "network_hash": self.network_hash, "data_checksum": self.data_checksum}
-        data.update({name: getattr(self, name) for name in ("l2", "val_acc") if getattr(self, name) is not None})
+        if self.test_acc is None:
+            del data["test_acc"]
+        data.update({name: getattr(self, name) for name in ("l2", "val_acc", "test_auroc")
+                     if getattr(self, name) is not None})
         if self.kind != "probe":
             data["kind"] = self.kind
         return data
@@ -148,11 +155,13 @@ class Selection:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Selection:
         """Either stage's ``selection.json`` content; unknown keys are ignored."""
-        _require(data, ("class_names", "level_kind", "test_acc", "network_hash", "data_checksum"))
+        kind = data.get("kind", "probe")
+        _require(data, ("class_names", "level_kind", "network_hash", "data_checksum")
+                 + (() if kind == "anomaly" else ("test_acc",)))
         return cls(readout=Readout.from_json(data), class_names=data["class_names"],
-                   level_kind=data["level_kind"], test_acc=data["test_acc"], network_hash=data["network_hash"],
+                   level_kind=data["level_kind"], test_acc=data.get("test_acc"), network_hash=data["network_hash"],
                    data_checksum=data["data_checksum"], l2=data.get("l2"), val_acc=data.get("val_acc"),
-                   kind=data.get("kind", "probe"))
+                   kind=kind, test_auroc=data.get("test_auroc"))
 
     @classmethod
     def read(cls, directory: Path) -> Selection:

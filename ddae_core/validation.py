@@ -73,6 +73,9 @@ def validate_pipeline(config: PipelineConfig, source: str = "params.yaml") -> No
             feature_levels(config.pretrain.diffusion, config.extract.levels, config.extract.sigma_indices)
         except ValueError as err:
             raise ConfigError(f"extract.{err}") from None
+        if config.data.anomaly and config.finetune.enabled:
+            raise ConfigError("finetune.enabled: true, but data.normal_classes makes this an anomaly-detection run "
+                              "(one-class, no labels of anomalies to fine-tune a classifier on); set it to false")
         if config.diagnostics.pool not in config.extract.pools:
             raise ConfigError(f"diagnostics.pool: {config.diagnostics.pool} is not in extract.pools "
                               f"{list(config.extract.pools)} (diagnostics read the cached features)")

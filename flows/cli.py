@@ -138,7 +138,11 @@ def _run_flow(root: Path, overrides: dict, out: TextIO) -> int:
     probe = summary.get("probe", {})
     for stage in summary["stages"]:
         out.write(f"{stage['stage']:<9} {STATUS_WORDS[stage['status']]}  {stage['seconds']} s\n")
-    if probe:
+    if probe and "test_auroc" in probe:  # anomaly mode (data.normal_classes)
+        out.write(f"test AUROC {probe['test_auroc']:.4f} with {probe['best']['name']}"
+                  + (f" (raw pixels {probe['raw_pixels_test_auroc']:.4f})" if "raw_pixels_test_auroc" in probe else "")
+                  + "\n")
+    elif probe:
         out.write(f"test accuracy {100 * probe['test_acc']:.2f}% with {probe['best']['name']}"
                   + (f", balanced {100 * probe['test_balanced_acc']:.2f}%" if "test_balanced_acc" in probe else "")
                   + (f" (raw pixels {100 * probe['raw_pixels_test_acc']:.2f}%)" if "raw_pixels_test_acc" in probe else "")

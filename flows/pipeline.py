@@ -31,8 +31,12 @@ def results_markdown(root: Path, stages: list[dict]) -> str:
     lines = ["# ddae pipeline run", "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages]
     probe_metrics = root / "metrics" / "probe.json"
-    if probe_metrics.is_file():
-        metrics = json.loads(probe_metrics.read_text())
+    metrics = json.loads(probe_metrics.read_text()) if probe_metrics.is_file() else {}
+    if "test_auroc" in metrics:  # anomaly mode (data.normal_classes)
+        lines += ["", f"**Test AUROC**: {metrics['test_auroc']:.4f} (readout `{metrics['best']['name']}`, fixed)"]
+        if "raw_pixels_test_auroc" in metrics:
+            lines.append(f"**Raw pixels, same scoring**: {metrics['raw_pixels_test_auroc']:.4f}")
+    elif metrics:
         lines += ["", f"**Test accuracy**: {100 * metrics['test_acc']:.2f}% "
                       f"(readout `{metrics['best']['name']}`, chosen on validation)"]
         if "test_balanced_acc" in metrics:  # mean recall per class: plots/probe/per_class.csv, confusion.png

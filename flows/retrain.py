@@ -37,13 +37,14 @@ def decision_markdown(decision: dict | None, data_version: str) -> str:
                 f"`{data_version}` and the code are unchanged, so no model was registered and the "
                 "champion did not move.\n")
     champion = decision["champion_version"]
+    metric = decision.get("metric", "test_acc")  # test_auroc in anomaly mode
     moved = "moved to" if decision["promoted"] else "stays at"
     lines = [
         "# ddae retraining decision", "",
-        "| role | version | test accuracy |", "|---|---|---|",
-        f"| challenger | v{decision['version']} | {_accuracy(decision['test_acc'])} |",
+        f"| role | version | {metric.replace('_', ' ')} |", "|---|---|---|",
+        f"| challenger | v{decision['version']} | {_accuracy(decision[metric])} |",
         f"| champion before | {'v' + str(champion) if champion else 'none'} | "
-        f"{_accuracy(decision['champion_test_acc'])} |", "",
+        f"{_accuracy(decision['champion_' + metric])} |", "",
         f"Margin required: {decision['margin']:g}. Promoted: **{decision['promoted']}**; champion {moved} "
         f"v{decision['version'] if decision['promoted'] else champion}.", "",
         f"Data version `{decision['data_checksum']}`, git commit `{decision['git_commit']}`.",

@@ -17,7 +17,7 @@ import torch
 from ddae_core.atomic import atomic_directory, write_bytes_atomic, write_csv_atomic, write_json_atomic
 from ddae_core.checkpoint import load_network, network_hash
 from ddae_core.config import PipelineConfig
-from ddae_core.data import load_prepared
+from ddae_core.data import load_prepared, normal_classes
 from ddae_core.devices import stage_device
 from ddae_core.features import extract_all
 from ddae_core.heads.diagnostics import alignment, knn_accuracy, uniformity
@@ -210,6 +210,8 @@ def summary_metrics(efficiency: list[dict], study: list[dict], skipped: dict[flo
 def run(config: PipelineConfig, paths: Paths) -> dict:
     """Label efficiency and diagnostics; returns the metrics written to metrics/evaluate.json."""
     device = stage_device("evaluate", log)
+    if normal_classes(paths.prepared):
+        return skipped_for_anomaly(paths)
     index = FeatureIndex.load(paths.features)
     checkpoint = network_hash(paths.network)
     efficiency, skipped = label_efficiency(config, paths, checkpoint, device)
@@ -230,6 +232,20 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         for name in ("label_efficiency.csv", "label_efficiency.md", "label_efficiency.png", "diagnostics.csv"):
             mlflow.log_artifact(str(paths.plots / "evaluate" / name))
     return {"label_efficiency": markdown_table(efficiency, skipped), "diagnostics": len(study)}
+
+
+ANOMALY_SKIP = ("anomaly mode (data.normal_classes): train holds the normal classes only, so there is no "
+                "classifier whose label efficiency to measure; metrics/probe.json['anomaly'] has the detector's scores")
+
+
+def skipped_for_anomaly(paths: Paths) -> dict:
+    """Anomaly mode: the stage's outputs say why nothing was measured (an empty table, a note, the reason)."""
+    with atomic_directory(paths.plots / "evaluate") as plots:
+        write_csv_atomic(plots / "label_efficiency.csv", EFFICIENCY_COLUMNS, [])
+        write_bytes_atomic(plots / "label_efficiency.md", f"Label efficiency: {ANOMALY_SKIP}.\n".encode())
+    write_json_atomic(paths.metrics / "evaluate.json", {"skipped": ANOMALY_SKIP})
+    log.info("evaluate: skipped, %s", ANOMALY_SKIP)
+    return {"skipped": ANOMALY_SKIP}
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 from ddae_core.atomic import write_json_atomic
 from ddae_core.checkpoint import save_network
 from ddae_core.config import ConfigError, PipelineConfig, as_dict
-from ddae_core.data import load_prepared, save_image_grid, to_uint8_images
+from ddae_core.data import load_prepared, normal_classes, save_image_grid, to_uint8_images
 from ddae_core.devices import stage_device
 from ddae_core.diffusion import build_denoiser, build_loss, feature_levels, grid_sampler
 from ddae_core.nn import build_unet, count_parameters
@@ -121,9 +121,14 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
 def build_monitor(config: PipelineConfig, manifest: dict, splits: dict, denoiser: torch.nn.Module,
                   steps: int) -> Monitor | None:
     """The probe monitor of ``pretrain.monitor``: every extract tap at the first extract level, pooled
-    globally, on seeded class-balanced train and val subsets; None when it is off or val is empty."""
+    globally, on seeded class-balanced train and val subsets; None when it is off or val is empty, and
+    in anomaly mode (``data.normal_classes``): telling normal classes apart says nothing of anomalies, and
+    no anomaly may be looked at, so the last step's network goes forward."""
     cfg = config.pretrain.monitor
     when = monitor_steps(steps, points=cfg.points, every=cfg.every)
+    if when and normal_classes(manifest):
+        log.info("pretrain: anomaly mode (data.normal_classes): the probe monitor is off; the last step goes forward")
+        return None
     if not when or len(splits["val"]) == 0:
         return None
     taps = resolve_taps(config.extract.taps, denoiser.unet.tap_names(), denoiser.unet.tap_selectors(),
@@ -149,7 +154,8 @@ def build_monitor(config: PipelineConfig, manifest: dict, splits: dict, denoiser
 
 def pretraining_images(config: PipelineConfig, splits: dict) -> np.ndarray:
     """The uint8 images pretraining sees: ``pretrain.train.splits`` (train, or train + val: no labels are
-    read, and the probe still fits on train and selects on val); one split is its memmap, not a copy."""
+    read, and the probe still fits on train and selects on val); one split is its memmap, not a copy. In
+    anomaly mode prepare left only the normal classes' images in train and val."""
     chosen = [splits[name].images for name in config.pretrain.train.splits]
     return chosen[0] if len(chosen) == 1 else np.concatenate(chosen)
 

@@ -2,6 +2,11 @@
 
 Fit on train, choose (representation, L2) on validation, report test accuracy once. Raw pixels go
 through the same probe code as the floor to beat.
+
+Anomaly mode (the prepared data has ``normal_classes``, ``data.normal_classes``): no linear probe (one
+class is nothing to separate); the novelty model of a fixed readout (``anomaly_readout``) fitted on the
+normal train images, its threshold calibrated on normal val, AUROC on test (``heads.anomaly``), raw
+pixels through the same code beside it.
 """
 
 from __future__ import annotations
@@ -15,15 +20,16 @@ from safetensors.numpy import save_file
 from ddae_core.atomic import atomic_directory, write_csv_atomic, write_json_atomic
 from ddae_core.checkpoint import network_hash
 from ddae_core.config import PipelineConfig
-from ddae_core.data import load_prepared
+from ddae_core.data import load_prepared, normal_classes
 from ddae_core.devices import stage_device
+from ddae_core.heads.anomaly import OneClassResult, one_class, roc_curve
 from ddae_core.heads.metrics import balanced_accuracy, confusion_matrix, per_class
 from ddae_core.heads.novelty import METHOD, NoveltyModel, false_alarm_rate, fit_novelty
 from ddae_core.heads.probe import LinearProbe, screen_and_select, select_probe
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
 from tasks.services.outputs.feature_store import Candidate, FeatureIndex, load_candidates
 from tasks.services.outputs.paths import Paths
-from tasks.services.outputs.plots import save_confusion, save_heatmap
+from tasks.services.outputs.plots import save_confusion, save_heatmap, save_roc_curves, save_roc_table
 from tasks.services.outputs.selective import selective_report
 from tasks.services.runner.stage_main import log, stage_main
 from tasks.services.tracking.runs import stage_run
@@ -130,6 +136,9 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
         The metrics dict written to metrics/probe.json.
     """
     device = stage_device("probe", log)
+    normal = normal_classes(paths.prepared)
+    if normal:
+        return run_anomaly(config, paths, normal)
     index = FeatureIndex.load(paths.features)
     checkpoint = network_hash(paths.network)
     candidates, labels = load_candidates(paths.features, index, config.probe.concat, checkpoint)
@@ -220,6 +229,102 @@ def track(config: PipelineConfig, paths: Paths, selection: Selection, metrics: d
         mlflow.log_artifact(str(paths.plots / "probe" / "table.csv"))
         for heatmap in heatmaps:
             mlflow.log_artifact(str(paths.plots / "probe" / heatmap))
+
+
+ANOMALY_READOUT_RULE = "fixed: the first extract tap at the first level, globally pooled (no anomaly is looked at)"
+ANOMALY_CLASSES = ("normal", "anomaly")  # confusion.png in anomaly mode: rows the truth, columns flagged novel
+MAX_PIXEL_DIM = 4096  # raw pixels beyond this many values per image: no pixel baseline (a D x D precision)
+
+
+def anomaly_readout(candidates: list[Candidate]) -> Candidate:
+    """The readout anomaly mode scores: fixed in advance, since without labelled anomalies no choice by
+    a score is honest; the first single-tap candidate (extraction order) with pool 1, else the first."""
+    singles = [c for c in candidates if len(c.readout.taps) == 1]
+    return next((c for c in singles if c.readout.pool == 1), singles[0])
+
+
+def pixels_one_class(paths: Paths, config: PipelineConfig, anomalous: np.ndarray) -> OneClassResult | str:
+    """Raw pixels in [0, 1], flattened, through the same one-class scoring; why not, when too large."""
+    _manifest, splits = load_prepared(paths.prepared)
+    dim = int(np.prod(splits["train"].images.shape[1:]))
+    if dim > MAX_PIXEL_DIM:
+        return f"skipped: {dim} pixel values per image (over {MAX_PIXEL_DIM})"
+    as_x = {s: np.asarray(splits[s].images, dtype=np.float32).reshape(len(splits[s]), -1) / 255.0
+            for s in ("train", "val", "test")}
+    return one_class(as_x["train"], splits["train"].labels, as_x["val"], as_x["test"], anomalous,
+                     false_alarm=config.predict.novelty_false_alarm, recall=config.probe.anomaly_recall)
+
+
+def run_anomaly(config: PipelineConfig, paths: Paths, normal: list[str]) -> dict:
+    """Anomaly mode: the fixed readout's novelty model (fitted on normal train copy 0, calibrated on
+    normal val), AUROC and false alarm at ``probe.anomaly_recall`` on test (normal = negative, every
+    other class = positive); raw pixels beside it. Writes what the classifier path writes, less the
+    linear probe: ``outputs/probe`` (selection.json kind anomaly, novelty.safetensors), metrics/probe.json,
+    ``plots/probe/roc.csv`` and ``roc.png``, and ``confusion.png`` (normal/anomaly against flagged)."""
+    index = FeatureIndex.load(paths.features)
+    checkpoint = network_hash(paths.network)
+    candidates, labels = load_candidates(paths.features, index, (), checkpoint)
+    best = anomaly_readout(candidates)
+    normal_ids = [index.class_names.index(name) for name in normal]
+    anomalous = ~np.isin(labels["test"], normal_ids)
+    rows = index.splits["train"]  # the train features stack copy 0 first
+    result = one_class(best.features["train"][:rows], labels["train"][:rows], best.features["val"],
+                       best.features["test"], anomalous, false_alarm=config.predict.novelty_false_alarm,
+                       recall=config.probe.anomaly_recall)
+    readout, report = best.readout, result.report
+    pixels = pixels_one_class(paths, config, anomalous) if config.probe.raw_pixels else "skipped: probe.raw_pixels false"
+    metrics = {
+        "mode": "anomaly",
+        "test_auroc": report["test_auroc"],
+        "best": {"name": readout.label, "taps": list(readout.taps), "level": readout.level, "pool": readout.pool},
+        "level_kind": index.level_kind,
+        "candidates": 1,
+        "train_size": int(rows),
+        "anomaly": {"normal_classes": normal, "readout_rule": ANOMALY_READOUT_RULE,
+                    "test_normal": int((~anomalous).sum()), "test_anomalous": int(anomalous.sum()), **report},
+        "novelty": {"method": METHOD, "threshold": report["threshold"], "false_alarm": report["false_alarm"],
+                    "val_false_alarm": report["val_false_alarm"], "test_false_alarm": report["test_false_alarm"],
+                    "chosen_on": "val", "val_rows": int(len(best.features["val"])), "train_rows": int(rows),
+                    "dim": report["dim"], "shrinkage": report["shrinkage"]},
+        "linear_probe": "skipped: anomaly mode (data.normal_classes); a probe over the normal classes alone "
+                        "says nothing of anomalies",
+    }
+    if isinstance(pixels, OneClassResult):
+        metrics["raw_pixels_test_auroc"] = pixels.report["test_auroc"]
+        metrics["anomaly"]["raw_pixels"] = pixels.report
+    else:
+        metrics["anomaly"]["raw_pixels"] = pixels
+    selection = Selection(readout=readout, class_names=tuple(normal), level_kind=index.level_kind, test_acc=None,
+                          network_hash=checkpoint, data_checksum=index.data_checksum, kind="anomaly",
+                          test_auroc=report["test_auroc"])
+    with atomic_directory(paths.probe) as staging:
+        result.model.save(staging)
+        write_json_atomic(staging / SELECTION_FILE, selection.to_json())
+    with atomic_directory(paths.plots / "probe") as plots:
+        false_alarm, recall, thresholds = roc_curve(result.test_scores, anomalous)
+        save_roc_table(false_alarm, recall, thresholds, plots / "roc.csv")
+        curves = {readout.label: (false_alarm, recall, report["test_auroc"])}
+        if isinstance(pixels, OneClassResult):
+            curves["raw pixels"] = (*roc_curve(pixels.test_scores, anomalous)[:2], pixels.report["test_auroc"])
+        save_roc_curves(curves, plots / "roc.png", f"Anomalies on test (normal: {', '.join(normal)})",
+                        operating=(report["test_false_alarm"], report["test_recall"]))
+        flagged = result.model.is_novel(result.test_scores)  # the served threshold's decisions, as the card shows
+        save_confusion(confusion_matrix(anomalous.astype(int), flagged.astype(int), 2), ANOMALY_CLASSES,
+                       plots / "confusion.png", f"Test at the served threshold: {100 * report['test_recall']:.1f}% "
+                       f"of anomalies flagged, {100 * report['test_false_alarm']:.1f}% false alarms")
+    write_json_atomic(paths.metrics / "probe.json", metrics)
+    with stage_run(paths.root, "probe", {"ddae.network_hash": checkpoint, "ddae.data_checksum": index.data_checksum,
+                                         "ddae.mode": "anomaly"}):
+        import mlflow
+
+        mlflow.log_params({"best": readout.label, "normal_classes": ",".join(normal)[:500]})
+        mlflow.log_metrics({f"anomaly.{k}": float(v) for k, v in report.items() if isinstance(v, float)})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+        for name in ("roc.csv", "roc.png"):
+            mlflow.log_artifact(str(paths.plots / "probe" / name))
+    log.info("probe (anomaly mode): %s, test AUROC %.4f%s", readout.label, report["test_auroc"],
+             f" (raw pixels {metrics['raw_pixels_test_auroc']:.4f})" if "raw_pixels_test_auroc" in metrics else "")
+    return metrics
 
 
 def best_rows(table: list[dict]) -> dict[str, dict]:

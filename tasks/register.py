@@ -31,7 +31,7 @@ from PIL import Image
 from ddae_core.atomic import write_json_atomic
 from ddae_core.checkpoint import network_hash, read_network_config
 from ddae_core.config import PipelineConfig, PredictConfig
-from ddae_core.data import load_prepared
+from ddae_core.data import load_prepared, normal_classes
 from ddae_core.readout import SELECTION_FILE, Selection
 from tasks.services.outputs.paths import Paths
 from tasks.services.runner.stage_main import StageError, log, stage_main
@@ -88,14 +88,18 @@ def test_inputs(test) -> tuple[pd.DataFrame, np.ndarray]:
     return frame, np.asarray(test.labels)
 
 
-def write_scoring_frame(path: Path, frame: pd.DataFrame, labels: np.ndarray) -> Path:
-    """The test images and labels as the Parquet file ``tasks.services.tracking.score_model`` reads."""
-    frame.assign(label=labels).to_parquet(path)
+def write_scoring_frame(path: Path, frame: pd.DataFrame, labels: np.ndarray,
+                        anomalous: np.ndarray | None = None) -> Path:
+    """The test images and labels as the Parquet file ``tasks.services.tracking.score_model`` reads; in anomaly
+    mode also ``anomalous`` (the versions are then scored by the AUROC of their novelty)."""
+    frame = frame.assign(label=labels)
+    (frame if anomalous is None else frame.assign(anomalous=anomalous)).to_parquet(path)
     return path
 
 
 def score(root: Path, uri: str, frame_path: Path) -> float:
-    """Accuracy of ``uri`` on the scoring frame, from a fresh ``python -m tasks.services.tracking.score_model``.
+    """Accuracy of ``uri`` on the scoring frame (AUROC of its novelty when the frame has ``anomalous``), from a
+    fresh ``python -m tasks.services.tracking.score_model``.
 
     Its log goes to this stage's; a failure re-checks the tracking server (unreachable: transient).
     """
@@ -106,9 +110,10 @@ def score(root: Path, uri: str, frame_path: Path) -> float:
         check_reachable(root)
         raise StageError(f"scoring {uri} failed with exit code {result.returncode} (its log is above)")
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    log.info("register scoring: %s: test accuracy %.4f on %d images, device %s (ddae_core from %s)", uri,
-             report["accuracy"], report["images"], report.get("device", "cpu"), report["ddae_core"])
-    return report["accuracy"]
+    metric = "auroc" if "auroc" in report else "accuracy"
+    log.info("register scoring: %s: test %s %.4f on %d images, device %s (ddae_core from %s)", uri, metric,
+             report[metric], report["images"], report.get("device", "cpu"), report["ddae_core"])
+    return report[metric]
 
 
 def log_classifier(paths: Paths, network: Path, probe: Path, preprocess: Path, example: pd.DataFrame, name: str):
@@ -180,11 +185,12 @@ def register_finetuned(paths: Paths, name: str, tags: dict, preprocess: Path, fr
 
 def decision_tags(decision: dict) -> dict[str, str]:
     """The gate decision as tags set on the versions it compared (the champion's keep its latest)."""
+    metric = decision.get("metric", "test_acc")
     tags = {
         "ddae.gate.challenger_version": str(decision["version"]),
-        "ddae.gate.challenger_test_acc": str(decision["test_acc"]),
+        f"ddae.gate.challenger_{metric}": str(decision[metric]),
         "ddae.gate.champion_version": str(decision["champion_version"]),
-        "ddae.gate.champion_test_acc": str(decision["champion_test_acc"]),
+        f"ddae.gate.champion_{metric}": str(decision[f"champion_{metric}"]),
         "ddae.gate.margin": str(decision["margin"]),
         "ddae.gate.promoted": str(decision["promoted"]),
         "ddae.gate.reason": decision["reason"],
@@ -197,8 +203,11 @@ def decision_tags(decision: dict) -> dict[str, str]:
     return tags
 
 
+METRIC_WORDS = {"test_acc": "test accuracy", "test_auroc": "test AUROC"}  # what the gate compares, by mode
+
+
 def promotion(new_acc: float, champion_acc: float | None, margin: float,
-              experiment: Experiment | None) -> tuple[bool, str]:
+              experiment: Experiment | None, metric: str = "test_acc") -> tuple[bool, str]:
     """Whether the new version becomes ``champion``, and why. An experiment never promotes."""
     if experiment is not None:
         return False, (f"registered by the DVC experiment {experiment.name!r} (baseline "
@@ -207,17 +216,18 @@ def promotion(new_acc: float, champion_acc: float | None, margin: float,
     if champion_acc is None:
         return True, "no champion yet"
     verdict = "beats" if new_acc > champion_acc + margin else "does not beat"
-    return new_acc > champion_acc + margin, (f"test accuracy {new_acc:.4f} {verdict} the champion's "
+    return new_acc > champion_acc + margin, (f"{METRIC_WORDS[metric]} {new_acc:.4f} {verdict} the champion's "
                                              f"{champion_acc:.4f} by more than {margin:g}")
 
 
 def gate_version(client, name: str, version: str, *, score_uri: Callable[[str], float], margin: float,
-                 experiment: Experiment | None, facts: dict) -> dict:
+                 experiment: Experiment | None, facts: dict, metric: str = "test_acc") -> dict:
     """Score ``version`` and the champion, decide, tag the decision and move aliases; the decision.
 
     Outside an experiment ``challenger`` moves to ``version``, ``champion`` too when it wins, and the
     decision is tagged on both versions. Inside one no alias moves and only ``version`` is tagged.
-    ``facts`` (model, data_checksum, git_commit) go into the decision as they are.
+    ``facts`` (model, data_checksum, git_commit) go into the decision as they are. ``metric`` names what
+    ``score_uri`` measures (``test_acc``; ``test_auroc`` in anomaly mode): the decision's keys for both scores.
     """
     from mlflow.exceptions import MlflowException
 
@@ -230,14 +240,14 @@ def gate_version(client, name: str, version: str, *, score_uri: Callable[[str], 
     champion_acc = None
     if champion is not None:  # the same content registered again is the same version: scored once
         champion_acc = new_acc if str(champion.version) == version else score_uri(f"models:/{name}/{champion.version}")
-    promoted, reason = promotion(new_acc, champion_acc, margin, experiment)
+    promoted, reason = promotion(new_acc, champion_acc, margin, experiment, metric)
     decision = {
-        **facts, "version": int(version), "test_acc": new_acc,
-        "champion_version": int(champion.version) if champion else None, "champion_test_acc": champion_acc,
+        **facts, "version": int(version), "metric": metric, metric: new_acc,
+        "champion_version": int(champion.version) if champion else None, f"champion_{metric}": champion_acc,
         "margin": margin, "promoted": promoted, "reason": reason,
         "experiment": {"name": experiment.name, "baseline_rev": experiment.baseline_rev} if experiment else None,
     }
-    client.set_model_version_tag(name, version, "ddae.gate.test_acc", str(new_acc))
+    client.set_model_version_tag(name, version, f"ddae.gate.{metric}", str(new_acc))
     tagged = [version] + ([str(champion.version)] if champion is not None and experiment is None else [])
     for each in dict.fromkeys(tagged):
         for key, value in decision_tags(decision).items():
@@ -268,11 +278,13 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     selection = Selection.read(paths.probe)
     name = config.register.model_name
     experiment = Experiment.from_env(os.environ)
+    anomaly = selection.kind == "anomaly"  # one-class: gated by the AUROC of the served novelty
+    metric = "test_auroc" if anomaly else "test_acc"
     tags = {
-        "ddae.kind": "probe",
+        "ddae.kind": selection.kind,
         "ddae.data_checksum": manifest["checksum"],
         "ddae.network_hash": network_hash(paths.network),
-        "ddae.probe_test_acc": f"{selection.test_acc:.6f}",  # on cached features (probe stage)
+        f"ddae.probe_{metric}": f"{getattr(selection, metric):.6f}",  # on cached features (probe stage)
         "ddae.readout": selection.readout.label,
         "ddae.git_commit": git_commit(paths.root),
         **source_tags(read_network_config(paths.network)),
@@ -285,20 +297,23 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     with stage_run(paths.root, "register", tags) as run, tempfile.TemporaryDirectory() as tmp:
         preprocess = Path(tmp) / "preprocess.json"
         preprocess.write_text(json.dumps(manifest["preprocess"]))
-        scoring = write_scoring_frame(Path(tmp) / "test.parquet", frame, labels)
+        normal = [manifest["class_names"].index(c) for c in normal_classes(manifest)]
+        scoring = write_scoring_frame(Path(tmp) / "test.parquet", frame, labels,
+                                      ~np.isin(labels, normal) if anomaly else None)
         info = log_classifier(paths, paths.network, paths.probe, preprocess, frame.head(2), "model")
         key = content_key([paths.network, paths.probe], extra=json.dumps(manifest["preprocess"], sort_keys=True))
         version = register_once(info.model_uri, name, tags, key)  # a retried stage registers nothing twice
         decision = gate_version(
             MlflowClient(), name, version.version, score_uri=lambda uri: score(paths.root, uri, scoring),
             margin=config.register.min_improvement, experiment=experiment,
-            facts={"model": name, "data_checksum": manifest["checksum"], "git_commit": tags["ddae.git_commit"]})
-        log_version_card(paths, name, version, manifest, selection, paths.network, decision["test_acc"], probe=True)
+            facts={"model": name, "data_checksum": manifest["checksum"], "git_commit": tags["ddae.git_commit"]},
+            metric=metric)
+        log_version_card(paths, name, version, manifest, selection, paths.network, decision[metric], probe=True)
         finetuned = register_finetuned(paths, name, {**tags, "ddae.kind": "finetune"}, preprocess, frame,
                                        scoring, experiment, manifest)
         if finetuned is not None:
             decision["finetune"] = finetuned
-        mlflow.log_metrics({"registered_test_acc": decision["test_acc"], "promoted": float(decision["promoted"])})
+        mlflow.log_metrics({f"registered_{metric}": decision[metric], "promoted": float(decision["promoted"])})
         mlflow.log_dict(decision, "decision.json")
         decision["run_id"] = run.info.run_id
     write_json_atomic(paths.metrics / "register.json", {k: v for k, v in decision.items() if k != "run_id"})

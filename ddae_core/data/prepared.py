@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ddae_core.atomic import atomic_directory, write_json_atomic
-from ddae_core.config import DataConfig, as_dict
+from ddae_core.config import ConfigError, DataConfig, as_dict
 from ddae_core.data.errors import CorruptImagesError, OutputExistsError, PreparedDataError, PreparedNotFoundError
 from ddae_core.data.images import PreprocessSpec, preprocess_image
 from ddae_core.data.shape import working_shape
@@ -71,19 +71,40 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
     return np.flatnonzero(mask), held_idx
 
 
+def normal_ids(class_names: Sequence[str], normal_classes: Sequence[str]) -> np.ndarray:
+    """Class ids (sorted) of ``data.normal_classes``; a name the dataset does not have is a ConfigError."""
+    for name in normal_classes:
+        if name not in class_names:
+            raise ConfigError(f"data.normal_classes: {name!r} is not a class of this dataset "
+                              f"(its classes: {', '.join(map(repr, class_names))})")
+    return np.array(sorted(list(class_names).index(name) for name in normal_classes), dtype=np.int64)
+
+
+def _normal_only(split: RawSplit, normal: np.ndarray) -> RawSplit:
+    return split.subset(np.flatnonzero(np.isin(split.labels, normal)))
+
+
 def plan_splits(source: Source, config: DataConfig) -> dict[str, RawSplit]:
     """Carve test (if the source has none), apply max_train / max_test, then carve val from train
-    (unless the source has a validation split of its own, used as it is)."""
-    pool, test = source.train, source.test
+    (unless the source has a validation split of its own, used as it is).
+
+    Anomaly mode (``data.normal_classes``): train and val keep only the normal classes' images (before
+    max_train, so it counts normal images), test keeps every class: the others are its anomalies.
+    """
+    pool, test, val = source.train, source.test, source.val
     if test is None:
         keep, held = stratified_split(pool.labels, config.test_fraction, _rng(config.split_seed, _STREAM_TEST))
         pool, test = pool.subset(keep), pool.subset(held)
+    if config.anomaly:
+        normal = normal_ids(source.class_names, config.normal_classes)
+        pool = _normal_only(pool, normal)
+        val = None if val is None else _normal_only(val, normal)
     if config.max_train:
         pool = pool.subset(balanced_subset(pool.labels, config.max_train, _rng(config.split_seed, _STREAM_MAX_TRAIN)))
     if config.max_test:
         test = test.subset(balanced_subset(test.labels, config.max_test, _rng(config.split_seed, _STREAM_MAX_TEST)))
-    if source.val is not None:
-        return {"train": pool, "val": source.val, "test": test}
+    if val is not None:
+        return {"train": pool, "val": val, "test": test}
     keep, held = stratified_split(pool.labels, config.val_fraction, _rng(config.split_seed, _STREAM_VAL))
     return {"train": pool.subset(keep), "val": pool.subset(held), "test": test}
 
@@ -94,8 +115,15 @@ def class_counts(labels: Mapping[str, np.ndarray], class_names: Sequence[str]) -
             for split, y in labels.items()}
 
 
-def small_data_warnings(counts: Mapping[str, Mapping[str, int]]) -> list[str]:
-    """What a user must know when a split is too small to trust: empty classes, thin val or test."""
+def small_data_warnings(counts: Mapping[str, Mapping[str, int]], normal_classes: Sequence[str] = ()) -> list[str]:
+    """What a user must know when a split is too small to trust: empty classes, thin val or test.
+
+    With ``normal_classes`` (anomaly mode) train and val are judged on those classes only: they hold
+    no other class by design.
+    """
+    if normal_classes:
+        counts = {split: {name: n for name, n in per_class.items() if split == "test" or name in normal_classes}
+                  for split, per_class in counts.items()}
     warnings = []
     for split, per_class in counts.items():
         empty = [name for name, n in per_class.items() if n == 0]
@@ -196,7 +224,7 @@ def prepare_dataset(config: DataConfig, out_dir: str | os.PathLike[str], progres
             for entry in bad:
                 log.warning("skipped unreadable image %s (%s)", entry["path"], entry["error"])
             per_class = class_counts(split_labels, source.class_names)
-            warnings = [*source.warnings, *small_data_warnings(per_class)]
+            warnings = [*source.warnings, *small_data_warnings(per_class, config.normal_classes)]
             for message in warnings[len(source.warnings):]:
                 log.warning("%s", message)
             manifest = {
@@ -213,14 +241,34 @@ def prepare_dataset(config: DataConfig, out_dir: str | os.PathLike[str], progres
                 "checksum": digest.hexdigest(),
                 "skipped": bad,
                 "warnings": warnings,
-                "config": as_dict(config),
+                "config": manifest_config(config),
             }
+            if config.anomaly:  # the mode the later stages read from the data (absent: the classifier)
+                manifest["normal_classes"] = [name for name in source.class_names if name in config.normal_classes]
         for leftover in tmp.iterdir():  # e.g. an archive's extraction folder
             if leftover.name not in SPLITS:
                 shutil.rmtree(leftover, ignore_errors=True)
         write_json_atomic(tmp / MANIFEST, manifest, sort_keys=False, ensure_ascii=False)
     log.info("prepared %s at %s: %s", manifest["dataset"], out_dir, counts)
     return manifest
+
+
+def manifest_config(config: DataConfig) -> dict[str, Any]:
+    """The data section as the manifest records it; ``normal_classes`` only when set, so a classifier's
+    manifest (and so its DVC hash) is what it was before the anomaly mode existed."""
+    recorded = as_dict(config)
+    if not config.anomaly:
+        del recorded["normal_classes"]
+    return recorded
+
+
+def normal_classes(manifest: Mapping[str, Any] | str | os.PathLike[str]) -> list[str]:
+    """The prepared data's normal classes (anomaly mode, in class order); [] for a classifier's data.
+    Given a prepared folder: [] too when it holds no manifest (a stage run on cached features alone)."""
+    if not isinstance(manifest, Mapping):
+        path = Path(manifest) / MANIFEST
+        manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return list(manifest.get("normal_classes", []))
 
 
 def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:

@@ -82,22 +82,35 @@ class NoveltyModel:
     def dim(self) -> int:
         return int(self.means.shape[1])
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """Novelty (N,) float64 of raw readout features (N, D): the smallest squared Mahalanobis
-        distance to a class mean, in the normalised space (of the order of D for a known image)."""
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance (N, K) float64 of raw readout features (N, D) to each class mean,
+        in the normalised space."""
         x = l2_normalise(features)
         if x.shape[1] != self.dim:
             raise ValueError(f"features have {x.shape[1]} dimensions, the novelty model {self.dim}")
         means, precision = self.means.astype(np.float64), self.precision.astype(np.float64)
         mean_terms = np.einsum("kd,kd->k", means @ precision, means)  # (K,)
-        scores = []
+        blocks = []
         for start in range(0, len(x), _CHUNK):
             block = x[start:start + _CHUNK]
             projected = block @ precision  # (B, D)
             squared = (np.einsum("bd,bd->b", projected, block)[:, None] - 2 * projected @ means.T
                        + mean_terms[None, :])  # (B, K): (x - mu_k)^T P (x - mu_k)
-            scores.append(np.maximum(squared.min(axis=1), 0.0))
-        return np.concatenate(scores) if scores else np.zeros(0)
+            blocks.append(np.maximum(squared, 0.0))
+        return np.concatenate(blocks) if blocks else np.zeros((0, len(means)))
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Novelty (N,) float64 of raw readout features (N, D): the smallest squared Mahalanobis
+        distance to a class mean, in the normalised space (of the order of D for a known image)."""
+        return self.distances(features).min(axis=1)
+
+    def posterior(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, K) float32 of the Gaussian model itself (equal priors, the shared
+        covariance): ``softmax(-distance / 2)``; the nearest class is the most probable. With one class, 1."""
+        logits = -0.5 * self.distances(features)
+        logits -= logits.max(axis=1, keepdims=True) if len(logits) else 0.0
+        weights = np.exp(logits)
+        return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def calibrated(self, known_scores: np.ndarray, false_alarm: float) -> "NoveltyModel":
         """This model with the threshold that flags about ``false_alarm`` of known images, given their

@@ -16,12 +16,20 @@ import numpy as np
 import yaml
 
 from ddae_core.atomic import write_bytes_atomic, write_csv_atomic
+from ddae_core.heads.anomaly import roc_curve
 from ddae_core.heads.selective import selective_curve
 from ddae_core.readout import Readout
 from tasks.evaluate import EFFICIENCY_COLUMNS, efficiency_table
 from tasks.probe import CONFUSION_COLUMNS, PER_CLASS_COLUMNS, TABLE_COLUMNS, write_per_class, write_table
 from tasks.services.outputs.feature_store import Candidate
-from tasks.services.outputs.plots import LOSS_COLUMNS, MONITOR_COLUMNS, save_loss_table, save_monitor_table
+from tasks.services.outputs.plots import (
+    LOSS_COLUMNS,
+    MONITOR_COLUMNS,
+    ROC_COLUMNS,
+    save_loss_table,
+    save_monitor_table,
+    save_roc_table,
+)
 from tasks.services.outputs.selective import CURVE_COLUMNS, curve_table, write_curve_csv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +41,7 @@ COLUMNS = {  # each table dvc.yaml draws -> the columns its writer writes
     "plots/probe/selective.csv": CURVE_COLUMNS,
     "plots/probe/confusion.csv": CONFUSION_COLUMNS,
     "plots/probe/per_class.csv": PER_CLASS_COLUMNS,
+    "plots/probe/roc.csv": ROC_COLUMNS,
     "plots/evaluate/label_efficiency.csv": EFFICIENCY_COLUMNS,
 }
 PNG = b"\x89PNG\r\n\x1a\n"  # DVC passes image plots through as bytes
@@ -118,6 +127,8 @@ def test_dvc_draws_the_tables_the_writers_write(tmp_path):
     write_per_class(root / "plots/probe/per_class.csv", {"cat": {"images": 2, "recall": 0.5},  # no test bird:
                                                          "dog": {"images": 1, "recall": 1.0},  # recall blank
                                                          "bird": {"images": 0, "recall": None}})
+    anomalous = np.array([False, False, True, True, False])
+    save_roc_table(*roc_curve(np.array([0.1, 0.4, 0.35, 0.8, 0.2]), anomalous), root / "plots/probe/roc.csv")
     ran = [{"method": m, "fraction": f, "labels": int(600 * f), "test_acc": 0.6}  # no raw pixels; fine-tuned
            for m in ("ddae_probe", "ddae_knn", "ddae_finetune") for f in (0.01, 0.1, 1.0)]
     write_csv_atomic(root / "plots/evaluate/label_efficiency.csv", EFFICIENCY_COLUMNS, efficiency_table(ran))
@@ -134,8 +145,9 @@ def test_dvc_draws_the_tables_the_writers_write(tmp_path):
              if items[0]["type"] == "vega"}
     assert {name: len(points) for name, points in drawn.items()} == {
         "outputs/pretrain/loss.csv": 3, "outputs/pretrain/monitor.csv": 6, "plots/probe/table.csv": 2, "plots/probe/selective.csv": 20,
-        "plots/probe/confusion.csv": 3, "plots/probe/per_class.csv": 3,
+        "plots/probe/confusion.csv": 3, "plots/probe/per_class.csv": 3, "plots/probe/roc.csv": 6,
         "plots/evaluate/label_efficiency.csv": 9}
+    assert [(p["false_alarm"], p["recall"]) for p in drawn["plots/probe/roc.csv"]][-1] == ("1", "1")
     assert [p["loss"] for p in drawn["outputs/pretrain/loss.csv"]] == ["0.1", "0.05", "0.0333333"]
     assert {p["method"] for p in drawn["plots/evaluate/label_efficiency.csv"]} == {"ddae_probe", "ddae_knn",
                                                                                    "ddae_finetune"}

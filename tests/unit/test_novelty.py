@@ -130,3 +130,19 @@ def test_the_threshold_flags_exactly_the_rate_rounded_down():
     for rate, flagged in ((0.05, 5), (0.29, 29), (0.005, 0), (0.999, 99)):
         assert np.sum(scores > calibrate(scores, rate)) == flagged, rate
     assert calibrate(np.array([1.0, 2.0, 2.0, 2.0]), 0.5) == 2.0  # a tie is never split: none above
+
+
+def test_the_posterior_is_the_gaussian_class_probability_and_picks_the_nearest_mean():
+    rng = np.random.default_rng(5)
+    x, labels, *_ = clusters(rng, 40)
+    model = fit_novelty(x, labels)
+    queries = rng.normal(size=(7, x.shape[1]))
+    distances = model.distances(queries)
+    posterior = model.posterior(queries)
+    direct = np.exp(-distances / 2) / np.exp(-distances / 2).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(posterior, direct, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(posterior.argmax(axis=1), distances.argmin(axis=1))
+    np.testing.assert_allclose(model.score(queries), distances.min(axis=1))
+    one_class = fit_novelty(x[labels == 0], labels[labels == 0])  # good parts only: one normal class
+    assert one_class.distances(queries).shape == (7, 1)
+    np.testing.assert_array_equal(one_class.posterior(queries), np.ones((7, 1), np.float32))

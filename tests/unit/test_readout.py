@@ -170,7 +170,7 @@ def test_selection_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=rf"{SELECTION_FILE}: missing key.*'data_checksum'"):
         Selection.read(tmp_path)
     (tmp_path / SELECTION_FILE).write_text(json.dumps({**json.loads(PROBE_SELECTION), "kind": "knn"}))
-    with pytest.raises(ValueError, match=rf"{SELECTION_FILE}: selection kind: expected 'probe' or 'finetune'"):
+    with pytest.raises(ValueError, match=rf"{SELECTION_FILE}: selection kind: expected 'probe', 'finetune' or 'anomaly'"):
         Selection.read(tmp_path)
 
 
@@ -255,3 +255,15 @@ def test_candidates_reject_a_mixed_store():
         candidates([Readout(("a", "b"), 11.0, 1, 0)], [], {})
     with pytest.raises(ValueError, match="several seeds"):
         candidates(_singles(["a"], [11.0], [1], seed=0) + _singles(["b"], [11.0], [1], seed=1), [], {})
+
+
+def test_an_anomaly_selection_has_an_auroc_and_no_accuracy():
+    readout = Readout(("mid.res1",), 11.0, 1, 0)
+    selection = Selection(readout=readout, class_names=("dog",), level_kind="t", test_acc=None, network_hash="n",
+                          data_checksum="d", kind="anomaly", test_auroc=0.9)
+    data = selection.to_json()
+    assert "test_acc" not in data and data["test_auroc"] == 0.9 and data["kind"] == "anomaly"
+    assert Selection.from_json(data) == selection
+    with pytest.raises(ValueError, match="a probe head needs one"):
+        Selection(readout=readout, class_names=("dog",), level_kind="t", test_acc=None, network_hash="n",
+                  data_checksum="d")

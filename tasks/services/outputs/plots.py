@@ -17,6 +17,7 @@ from ddae_core.atomic import write_bytes_atomic, write_csv_atomic  # noqa: E402
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "lr")  # loss.csv; dvc.yaml plots loss against step
 MONITOR_COLUMNS = ("step", "linear_val_acc", "knn_val_acc", "tap", "chosen")  # monitor.csv, one row per scoring
+ROC_COLUMNS = ("false_alarm", "recall", "threshold")  # roc.csv (anomaly mode): one row per distinct test score
 
 
 def save_figure(fig: "plt.Figure", path: Path) -> None:
@@ -129,4 +130,27 @@ def save_confusion(confusion: np.ndarray, class_names: Sequence[str], path: Path
     ax.set_ylabel("true")
     fig.colorbar(image, ax=ax, label="share of the true class")
     ax.set_title(title)
+    save_figure(fig, path)
+
+
+def save_roc_table(false_alarm: np.ndarray, recall: np.ndarray, thresholds: np.ndarray, path: Path) -> None:
+    """The ROC curve as CSV (``heads.anomaly.roc_curve``'s points; the first, at an infinite threshold, blank)."""
+    write_csv_atomic(path, ROC_COLUMNS, ([f"{f:.6g}", f"{r:.6g}", "" if np.isinf(t) else f"{t:.6g}"]
+                                         for f, r, t in zip(false_alarm, recall, thresholds)))
+
+
+def save_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path, title: str,
+                    operating: tuple[float, float] | None = None) -> None:
+    """ROC curves (recall of anomalies against the false-alarm rate on normal images), one per
+    name -> (false alarm, recall, AUROC); ``operating`` marks the served threshold's (false alarm, recall)."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for name, (false_alarm, recall, area) in curves.items():
+        ax.plot(100 * false_alarm, 100 * recall, lw=1.5, label=f"{name} (AUROC {area:.3f})")
+    ax.plot([0, 100], [0, 100], color="grey", lw=0.8, ls=":")
+    if operating is not None:
+        ax.plot(100 * operating[0], 100 * operating[1], "ko", ms=5, label="served threshold (from val)")
+    ax.set_xlabel("false alarms: normal test images flagged (%)")
+    ax.set_ylabel("recall: anomalies flagged (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
     save_figure(fig, path)

@@ -53,8 +53,10 @@ def network_section(network_meta: Mapping, network_hash: str) -> str:
 def readout_section(selection) -> str:
     readout = selection.readout
     level = "t" if selection.level_kind == "t" else "sigma"
+    head = ("the novelty model of the normal classes (no linear probe: anomaly mode)" if selection.kind == "anomaly"
+            else f"a linear {selection.kind} head")
     lines = [f"- `{readout.label}`: taps {', '.join(readout.taps)} at {level} = {readout.level:g}, "
-             f"pooled to {readout.pool}x{readout.pool}, then a linear {selection.kind} head"]
+             f"pooled to {readout.pool}x{readout.pool}, then {head}"]
     if selection.l2 is not None:
         lines.append(f"- L2 strength {selection.l2:g}, chosen on validation (accuracy {percent(selection.val_acc)})")
     return "\n".join(lines)
@@ -66,6 +68,20 @@ def accuracy_section(probe_metrics: Mapping, registered_acc: float | None, test_
     if registered_acc is not None:
         lines.append(f"- this registered model, scored from image bytes on the same {test_images} test images: "
                      f"{percent(registered_acc)}")
+    return "\n".join(lines)
+
+
+def anomaly_section(probe_metrics: Mapping, registered_auroc: float | None, test_images: int) -> str:
+    anomaly = probe_metrics.get("anomaly") or {}
+    pixels = anomaly.get("raw_pixels")
+    lines = [f"- normal classes: {', '.join(anomaly.get('normal_classes', []))}; every other class is an anomaly",
+             f"- test AUROC: {probe_metrics.get('test_auroc', float('nan')):.4f}"
+             + (f" (raw pixels, same scoring: {pixels['test_auroc']:.4f})" if isinstance(pixels, Mapping) else ""),
+             f"- false alarms at {percent(anomaly.get('recall'))} recall of anomalies: "
+             f"{percent(anomaly.get('false_alarm_at_recall'))} of normal test images"]
+    if registered_auroc is not None:
+        lines.append(f"- this registered model, scored from image bytes on the same {test_images} test images: "
+                     f"AUROC {registered_auroc:.4f}")
     return "\n".join(lines)
 
 
@@ -129,11 +145,15 @@ def card_sections(*, manifest: Mapping, selection, network_meta: Mapping, networ
                   probe_metrics: Mapping, evaluate_metrics: Mapping, registered_acc: float | None,
                   selective: Mapping | None) -> dict[str, str]:
     """The card's sections, by heading, in order (each body is markdown)."""
+    test_images = int(manifest["splits"].get("test", 0))
+    scores = ({"Anomaly detection": anomaly_section(probe_metrics, registered_acc, test_images)}
+              if selection.kind == "anomaly" else
+              {"Test accuracy": accuracy_section(probe_metrics, registered_acc, test_images)})
     return {
         "Data": data_section(manifest),
         "Network": network_section(network_meta, network_hash),
         "Readout": readout_section(selection),
-        "Test accuracy": accuracy_section(probe_metrics, registered_acc, int(manifest["splits"].get("test", 0))),
+        **scores,
         "Label efficiency": efficiency_section(evaluate_metrics),
         "Review threshold": review_section(selective),
         "Novelty threshold": novelty_section(probe_metrics.get("novelty")),

@@ -5,8 +5,9 @@ on ``sys.path``, but a module already imported stays imported: scored inside the
 older champion would run the current ``ddae_core``. This module imports nothing of the project before
 the model is loaded (the ``tasks`` package is empty), so each version runs its own code.
 
-FRAME holds ``image`` (encoded bytes, as the deployed model receives them) and ``label``. Prints one
-JSON line: the URI, the accuracy, the number of images, the device the model ran on (the model picks
+FRAME holds ``image`` (encoded bytes, as the deployed model receives them) and ``label``, and in
+anomaly mode ``anomalous`` (True for an image of no normal class). Prints one JSON line: the URI, the
+accuracy (or, with ``anomalous``, ``auroc``: of the served ``novelty`` column), the number of images, the device the model ran on (the model picks
 it when loaded: the GPU when there is one) and where ``ddae_core`` was imported from. The ``ddae``
 log (the model's device line) goes to stderr. The tracking store comes from ``MLFLOW_TRACKING_URI``.
 """
@@ -31,12 +32,17 @@ def main(argv: list[str]) -> int:
     ddae_log.addHandler(logging.StreamHandler(sys.stderr))
     frame = pd.read_parquet(frame_path)
     model = mlflow.pyfunc.load_model(uri)
-    predicted = model.predict(frame[["image"]])["class_id"].to_numpy()
-    accuracy = float((predicted == frame["label"].to_numpy()).mean())
+    predicted = model.predict(frame[["image"]])
+    if "anomalous" in frame.columns:  # anomaly mode: how well the served novelty separates anomalies
+        from sklearn.metrics import roc_auc_score  # not the project's: an older version's ddae_core may lack it
+
+        scores = {"auroc": float(roc_auc_score(frame["anomalous"].to_numpy(bool), predicted["novelty"].to_numpy(float)))}
+    else:
+        scores = {"accuracy": float((predicted["class_id"].to_numpy() == frame["label"].to_numpy()).mean())}
     code = getattr(sys.modules.get("ddae_core"), "__file__", None)
     classifier = getattr(model.unwrap_python_model(), "classifier", None)
     device = str(getattr(classifier, "device", "cpu"))  # models logged before devices were picked: cpu
-    print(json.dumps({"uri": uri, "accuracy": accuracy, "images": len(frame), "device": device,
+    print(json.dumps({"uri": uri, **scores, "images": len(frame), "device": device,
                       "ddae_core": code}))
     return 0
 
