@@ -29,8 +29,8 @@ from ddae_core.heads.probe import LinearProbe, screen_and_select, select_probe
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
 from tasks.services.outputs.feature_store import Candidate, FeatureIndex, load_candidates
 from tasks.services.outputs.paths import Paths
-from tasks.services.outputs.plots import save_confusion, save_heatmap, save_roc_curves, save_roc_table
-from tasks.services.outputs.selective import selective_report
+from tasks.services.outputs.plots import ROC_COLUMNS, save_confusion, save_heatmap, save_roc_curves, save_roc_table
+from tasks.services.outputs.selective import CURVE_COLUMNS, selective_report
 from tasks.services.runner.stage_main import log, stage_main
 from tasks.services.tracking.runs import stage_run
 
@@ -210,7 +210,15 @@ def publish(config: PipelineConfig, paths: Paths, selection: Selection, probe: L
                        f"{100 * metrics['test_balanced_acc']:.1f}% balanced")
         write_per_class(plots / "per_class.csv", per_class(confusion, names))  # a table, not 2K metric columns
         heatmaps += ["confusion.png", "confusion.csv", "per_class.csv"]
+        write_empty_tables(plots, {"roc.csv": ROC_COLUMNS})
     return heatmaps
+
+
+def write_empty_tables(directory: Path, tables: dict[str, tuple[str, ...]]) -> None:
+    """The other mode's tables that dvc.yaml declares, header only: `dvc plots show` draws nothing for them
+    instead of reporting a missing file."""
+    for name, columns in tables.items():
+        write_csv_atomic(directory / name, columns, [])
 
 
 def track(config: PipelineConfig, paths: Paths, selection: Selection, metrics: dict, heatmaps: list[str]) -> None:
@@ -303,6 +311,8 @@ def run_anomaly(config: PipelineConfig, paths: Paths, normal: list[str]) -> dict
     with atomic_directory(paths.plots / "probe") as plots:
         false_alarm, recall, thresholds = roc_curve(result.test_scores, anomalous)
         save_roc_table(false_alarm, recall, thresholds, plots / "roc.csv")
+        write_empty_tables(plots, {"table.csv": TABLE_COLUMNS, "selective.csv": CURVE_COLUMNS,
+                                   "confusion.csv": CONFUSION_COLUMNS, "per_class.csv": PER_CLASS_COLUMNS})
         curves = {readout.label: (false_alarm, recall, report["test_auroc"])}
         if isinstance(pixels, OneClassResult):
             curves["raw pixels"] = (*roc_curve(pixels.test_scores, anomalous)[:2], pixels.report["test_auroc"])

@@ -220,7 +220,8 @@ def test_dvc_plots_show_draws_every_curve(pipeline, tmp_path):
     assert sum(p["actual"] == p["predicted"] for p in confusion) / len(confusion) == pytest.approx(probe["test_acc"])
     assert [p["class"] for p in drawn("plots/probe/per_class.csv", "recall", "class")] == manifest["class_names"]
 
-    images = {name: items for name, items in plots.items() if items[0]["type"] == "image"}
+    assert plots["plots/probe/roc.csv"] == []  # the anomaly mode's table: declared, written empty, no error
+    images = {name: items for name, items in plots.items() if items and items[0]["type"] == "image"}
     assert set(images) == {"outputs/pretrain/loss.png", "outputs/pretrain/monitor.png", "outputs/pretrain/samples.png",
                            "plots/probe/selective.png",
                            "plots/probe/heatmap_pool1.png", "plots/probe/heatmap_pool2.png",

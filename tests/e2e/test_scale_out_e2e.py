@@ -31,7 +31,8 @@ def test_two_process_pretrain_logs_once_to_an_mlflow_server_and_one_process_resu
     tree = h.make_image_tree(tmp_path / "images", per_class=20)
     params = {**h.TINY_PARAMS, "data.dataset": "imagefolder", "data.source": str(tree), "data.channels": 3,
               "data.max_train": 0, "data.max_test": 0, "pretrain.train.steps": 6, "pretrain.train.batch_size": 8,
-              "pretrain.train.checkpoint_every": 3, "pretrain.train.log_every": 3}  # fmt: skip
+              "pretrain.train.checkpoint_every": 3, "pretrain.train.log_every": 3,
+              "pretrain.monitor.every": 3}  # fmt: skip  # scored at the checkpoints: the main process scores
     root = h.copy_project(tmp_path / "project", params)
     port = h.free_port()
     url = f"http://127.0.0.1:{port}"
@@ -62,13 +63,16 @@ def test_two_process_pretrain_logs_once_to_an_mlflow_server_and_one_process_resu
         assert one.returncode == 0, one.stdout[-5000:]
         assert "(step 3)" in one.stdout and "resuming from" in one.stdout, one.stdout[-3000:]
         assert json.loads((run_dir / "step-00000006" / "state.json").read_text())["num_processes"] == 1
+        points = json.loads((fingerprint / "monitor.json").read_text())["points"]
+        assert [p["step"] for p in points] == [3, 6]  # step 3's point kept from the two-process run, 6 rescored
+        assert "monitor at step 3" not in one.stdout and "monitor at step 6" in one.stdout
 
         runs = _pretrain_runs(url)
         processes = [{p["key"]: p["value"] for p in r["data"]["params"]}["processes"] for r in runs]
         assert processes == ["2", "1"]  # one run per launch: only the main process logs
         assert all(r["info"]["artifact_uri"].startswith("mlflow-artifacts:") for r in runs)  # proxied by the server
         logged = sorted(p.name for p in artifact_store.rglob("*.png"))
-        assert logged == ["loss.png", "loss.png", "samples.png", "samples.png"]
+        assert logged == ["loss.png", "loss.png", "monitor.png", "monitor.png", "samples.png", "samples.png"]
         in_project = sorted(p.relative_to(root).as_posix() for p in root.rglob("loss.png"))
         assert in_project == ["outputs/pretrain/loss.png"]  # the logged copies went to the store only
         assert not (root / "mlflow.db").exists()
