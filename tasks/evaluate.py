@@ -26,7 +26,7 @@ from ddae_core.readout import Readout
 from ddae_core.sampling import capped_subset, fraction_label, label_subsets, nested_subset, too_few_labels
 from tasks.services.outputs.feature_store import FeatureIndex, load_selection, read_readout
 from tasks.services.outputs.paths import Paths
-from tasks.services.outputs.plots import save_label_efficiency
+from tasks.services.outputs.plots import save_label_efficiency, save_not_drawn
 from tasks.services.runner.stage_main import StageError, stage_main
 from tasks.services.tracking.runs import stage_run
 
@@ -243,6 +243,7 @@ def skipped_for_anomaly(paths: Paths) -> dict:
     with atomic_directory(paths.plots / "evaluate") as plots:
         write_csv_atomic(plots / "label_efficiency.csv", EFFICIENCY_COLUMNS, [])
         write_bytes_atomic(plots / "label_efficiency.md", f"Label efficiency: {ANOMALY_SKIP}.\n".encode())
+        save_not_drawn(plots / "label_efficiency.png", "Label efficiency", ANOMALY_SKIP)
     write_json_atomic(paths.metrics / "evaluate.json", {"skipped": ANOMALY_SKIP})
     log.info("evaluate: skipped, %s", ANOMALY_SKIP)
     return {"skipped": ANOMALY_SKIP}

@@ -32,7 +32,14 @@ from ddae_core.training.monitor import LabelledImages, ProbeMonitor
 from ddae_core.training.schedules import monitor_steps, planned_steps
 from ddae_core.validation import validate_readouts
 from tasks.services.outputs.paths import Paths
-from tasks.services.outputs.plots import save_loss_curve, save_loss_table, save_monitor_curve, save_monitor_table
+from tasks.services.outputs.plots import (
+    MONITOR_TITLE,
+    save_loss_curve,
+    save_loss_table,
+    save_monitor_curve,
+    save_monitor_table,
+    save_not_drawn,
+)
 from tasks.services.runner.stage_main import StageError, log, stage_main
 from tasks.services.tracking.imports import init_folder
 from tasks.services.tracking.runs import stage_run
@@ -116,6 +123,17 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
             if (paths.pretrain / artifact).is_file():
                 mlflow.log_artifact(str(paths.pretrain / artifact))
     return summary
+
+
+def monitor_off_reason(config: PipelineConfig, manifest: dict) -> str:
+    """Why the probe monitor scored no point in this run, in the words of its settings."""
+    if normal_classes(manifest):
+        return "anomaly mode (data.normal_classes): the monitor is off and the last step goes forward"
+    if not (config.pretrain.monitor.points or config.pretrain.monitor.every):
+        return "pretrain.monitor.points and pretrain.monitor.every are 0"
+    if not manifest["splits"].get("val"):
+        return "the validation split is empty (too few train images to carve one)"
+    return "no monitor step fell within this run's training steps"
 
 
 def build_monitor(config: PipelineConfig, manifest: dict, splits: dict, denoiser: torch.nn.Module,
@@ -209,6 +227,8 @@ def publish_import(imported: ImportedNetwork, config: PipelineConfig, manifest: 
             (paths.pretrain / stale).unlink(missing_ok=True)
         save_loss_table([], paths.pretrain / "loss.csv")  # declared to DVC: an empty curve, no training ran
         save_monitor_table([], 0, (), paths.pretrain / "monitor.csv")
+        save_not_drawn(paths.pretrain / "loss.png", "Pretraining loss", "pretrain.init.mode is import: no training ran")
+        save_not_drawn(paths.pretrain / "monitor.png", MONITOR_TITLE, "pretrain.init.mode is import: no training ran")
         sample_s = draw_sample_grid(imported.denoiser, config, paths.pretrain / "samples.png")
         summary = {"steps": 0, "epochs": 0.0, "final_loss": None, "images_per_s": None, "parameters": parameters,
                    "train_wall_s": 0.0, "sample_wall_s": sample_s}
@@ -267,6 +287,8 @@ def publish(result: TrainResult, config: PipelineConfig, manifest: dict, paths: 
     save_monitor_table(result.monitor, result.chosen_step, taps, paths.pretrain / "monitor.csv")
     if result.monitor:
         save_monitor_curve(result.monitor, result.chosen_step, paths.pretrain / "monitor.png")
+    else:
+        save_not_drawn(paths.pretrain / "monitor.png", MONITOR_TITLE, monitor_off_reason(config, manifest))
     speeds = [h["images_per_s"] for h in result.history if "images_per_s" in h]
     seen = pretraining_count(config, manifest)
     summary = {
@@ -292,9 +314,11 @@ def draw_sample_grid(denoiser: torch.nn.Module, config: PipelineConfig, path) ->
     """Draw ``samples.count`` images with ``samples.sampler`` (auto: the framework's paper sampler) into a PNG grid."""
     samples = config.pretrain.samples
     if samples.count == 0:
+        save_not_drawn(path, "Samples", "pretrain.samples.count is 0")
         return 0.0
     if denoiser.spec()["kind"] == "latent-dit":  # its samples would need the VAE's decoder: features only
         log.info("no sample grid for a latent model")
+        save_not_drawn(path, "Samples", "a latent model's samples need its VAE decoder; this pipeline reads its features only")
         return 0.0
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(samples.seed)

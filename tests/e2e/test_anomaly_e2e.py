@@ -5,6 +5,7 @@ the registered model, served, names the normal class and flags an anomalous imag
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -45,6 +46,13 @@ def test_dvc_repro_in_anomaly_mode_scores_and_serves_a_one_class_detector(tmp_pa
     assert "skipped" in json.loads((root / "metrics/evaluate.json").read_text())
     shown = h.dvc(root, "metrics", "show", "--json")
     assert shown.returncode == 0 and "test_auroc" in shown.stdout
+    # Every plot dvc.yaml declares exists, those this mode does not draw as a PNG saying why: no errors.
+    plots = subprocess.run([h.tool("dvc"), "plots", "show", "--json", "-o", str(tmp_path / "plots")], cwd=root,
+                           env=h.project_env(root), capture_output=True, text=True, timeout=300)
+    assert plots.returncode == 0, plots.stdout[-3000:] + plots.stderr[-3000:]
+    assert "errors" not in json.loads(plots.stdout), json.loads(plots.stdout)["errors"]
+    for png in ("outputs/pretrain/monitor.png", "plots/evaluate/label_efficiency.png"):
+        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
     register = json.loads((root / "metrics/register.json").read_text())
     assert register["metric"] == "test_auroc" and register["promoted"] and register["test_auroc"] > 0.5

@@ -17,6 +17,7 @@ from ddae_core.atomic import write_bytes_atomic, write_csv_atomic  # noqa: E402
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "lr")  # loss.csv; dvc.yaml plots loss against step
 MONITOR_COLUMNS = ("step", "linear_val_acc", "knn_val_acc", "tap", "chosen")  # monitor.csv, one row per scoring
+MONITOR_TITLE = "Probe monitor during pretraining (EMA network)"
 ROC_COLUMNS = ("false_alarm", "recall", "threshold")  # roc.csv (anomaly mode): one row per distinct test score
 
 
@@ -26,6 +27,19 @@ def save_figure(fig: "plt.Figure", path: Path) -> None:
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_not_drawn(path: Path, title: str, reason: str) -> None:
+    """A PNG that says why ``title`` has no plot in this run (a declared plot file always exists, so
+    ``dvc plots show`` and the MLflow artifacts show the reason instead of an error)."""
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.5, "not drawn in this run:\n" + textwrap.fill(reason, 70), ha="center", va="center",
+            fontsize=9, color="dimgrey", transform=ax.transAxes)
+    save_figure(fig, path)
 
 
 def save_loss_curve(history: Sequence[dict], path: Path) -> None:
@@ -69,7 +83,7 @@ def save_monitor_curve(points: Sequence[dict], chosen_step: int, path: Path) -> 
     ax.axvline(chosen_step, color="grey", ls="--", lw=1, label=f"carried forward: step {chosen_step}")
     ax.set_xlabel("step")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Probe monitor during pretraining (EMA network)")
+    ax.set_title(MONITOR_TITLE)
     ax.legend()
     save_figure(fig, path)
 
