@@ -150,7 +150,8 @@ def _run_flow(root: Path, overrides: dict, out: TextIO) -> int:
     efficiency = root / "plots" / "evaluate" / "label_efficiency.md"
     if efficiency.is_file():
         out.write(efficiency.read_text())
-    out.write(json.dumps({"metrics": "metrics/probe.json", "model": "models:/ddae-classifier@champion"}) + "\n")
+    out.write(json.dumps({"metrics": "metrics/probe.json", "model": "models:/ddae-classifier@champion",
+                          "mlflow_ui": summary["mlflow_ui"]}) + "\n")
     return 0
 
 

@@ -23,7 +23,7 @@ from tasks.services.runner.dvc_stage import STAGES
 from tasks.services.runner.prefect_tasks import STAGE_TASKS
 from tasks.services.runner.process_env import apply_offline_env
 from tasks.services.runner.run_lock import hold_run_lock, log_waiting
-from tasks.services.tracking.runs import PARENT_ENV, pipeline_run
+from tasks.services.tracking.runs import PARENT_ENV, pipeline_run, ui_url
 
 
 def results_markdown(root: Path, stages: list[dict]) -> str:
@@ -97,11 +97,13 @@ def _locked_run(root: Path, changes: dict[str, Any], logger: Any) -> dict:
         logger.info("MLflow pipeline run %s", run_id)
         for stage in STAGES:
             stages.append(STAGE_TASKS[stage](str(root), {PARENT_ENV: run_id}))
+    mlflow_ui = ui_url(root, run_id)
+    logger.info("MLflow: %s", mlflow_ui)
     markdown = results_markdown(root, stages)
     create_markdown_artifact(markdown=markdown, key="ddae-results", description="ddae pipeline results")
     metrics_path = root / "metrics" / "probe.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    return {"stages": stages, "probe": metrics}
+    return {"stages": stages, "probe": metrics, "mlflow_ui": mlflow_ui}
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ def test_ddae_run_on_a_photo_folder_with_nothing_set(tmp_path):
     ran = h.run([h.tool("ddae"), "run", "--dataset", "imagefolder", "--set", f"data.source={source}", *overrides],
                 root, timeout=1500)
     assert ran.returncode == 0, ran.stdout[-4000:]
+    report = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert report["mlflow_ui"].startswith("http://127.0.0.1:5000/#/experiments/")  # the UI's model-training view
+    assert report["mlflow_ui"].endswith("?workflowType=machine_learning")
 
     manifest = json.loads((root / "data/prepared/manifest.json").read_text())
     assert manifest["shape"] == [32, 32, 3]  # colour inferred; median shorter side 40, capped at 32

@@ -73,6 +73,23 @@ def test_the_experiment_opens_in_the_model_training_view(tracking, tmp_path):
     assert experiment.experiment_id == old_id and experiment.tags[kind] == "custom_model_development"
 
 
+def test_the_printed_ui_address_opens_the_model_training_view(tracking, tmp_path, monkeypatch):
+    """MLflow 3.17's UI ignores the kind tag for its GenAI/Model training switch: the address carries it."""
+    from tasks.services.tracking.runs import EXPERIMENT, ui_url
+
+    with mlflow.start_run() as run:
+        pass
+    experiment_id = tracking.get_experiment_by_name(EXPERIMENT).experiment_id
+    assert run.info.experiment_id == experiment_id
+    local = ui_url(tmp_path, run.info.run_id)  # the sqlite store: `mlflow ui` on this machine
+    assert local == f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning"
+    # On a tracking server, its own address (the store is read through the same URI).
+    monkeypatch.setattr("tasks.services.tracking.runs.tracking_uri", lambda root: "http://mlflow.example:8080/")
+    monkeypatch.setattr(mlflow, "MlflowClient", lambda uri: tracking)
+    assert ui_url(tmp_path, run.info.run_id) == (
+        f"http://mlflow.example:8080/#/experiments/{experiment_id}?workflowType=machine_learning")
+
+
 # ---------------------------------------------------------------------------------------------
 # The gate
 

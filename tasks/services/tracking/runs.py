@@ -19,8 +19,13 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 EXPERIMENT = "ddae"
-# MLflow 3's UI opens an experiment of this kind in its model-training view (runs, metrics, models)
+# The experiment's kind for MLflow UIs that read it (Databricks; the open-source UI up to its GenAI/Model
+# training switch); MLflow 3.17's open-source UI reads the switch instead: see ``ui_url``
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow 3.17's UI shows an experiment as a training pipeline (runs, charts, models) for this URL parameter;
+# without it, or the switch clicked once in that browser, it opens the GenAI view (traces, "Detect Issues")
+UI_VIEW = "workflowType=machine_learning"
+UI_LOCAL = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 PARENT_ENV = "DDAE_PIPELINE_RUN_ID"
 # MLflow's own HTTP retries default to 7 with a doubling backoff (minutes on a dead server): bound them
 HTTP_RETRY_DEFAULTS = {
@@ -92,6 +97,17 @@ def configure(root: Path) -> str:
                 mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def ui_url(root: Path, run_id: str) -> str:
+    """The MLflow UI page of ``run_id``'s experiment in its model-training view: on the tracking server when
+    there is one, else where ``mlflow ui`` on the repository's store serves."""
+    import mlflow
+
+    uri = tracking_uri(root)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_LOCAL
+    experiment_id = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment_id}?{UI_VIEW}"
 
 
 def git_commit(root: Path) -> str:
