@@ -15,45 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_ITEMS = ("ddae_core", "tasks", "flows", "dvc.yaml", "params.yaml", ".dvc", ".dvcignore", "profiles")
+sys.path.insert(0, str(REPO / "tests"))
+import e2e_helpers as project  # noqa: E402  (one copy-a-project helper, shared with the end-to-end tests)
+
 FASHION_MNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                  "Ankle boot")
-
-
-def copy_project(dest: Path, params: dict) -> Path:
-    """The pipeline in ``dest`` (a fresh git repository), ``params`` (dotted keys) written into params.yaml."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    junk = shutil.ignore_patterns("__pycache__", "*.pyc", "tmp", "cache", "config.local")
-    for item in PROJECT_ITEMS:
-        source = REPO / item
-        if source.is_dir():
-            shutil.copytree(source, dest / item, ignore=junk)
-        elif source.is_file():
-            shutil.copy2(source, dest / item)
-    data = yaml.safe_load((dest / "params.yaml").read_text())
-    for dotted, value in params.items():
-        *parents, last = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    (dest / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid", "-c", "commit.gpgsign=false"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "one-class benchmark"]):
-        subprocess.run(git + args, cwd=dest, check=True, capture_output=True)
-    return dest
 
 
 def run_class(index: int, args: argparse.Namespace) -> dict:
@@ -62,14 +34,12 @@ def run_class(index: int, args: argparse.Namespace) -> dict:
     params = {"data.normal_classes": [name], "data.max_train": args.max_train, "data.max_test": args.max_test,
               "pretrain.network.name": args.network, "pretrain.train.steps": args.steps,
               "pretrain.samples.count": 0, "probe.raw_pixels": True}
-    root = copy_project(args.work / f"class-{index}", params)
-    env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-           "OMP_WAIT_POLICY": "PASSIVE"}
+    dest = args.work / f"class-{index}"
+    if dest.exists():
+        shutil.rmtree(dest)
+    root = project.copy_project(dest, params)
     start = time.monotonic()
-    dvc = Path(sys.executable).parent / "dvc"
-    done = subprocess.run([str(dvc), "repro", "probe"], cwd=root, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    done = project.run([project.tool("dvc"), "repro", "probe"], root, timeout=None)
     if done.returncode != 0:
         raise SystemExit(f"class {index} ({name}): dvc repro failed ({done.returncode}):\n{done.stdout[-4000:]}")
     probe = json.loads((root / "metrics/probe.json").read_text())
