@@ -3,7 +3,7 @@ it), the other nine are the anomalies of the test split; AUROC per class and the
 score beside raw pixels through the same scoring (``data.normal_classes``, README "Anomaly detection").
 
 Each class runs in a copy of the project of its own (``--work``/class-N), through ``dvc repro probe``
-(prepare, pretrain, extract, probe: nothing is registered). Not a test: hours for all ten with the
+(prepare, pretrain, extract, probe: nothing is registered). Not a test: about half an hour for all ten with
 defaults on two cores; ``--classes 0 --steps 20 --network ddpm-tiny --max-train 300 --max-test 500``
 checks it end to end in minutes.
 

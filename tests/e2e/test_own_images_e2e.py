@@ -72,7 +72,7 @@ def test_ddae_run_on_a_photo_folder_with_nothing_set(tmp_path):
     ran = h.run([h.tool("ddae"), "run", "--dataset", "imagefolder", "--set", f"data.source={source}", *overrides],
                 root, timeout=1500)
     assert ran.returncode == 0, ran.stdout[-4000:]
-    report = json.loads(ran.stdout.strip().splitlines()[-1])
+    (report,) = [json.loads(line) for line in ran.stdout.splitlines() if line.startswith('{"metrics"')]  # the report line
     assert report["mlflow_ui"].startswith("http://127.0.0.1:5000/#/experiments/")  # the UI's model-training view
     assert report["mlflow_ui"].endswith("?workflowType=machine_learning")
 
