@@ -85,16 +85,18 @@ class NoiseEmbedding(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention over positions, channels first: q, k, v (..., d, L) -> (..., d, L).
 
-    In bf16/fp16 on the CPU it is two batched matmuls around an fp32 softmax, read straight from the
+    In bf16/fp16 on the CPU it is two batched matmuls around a softmax, read straight from the
     channels-first layout: at the UNets' short sequences (a few hundred positions) that trains about 2x
-    faster than PyTorch's fused CPU kernel. In fp32 on the CPU, and on GPUs, the fused kernel
-    (flash / memory-efficient) is the faster one; it wants positions first and contiguous.
+    faster than PyTorch's fused CPU kernel. The softmax takes the logits in their own precision (it
+    accumulates in fp32 and rounds once, as an fp32 softmax cast back would, without the two casts of
+    the (L, L) matrix each way). In fp32 on the CPU, and on GPUs, the fused kernel (flash /
+    memory-efficient) is the faster one; it wants positions first and contiguous.
     """
     if q.device.type != "cpu" or q.dtype == torch.float32:
         q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))  # (..., L, d)
         return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
     logits = (q * q.shape[-2] ** -0.5).transpose(-1, -2) @ k  # (..., L, L): query, key
-    weights = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+    weights = torch.softmax(logits, dim=-1)  # (..., L, L) in v's precision (autocast keeps softmax there)
     return v @ weights.transpose(-1, -2)  # (..., d, L)
 
 
@@ -134,7 +136,8 @@ class SelfAttention(nn.Module):
         # x: (N, C, H, W) -> (N, C, H, W)
         n, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, h * w)
-        out = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (N, heads, C/heads, H*W)
+        q, k, v = qkv.unbind(1)  # one gradient for the three (indexing would zero-fill and add three)
+        out = attention(q, k, v)  # (N, heads, C/heads, H*W)
         return x + self.proj(out.reshape(n, c, h, w))
 
 
