@@ -87,7 +87,7 @@ class Classifier:
         x0 = to_model_input(images_uint8).to(self.device)
         readout = self.readout
         out = extract_batch(self.denoiser, x0, sample_ids, taps=readout.taps, levels=(readout.level,),
-                            pools=(readout.pool,), seed=readout.seed)
+                            pools=(readout.pool,), seed=readout.seed, precision=readout.precision)
         return readout.concat(out)
 
     def novelty_of(self, features: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddae_core.noise import augment, copy_seed, sample_noise
-from ddae_core.readout import FeatureKey, Readout
+from ddae_core.readout import FEATURE_PRECISIONS, FeatureKey, FeaturePrecision, Readout
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,20 @@ def _stop_block(unet: nn.Module, taps: Sequence[str]) -> str | None:
     return max(taps, key=order.__getitem__)
 
 
+def running_in(precision: FeaturePrecision, device: torch.device) -> contextlib.AbstractContextManager:
+    """The network's precision while it is read: fp32 as it is, or bf16 autocast (as it trains).
+
+    bf16 reads about twice as fast where the hardware computes it natively; features move by about
+    0.5% of their scale, well inside what a probe notices, but they are not fp32's: a readout
+    records its precision and is always read back in it.
+    """
+    if precision not in FEATURE_PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(FEATURE_PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def _device_of(module: nn.Module) -> torch.device:
     param = next(module.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -163,18 +177,20 @@ def extract_batch(
     levels: Sequence[float],
     pools: Sequence[int],
     seed: int,
+    precision: FeaturePrecision = "fp32",
 ) -> dict[FeatureKey, np.ndarray]:
     """Features ``{(tap, level, pool): float32 (N, D)}`` of clean images ``x0`` (N, C, H, W) in [-1, 1].
 
     Per level: noise keyed by (seed, sample id, level), ``denoiser.add_noise``, one forward in eval
-    mode under inference mode; the module's train/eval states are restored afterwards.
+    mode under inference mode, in ``precision`` (``running_in``); the module's train/eval states are
+    restored afterwards.
     """
     if x0.ndim != 4:
         raise ValueError(f"x0 must be (N, C, H, W), got shape {tuple(x0.shape)}")
     if len(sample_ids) != x0.shape[0]:
         raise ValueError(f"{len(sample_ids)} sample ids for {x0.shape[0]} images")
     features: dict[FeatureKey, np.ndarray] = {}
-    with _eval_mode(denoiser), torch.inference_mode():
+    with _eval_mode(denoiser), torch.inference_mode(), running_in(precision, x0.device):
         for level in levels:
             level = float(level)
             captured = _noised_taps(denoiser, x0, sample_ids, level, taps, seed)
@@ -213,7 +229,8 @@ def live_features(
         raise ValueError(f"x0 must be (N, C, H, W), got shape {tuple(x0.shape)}")
     if len(sample_ids) != x0.shape[0]:
         raise ValueError(f"{len(sample_ids)} sample ids for {x0.shape[0]} images")
-    captured = _noised_taps(denoiser, x0, sample_ids, readout.level, readout.taps, readout.seed)
+    with running_in(readout.precision, x0.device):
+        captured = _noised_taps(denoiser, x0, sample_ids, readout.level, readout.taps, readout.seed)
     return readout.concat({key: pool(captured[key[0]].float(), readout.pool) for key in readout.feature_keys})
 
 
@@ -250,13 +267,14 @@ def extract(
     progress: bool = True,
     device: str | torch.device = "cpu",
     crop_fill: float | None = None,
+    precision: FeaturePrecision = "fp32",
 ) -> Iterator[tuple[int, int, dict[FeatureKey, np.ndarray]]]:
     """Stream ``(start, stop, features)`` over uint8 ``images`` (N, H, W, C), batch by batch.
 
     ``images`` may be a memmap: only one batch is read and converted at a time. Copy 0 is the plain
     image; copy k > 0 is flipped/cropped by ``augment`` and noised with ``copy_seed(seed, k)`` so each
     copy also gets its own noise (crops reflect the border, or pad with ``crop_fill``, in the network's
-    [-1, 1] units). The denoiser must already live on ``device``.
+    [-1, 1] units). The network runs in ``precision``; it must already live on ``device``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -276,7 +294,7 @@ def extract(
             x0 = _to_model_input(np.array(images[start:stop])).to(device)  # one batch copied  # (B, C, H, W) in [-1, 1]
             x0 = augment(x0, batch_ids, copy, seed, fill=crop_fill)
             yield start, stop, extract_batch(
-                denoiser, x0, batch_ids, taps=taps, levels=levels, pools=pools, seed=noise_seed
+                denoiser, x0, batch_ids, taps=taps, levels=levels, pools=pools, seed=noise_seed, precision=precision
             )
             bar.update(stop - start)
 

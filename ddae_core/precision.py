@@ -10,6 +10,8 @@ from typing import Literal
 
 import torch
 
+from ddae_core.readout import FEATURE_PRECISIONS, FeaturePrecision
+
 Precision = Literal["no", "bf16", "fp16"]
 
 
@@ -31,3 +33,12 @@ def resolve_mixed_precision(requested: str, device: torch.device | str | None = 
     if native_bf16(device):
         return "bf16"
     return "fp16" if device.type == "cuda" else "no"
+
+
+def resolve_feature_precision(requested: str, device: torch.device | str) -> FeaturePrecision:
+    """``extract.precision`` as given, except ``auto``: bf16 where ``device`` computes it natively, else fp32."""
+    if requested != "auto" and requested not in FEATURE_PRECISIONS:
+        raise ValueError(f"precision: expected auto or one of {', '.join(FEATURE_PRECISIONS)}, got {requested!r}")
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    return "bf16" if native_bf16(device) else "fp32"

@@ -1,7 +1,7 @@
 """A readout: where a classifier reads the frozen denoiser, as one value every layer passes around.
 
-Taps (concatenated in order), one noise level, a pooling grid and the seed that keys the feature
-noise: the extract stage writes single-tap readouts, the probe chooses one (``candidates``), and
+Taps (concatenated in order), one noise level, a pooling grid, the seed that keys the feature
+noise and the precision the network runs in: the extract stage writes single-tap readouts, the probe chooses one (``candidates``), and
 ``selection.json`` (``Selection``) carries it to fine-tuning and to the registered model. Taps are
 always block names (``UNet.tap_names()``); selectors (``mid``, ``decoder``, ``dec1``, the paper's
 ``out_6``: ``nn.tap_selectors``) are expanded once, by ``resolve_taps``, before a readout is built.
@@ -24,17 +24,21 @@ TAP_SEPARATOR = "+"  # joins the taps of a concatenation in names and columns; n
 SELECTION_FILE = "selection.json"  # in a probe directory, beside probe.safetensors
 
 _READOUT_KEYS = ("taps", "level", "pool", "seed")
+FeaturePrecision = Literal["fp32", "bf16"]
+FEATURE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
 class Readout:
     """Blocks (features concatenated in this order) read at one noise level (DDPM t / EDM sigma),
-    pooled on a ``pool`` x ``pool`` grid (1 = global average), with noise keyed by ``seed``."""
+    pooled on a ``pool`` x ``pool`` grid (1 = global average), with noise keyed by ``seed``, the network
+    run in ``precision`` (bf16: under autocast, as it trains)."""
 
     taps: tuple[str, ...]  # block names, never selectors; non-empty, none containing TAP_SEPARATOR
     level: float
     pool: int
     seed: int  # extract.seed: with the sample id and level it keys the noise, so it is part of the features
+    precision: FeaturePrecision = "fp32"  # part of the features too: serving runs the network as extract did
 
     def __post_init__(self) -> None:
         if isinstance(self.taps, str):  # tuple("mid.res1") would silently give one tap per character
@@ -48,6 +52,8 @@ class Readout:
                                  f"(a concatenation lists its blocks as separate taps)")
         if int(self.pool) < 1:
             raise ValueError(f"readout pool must be >= 1, got {self.pool}")
+        if self.precision not in FEATURE_PRECISIONS:
+            raise ValueError(f"readout precision: expected one of {', '.join(FEATURE_PRECISIONS)}, got {self.precision!r}")
         object.__setattr__(self, "taps", taps)
         object.__setattr__(self, "level", float(self.level))
         object.__setattr__(self, "pool", int(self.pool))
@@ -66,7 +72,7 @@ class Readout:
     @property
     def members(self) -> tuple[Readout, ...]:
         """One single-tap readout per tap, in order: the units the feature store keeps."""
-        return tuple(Readout((tap,), self.level, self.pool, self.seed) for tap in self.taps)
+        return tuple(Readout((tap,), self.level, self.pool, self.seed, self.precision) for tap in self.taps)
 
     @property
     def tap_name(self) -> str:
@@ -97,14 +103,19 @@ class Readout:
         return torch.cat(parts, dim=1)
 
     def to_json(self) -> dict[str, Any]:
-        """The four keys a readout is stored as (flat, so ``selection.json`` keeps its layout)."""
-        return {"taps": list(self.taps), "level": self.level, "pool": self.pool, "seed": self.seed}
+        """The keys a readout is stored as (flat, so ``selection.json`` keeps its layout); ``precision`` only
+        when not fp32, so files of fp32 readouts read and rewrite as they always have."""
+        data: dict[str, Any] = {"taps": list(self.taps), "level": self.level, "pool": self.pool, "seed": self.seed}
+        if self.precision != "fp32":
+            data["precision"] = self.precision
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Readout:
-        """The readout in a mapping holding ``to_json``'s keys; other keys are ignored."""
+        """The readout in a mapping holding ``to_json``'s keys; other keys are ignored. A file written
+        before readouts had a precision was extracted in fp32."""
         _require(data, _READOUT_KEYS)
-        return cls(data["taps"], data["level"], data["pool"], data["seed"])
+        return cls(data["taps"], data["level"], data["pool"], data["seed"], data.get("precision", "fp32"))
 
 
 @dataclass(frozen=True)
@@ -211,6 +222,8 @@ def candidates(singles: Sequence[Readout], concat: Sequence[Sequence[str]],
             raise ValueError(f"candidates: {single.label} is not a single-tap readout")
     if len({single.seed for single in singles}) > 1:
         raise ValueError(f"candidates: single readouts of several seeds {sorted({s.seed for s in singles})}")
+    if len({single.precision for single in singles}) > 1:
+        raise ValueError(f"candidates: single readouts of several precisions {sorted({s.precision for s in singles})}")
     extracted = {single.key for single in singles}
     extracted_taps = list(dict.fromkeys(single.taps[0] for single in singles))
     levels = sorted({single.level for single in singles})
@@ -228,7 +241,8 @@ def candidates(singles: Sequence[Readout], concat: Sequence[Sequence[str]],
                     blocks.append(block)
         for level in levels:
             for pool in pools:
-                readout = Readout(tuple(blocks), level, pool, singles[0].seed)  # extracted taps: singles is not empty
+                readout = Readout(tuple(blocks), level, pool, singles[0].seed,  # extracted taps: singles is not empty
+                                  singles[0].precision)
                 absent = [member.label for member in readout.members if member.key not in extracted]
                 if absent:
                     raise ConfigError(f"probe.concat[{g}]: no extracted features for {', '.join(absent)}")

@@ -157,7 +157,8 @@ def two_views(config: PipelineConfig, paths: Paths, index: FeatureIndex, keys: l
     levels = sorted({k.level for k in keys})
     return {copy: extract_all(denoiser, np.asarray(train.images[rows]), np.asarray(train.sample_ids)[rows],
                               taps=taps, levels=levels, pools=[config.diagnostics.pool], seed=index.seed,
-                              batch_size=config.extract.batch_size, copy=copy, progress=False, device=device)
+                              batch_size=config.extract.batch_size, copy=copy, progress=False, device=device,
+                              precision=index.precision)
             for copy in (1, 2)}
 
 

@@ -29,6 +29,7 @@ from ddae_core.data import load_prepared
 from ddae_core.devices import stage_device
 from ddae_core.diffusion import feature_levels, level_kind
 from ddae_core.features import extract
+from ddae_core.precision import resolve_feature_precision
 from ddae_core.readout import Readout, resolve_taps
 from tasks.services.outputs.feature_store import (
     INDEX_FILE,
@@ -74,7 +75,8 @@ def work_fingerprint(metadata: dict, keys: list[Readout], config: PipelineConfig
     """Finished units are reused only by a run with the same weights, data, keys and unit grid."""
     settings = {k: v for k, v in as_dict(config.extract).items() if k != "batch_size"}  # batch size: same rows
     key = {"format": PARTS_FORMAT, "network": metadata["network_hash"], "data": metadata["data_checksum"],
-           "keys": [(k.taps[0], k.level, k.pool) for k in keys], "extract": settings}
+           "keys": [(k.taps[0], k.level, k.pool) for k in keys], "extract": settings,
+           "precision": metadata["precision"]}  # resolved: units of another machine's precision are not reused
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -97,13 +99,16 @@ class ExtractionPlan:
 
 
 def plan_extraction(config: PipelineConfig, paths: Paths, denoiser: torch.nn.Module, manifest: dict,
-                    splits: dict) -> ExtractionPlan:
-    """Resolve taps (selectors to block names) and levels, and cut every split and copy into units."""
+                    splits: dict, device: str | torch.device = "cpu") -> ExtractionPlan:
+    """Resolve taps (selectors to block names), levels and the precision on ``device``, and cut every split
+    and copy into units."""
     cfg = config.extract
     selectors = denoiser.unet.tap_selectors()
     taps = resolve_taps(cfg.taps, denoiser.unet.tap_names(), selectors, "extract.taps")
     levels = feature_levels(config.pretrain.diffusion, cfg.levels, cfg.sigma_indices)
-    keys = [Readout((tap,), level, pool, cfg.seed) for tap in taps for level in levels for pool in cfg.pools]
+    precision = resolve_feature_precision(cfg.precision, device)
+    keys = [Readout((tap,), level, pool, cfg.seed, precision) for tap in taps for level in levels
+            for pool in cfg.pools]
     metadata = {
         "network_hash": network_hash(paths.network),
         "network_config": read_network_config(paths.network),
@@ -111,6 +116,7 @@ def plan_extraction(config: PipelineConfig, paths: Paths, denoiser: torch.nn.Mod
         "data_checksum": manifest["checksum"],
         "level_kind": level_kind(config.pretrain.diffusion.framework),
         "seed": cfg.seed,
+        "precision": precision,  # resolved: "auto" gives bf16 on one machine and fp32 on another
     }
     copies = {split: 1 + (cfg.augment_copies if split == "train" else 0) for split in SPLITS}
     units = plan_units({s: len(splits[s]) for s in SPLITS}, copies, cfg.part_rows)
@@ -139,6 +145,7 @@ def extract_units(denoiser: torch.nn.Module, plan: ExtractionPlan, splits: dict,
         for _start, _stop, batch in extract(
             denoiser, data.images[unit.start:unit.stop], ids, taps=plan.taps, levels=plan.levels, pools=cfg.pools,
             seed=cfg.seed, batch_size=cfg.batch_size, copy=unit.copy, progress=False, device=device,
+            precision=plan.metadata["precision"],
         ):
             for k, value in batch.items():
                 chunks.setdefault(k, []).append(value)
@@ -160,13 +167,14 @@ def build_features(config: PipelineConfig, paths: Paths, *, process_index: int =
         raise StageError(f"{paths.network}/network.json not found: run the pretrain stage first")
     denoiser = load_network(paths.network, device=device).eval()
     manifest, splits = load_prepared(paths.prepared)
-    plan = plan_extraction(config, paths, denoiser, manifest, splits)
+    plan = plan_extraction(config, paths, denoiser, manifest, splits, device)
     if process_index == 0:
         remove_other_work(paths, plan.work)
     plan.work.mkdir(parents=True, exist_ok=True)
 
     mine = plan.units[process_index::num_processes]
     pending = [u for u in mine if unit_rows(plan.work / u.file_name) != u.stop - u.start]
+    log.info("features in %s (extract.precision: %s)", plan.metadata["precision"], config.extract.precision)
     log.info("process %d/%d: %d of its %d units already finished, %d to extract (%s)", process_index,
              num_processes, len(mine) - len(pending), len(mine), len(pending), plan.work)
     extract_units(denoiser, plan, splits, pending, config, device, f"process {process_index}")

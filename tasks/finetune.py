@@ -52,7 +52,7 @@ def scratch_head(denoiser, split, rows: np.ndarray, readout: Readout, num_classe
     rows = np.sort(rows[np.random.default_rng([seed, 6]).permutation(len(rows))[:_STATS_IMAGES]])
     feats = extract_all(denoiser, np.asarray(split.images[rows]), np.asarray(split.sample_ids)[rows],
                         taps=readout.taps, levels=[readout.level], pools=[readout.pool], seed=readout.seed,
-                        progress=False, device=device)
+                        progress=False, device=device, precision=readout.precision)
     return zero_head(readout.concat(feats), num_classes)
 
 

@@ -23,7 +23,7 @@ from ddae_core.data import load_prepared, normal_classes, save_image_grid, to_ui
 from ddae_core.devices import stage_device
 from ddae_core.diffusion import build_denoiser, build_loss, feature_levels, grid_sampler
 from ddae_core.nn import build_unet, count_parameters
-from ddae_core.precision import resolve_mixed_precision
+from ddae_core.precision import resolve_feature_precision, resolve_mixed_precision
 from ddae_core.pretrained.importer import ImportedNetwork, import_network
 from ddae_core.readout import resolve_taps
 from ddae_core.sampling import capped_subset
@@ -90,7 +90,7 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     if accelerator.is_main_process:
         remove_other_checkpoints(paths, fingerprint)
     accelerator.wait_for_everyone()
-    monitor = build_monitor(config, manifest, splits, denoiser, steps)
+    monitor = build_monitor(config, manifest, splits, denoiser, steps, accelerator.device)
     if not accelerator.is_main_process:  # other ranks train; only the main process logs, scores and saves
         train(denoiser, loss_fn, images, cfg.train, out_dir=run_dir, accelerator=accelerator, monitor=monitor,
               progress=False)
@@ -137,11 +137,12 @@ def monitor_off_reason(config: PipelineConfig, manifest: dict) -> str:
 
 
 def build_monitor(config: PipelineConfig, manifest: dict, splits: dict, denoiser: torch.nn.Module,
-                  steps: int) -> Monitor | None:
+                  steps: int, device: torch.device | str = "cpu") -> Monitor | None:
     """The probe monitor of ``pretrain.monitor``: every extract tap at the first extract level, pooled
     globally, on seeded class-balanced train and val subsets; None when it is off or val is empty, and
     in anomaly mode (``data.normal_classes``): telling normal classes apart says nothing of anomalies, and
-    no anomaly may be looked at, so the last step's network goes forward."""
+    no anomaly may be looked at, so the last step's network goes forward. It reads the network in
+    ``extract.precision`` as resolved on ``device``, where training runs."""
     cfg = config.pretrain.monitor
     when = monitor_steps(steps, points=cfg.points, every=cfg.every)
     if when and normal_classes(manifest):
@@ -152,6 +153,7 @@ def build_monitor(config: PipelineConfig, manifest: dict, splits: dict, denoiser
     taps = resolve_taps(config.extract.taps, denoiser.unet.tap_names(), denoiser.unet.tap_selectors(),
                         "extract.taps")
     level = feature_levels(config.pretrain.diffusion, config.extract.levels, config.extract.sigma_indices)[0]
+    precision = resolve_feature_precision(config.extract.precision, device)
 
     def subset(name: str, cap: int) -> LabelledImages:
         split = splits[name]
@@ -163,10 +165,10 @@ def build_monitor(config: PipelineConfig, manifest: dict, splits: dict, denoiser
                          taps=tuple(taps), level=level, num_classes=len(manifest["class_names"]),
                          l2_grid=config.probe.l2_grid, max_iter=min(config.probe.max_iter, 100),
                          knn_k=config.diagnostics.knn_k, knn_temperature=config.diagnostics.knn_temperature,
-                         seed=config.extract.seed, batch_size=cfg.batch_size)
+                         seed=config.extract.seed, batch_size=cfg.batch_size, precision=precision)
     scoring = {k: v for k, v in as_dict(cfg).items() if k != "select"}  # choosing needs no rescoring
     key = json.dumps({"monitor": scoring, "taps": list(taps), "level": level, "l2_grid": list(config.probe.l2_grid),
-                      "seed": config.extract.seed}, sort_keys=True)
+                      "seed": config.extract.seed, "precision": precision}, sort_keys=True)
     return Monitor(evaluate=probe, steps=when, select=cfg.select, key=hashlib.sha256(key.encode()).hexdigest()[:16])
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from ddae_core.features import extract_all
 from ddae_core.heads.diagnostics import knn_accuracy
 from ddae_core.heads.probe import select_probe
+from ddae_core.readout import FeaturePrecision
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,13 @@ class ProbeMonitor:
     knn_temperature: float = 0.07
     seed: int = 0  # keys the features' noise
     batch_size: int = 256
+    precision: FeaturePrecision = "fp32"  # the network's while read (extract.precision, resolved)
 
     def features(self, denoiser: nn.Module, split: LabelledImages, device: torch.device) -> dict[str, np.ndarray]:
         """Per tap, the (N, D) globally pooled features of ``split`` at the monitor's level."""
         out = extract_all(denoiser, split.images, split.sample_ids, taps=list(self.taps), levels=[self.level],
-                          pools=[1], seed=self.seed, batch_size=self.batch_size, progress=False, device=device)
+                          pools=[1], seed=self.seed, batch_size=self.batch_size, progress=False, device=device,
+                          precision=self.precision)
         return {tap: out[(tap, self.level, 1)] for tap in self.taps}
 
     def __call__(self, denoiser: nn.Module) -> dict[str, float]:

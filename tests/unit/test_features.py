@@ -273,3 +273,28 @@ def test_real_unet_and_denoisers() -> None:
             assert value.shape == (5, dims[(tap, grid)]) and np.isfinite(value).all()
             np.testing.assert_allclose(value, by5[(tap, lv, grid)], rtol=1e-4, atol=1e-5)
         assert _no_hooks(denoiser)
+
+
+def test_bf16_reads_the_network_under_autocast_and_stays_close_to_fp32() -> None:
+    from ddae_core.features import live_features
+    from ddae_core.readout import Readout
+
+    den = _denoiser()
+    x0 = torch.from_numpy(_images(6)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ids = np.arange(6)
+    kwargs = {"taps": ["mid.res0", "dec.up"], "levels": [11.0], "pools": [1, 2], "seed": 0}
+    fp32 = extract_batch(den, x0, ids, **kwargs)
+    bf16 = extract_batch(den, x0, ids, precision="bf16", **kwargs)
+    seen = []
+    handle = den.unet.mid["res0"].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    extract_batch(den, x0, ids, precision="bf16", **kwargs)
+    live = live_features(den, x0, ids, Readout(("mid.res0", "dec.up"), 11.0, 2, 0, "bf16"))
+    handle.remove()
+    assert seen == [torch.bfloat16, torch.bfloat16]  # extract_batch, then live_features: both under autocast
+    assert live.dtype == torch.float32  # pooled features come back in fp32 either way
+    for key, value in fp32.items():
+        assert bf16[key].dtype == np.float32
+        assert not np.array_equal(bf16[key], value)  # really computed in bf16 ...
+        np.testing.assert_allclose(bf16[key], value, atol=0.05 * np.abs(value).max())  # ... and close to fp32
+    with pytest.raises(ValueError, match="precision.*fp16"):
+        extract_batch(den, x0, ids, precision="fp16", **kwargs)

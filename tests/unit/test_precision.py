@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ddae_core.config import ConfigError, TrainConfig, section_from_dict
-from ddae_core.precision import native_bf16, resolve_mixed_precision
+from ddae_core.config import ConfigError, ExtractConfig, TrainConfig, section_from_dict
+from ddae_core.precision import native_bf16, resolve_feature_precision, resolve_mixed_precision
 
 
 @pytest.mark.parametrize("requested", ["no", "bf16", "fp16"])
@@ -32,3 +32,15 @@ def test_train_config_accepts_auto_and_names_a_bad_value():
     assert TrainConfig(mixed_precision="auto").mixed_precision == "auto"
     with pytest.raises(ConfigError, match="pretrain.train.mixed_precision"):
         section_from_dict(TrainConfig, {"mixed_precision": "bf17"}, "pretrain.train")
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_feature_precision_auto_is_bf16_only_where_native_and_explicit_choices_pass(monkeypatch, native, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_feature_precision("auto", "cpu") == expected
+    assert [resolve_feature_precision(p, "cpu") for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    with pytest.raises(ValueError, match="'no'"):
+        resolve_feature_precision("no", "cpu")  # mixed_precision's word for fp32 is not a feature precision
+    with pytest.raises(ConfigError, match="extract.precision"):
+        section_from_dict(ExtractConfig, {"precision": "fp16"}, "extract")

@@ -75,6 +75,24 @@ def test_json_round_trip_and_coercion():
         Readout.from_json({"taps": "mid.res1", "level": 11, "pool": 1, "seed": 0})
 
 
+def test_the_precision_is_part_of_the_readout_and_old_files_read_as_fp32():
+    bf16 = Readout(("mid.res1", "dec.7x7.res0"), 11.0, 2, 3, "bf16")
+    assert bf16.to_json()["precision"] == "bf16"
+    assert Readout.from_json(json.loads(json.dumps(bf16.to_json()))) == bf16
+    assert bf16 != Readout(("mid.res1", "dec.7x7.res0"), 11.0, 2, 3)  # the same taps read in fp32 are other features
+    assert {m.precision for m in bf16.members} == {"bf16"}
+    written_before = {"taps": ["mid.res1"], "level": 11, "pool": 1, "seed": 0}  # selection.json of older versions
+    assert Readout.from_json(written_before).precision == "fp32"
+    with pytest.raises(ValueError, match="precision.*'fp16'"):
+        Readout(("mid.res1",), 11.0, 1, 0, "fp16")
+    singles = [Readout(("mid.res1",), 11.0, 1, 0, "bf16"), Readout(("dec.7x7.res0",), 11.0, 1, 0, "fp32")]
+    with pytest.raises(ValueError, match="several precisions"):
+        candidates(singles, [], {})
+    [group] = [c for c in candidates([s.__class__(s.taps, s.level, s.pool, s.seed, "bf16") for s in singles],
+                                     [["mid.res1", "dec.7x7.res0"]], {}) if len(c.taps) == 2]
+    assert group.precision == "bf16"  # a concatenation reads its members as they were extracted
+
+
 def test_label_tap_name_and_members():
     single = Readout(("mid.res1",), 11.0, 1, 0)
     assert (single.label, single.tap_name) == ("mid.res1@11/p1", "mid.res1")

@@ -193,6 +193,7 @@ class FeatureIndex:
     data_checksum: str
     seed: int
     network_hash: str
+    precision: str = "fp32"  # the network's while read (an index written before precisions were recorded: fp32)
 
     @classmethod
     def load(cls, root: Path) -> FeatureIndex:
@@ -202,12 +203,13 @@ class FeatureIndex:
             raise StageError(f"{path} not found: run the extract stage first")
         data = json.loads(path.read_text())
         seed = int(data["seed"])
+        precision = data.get("precision", "fp32")
         return cls(
-            readouts=tuple(Readout((k["tap"],), k["level"], k["pool"], seed) for k in data["keys"]),
+            readouts=tuple(Readout((k["tap"],), k["level"], k["pool"], seed, precision) for k in data["keys"]),
             selectors={name: tuple(blocks) for name, blocks in data["selectors"].items()},
             class_names=tuple(data["class_names"]), splits=dict(data["splits"]),
             train_copies=int(data["train_copies"]), level_kind=data["level_kind"],
-            data_checksum=data["data_checksum"], seed=seed, network_hash=data["network_hash"],
+            data_checksum=data["data_checksum"], seed=seed, network_hash=data["network_hash"], precision=precision,
         )
 
     @staticmethod
