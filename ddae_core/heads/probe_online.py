@@ -16,7 +16,9 @@ Everything goes through the one feature path, ``ddae_core.features.extract``: ep
 reads augmented copy ``e + 1`` (flip/crop keyed by ``noise.augment(..., copy=e + 1, seed)``, noise by
 ``copy_seed(seed, e + 1)``), so each epoch sees new augmentations and noise, reproducibly.
 
-Forward passes are counted as network runs of one image at one level: ``epochs x train + val + test``.
+Forward passes are counted as network runs of one image at one level: ``epochs x train + val + test``
+per level. ``online_grid`` trains one layer per readout on the same runs (the official ``--grid``: every
+block at every level from one network run per batch and level).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -68,8 +70,8 @@ class OnlineProbeResult:
 
     val_acc: float  # after the last epoch (no epoch selection, as in the official fixed schedule)
     test_acc: float
-    forward_passes: int  # network runs of one image at one level: epochs x train + val + test
-    wall_s: float  # whole protocol, forward passes included
+    forward_passes: int  # network runs of one image at one level: (epochs x train + val + test) x levels
+    wall_s: float  # whole protocol (a grid's: every readout), forward passes included
     epochs: int
     train_images: int
     val_images: int
@@ -94,34 +96,40 @@ def _subset(split: ImageSplit, limit: int | None, seed: int, stream: int) -> Ima
 
 @dataclass(frozen=True)
 class _Reader:
-    """Features of chosen rows of one split, this process's share of each batch, gathered whole."""
+    """Features of chosen rows of one split for every readout of a grid (one network run per level serves
+    them all), this process's share of each batch, gathered whole."""
 
     denoiser: nn.Module
-    readout: Readout
-    dim: int
+    readouts: tuple[Readout, ...]  # one seed and precision
+    dims: dict[Readout, int]
     shard: Shard
     device: torch.device
 
-    def __call__(self, split: ImageSet, rows: np.ndarray, copy: int) -> torch.Tensor:
-        """(len(rows), D) float32 CPU features of ``split``'s ``rows`` (in that order) as augmented copy ``copy``."""
+    def __call__(self, split: ImageSet, rows: np.ndarray, copy: int) -> dict[Readout, torch.Tensor]:
+        """Per readout, (len(rows), D) float32 CPU features of ``split``'s ``rows`` (in that order) as
+        augmented copy ``copy``."""
         mine = rows[self.shard.bounds(len(rows))]
-        local = torch.zeros((0, self.dim))
+        local = {r: torch.zeros((0, self.dims[r])) for r in self.readouts}
         if len(mine):
             ascending = np.argsort(mine, kind="stable")  # a memmap reads sorted rows fastest
             images = np.empty((len(mine), *split.images.shape[1:]), np.uint8)
             images[ascending] = np.asarray(split.images[mine[ascending]])
-            (_a, _b, batch), = extract(self.denoiser, images, split.sample_ids[mine], taps=list(self.readout.taps),
-                                       levels=[self.readout.level], pools=[self.readout.pool], seed=self.readout.seed,
-                                       batch_size=len(mine), copy=copy, progress=False, device=self.device,
-                                       crop_fill=BLACK)
-            local = torch.from_numpy(self.readout.concat(batch))
-        return self.shard.gather(local, len(rows))
+            first = self.readouts[0]
+            (_a, _b, batch), = extract(
+                self.denoiser, images, split.sample_ids[mine],
+                taps=list(dict.fromkeys(tap for r in self.readouts for tap in r.taps)),
+                levels=list(dict.fromkeys(r.level for r in self.readouts)),
+                pools=list(dict.fromkeys(r.pool for r in self.readouts)), seed=first.seed, batch_size=len(mine),
+                copy=copy, progress=False, device=self.device, crop_fill=BLACK, precision=first.precision)
+            local = {r: torch.from_numpy(r.concat(batch)) for r in self.readouts}
+        return {r: self.shard.gather(local[r], len(rows)) for r in self.readouts}
 
-    def whole(self, split: ImageSet, batch_size: int) -> torch.Tensor:
-        """Copy-0 features (no augmentation, one noise draw) of a whole split, (N, D)."""
+    def whole(self, split: ImageSet, batch_size: int) -> dict[Readout, torch.Tensor]:
+        """Per readout, copy-0 features (no augmentation, one noise draw) of a whole split, (N, D)."""
         n = len(split.labels)
         chunks = [self(split, np.arange(start, min(start + batch_size, n)), 0) for start in range(0, n, batch_size)]
-        return torch.cat(chunks) if chunks else torch.zeros((0, self.dim))
+        return {r: torch.cat([c[r] for c in chunks]) if chunks else torch.zeros((0, self.dims[r]))
+                for r in self.readouts}
 
 
 def _linear(dim: int, num_classes: int, seed: int) -> nn.Linear:
@@ -166,6 +174,21 @@ def online_probe(
     *,
     readout: Readout,
     num_classes: int,
+    **protocol: Any,
+) -> OnlineProbeResult:
+    """Train one linear layer on ``readout`` of a frozen ``denoiser``, re-running the network every batch:
+    ``online_grid`` with that one readout (same keywords)."""
+    return online_grid(denoiser, train, val, test, readouts=[readout], num_classes=num_classes, **protocol)[readout]
+
+
+def online_grid(
+    denoiser: nn.Module,
+    train: ImageSplit,
+    val: ImageSplit,
+    test: ImageSplit,
+    *,
+    readouts: Sequence[Readout],
+    num_classes: int,
     epochs: int = 15,
     lr: float = 4e-3,
     batch_size: int = 512,
@@ -175,74 +198,93 @@ def online_probe(
     device: str | torch.device = "cpu",
     shard: Shard | None = None,
     progress: bool = True,
-) -> OnlineProbeResult:
-    """Train one linear layer on ``readout`` of a frozen ``denoiser``, re-running the network every batch.
+) -> dict[Readout, OnlineProbeResult]:
+    """One linear layer per readout of a frozen ``denoiser``, all trained on the same batches, the network
+    run once per batch and level for every readout (the official ``linear.py --grid``).
 
     ``batch_size`` and ``lr`` are the effective (global) values. ``shard`` (default: the running
     ``torch.distributed`` group, else one process) splits every batch's forward passes; all processes
-    return the same result. ``readout.seed`` keys the features' noise and augmentation (the extract
-    stage's seed shares its val/test features), the epoch orders and the layer's initialisation; the
-    result is deterministic given it. ``max_train`` / ``max_eval`` cap the train and each of the
+    return the same result. The readouts' one ``seed`` keys the features' noise and augmentation (the
+    extract stage's seed shares its val/test features), the epoch orders and each layer's initialisation;
+    the result is deterministic given it. ``max_train`` / ``max_eval`` cap the train and each of the
     val/test splits to a seeded class-balanced subset (quick runs, tests). The denoiser must live on
-    ``device``; the layer trains on the CPU.
+    ``device``; the layers train on the CPU. Each result carries the whole run's forward passes (every
+    level) and wall time: the grid's cost, shared by its readouts.
     """
     started = time.perf_counter()
-    device, seed, shard = torch.device(device), readout.seed, shard or Shard.current()
+    readouts = tuple(dict.fromkeys(readouts))
+    if not readouts:
+        raise ValueError("online_grid needs at least one readout")
+    if len({(r.seed, r.precision) for r in readouts}) > 1:
+        raise ValueError("online_grid: the readouts must share one seed and precision (one feature path run)")
+    device, seed, shard = torch.device(device), readouts[0].seed, shard or Shard.current()
     splits = {"train": _subset(train, max_train, seed, 0), "val": _subset(val, max_eval, seed, 1),
               "test": _subset(test, max_eval, seed, 2)}
     _check(epochs, lr, batch_size, eval_batch_size, num_classes, splits)
     train_set, n_train = splits["train"], len(splits["train"].labels)
     height, width, channels = train_set.images.shape[1:]
-    dims = feature_dims(denoiser, readout.taps, [readout.pool], (channels, height, width))
-    reader = _Reader(denoiser, readout, sum(dims[(tap, readout.pool)] for tap in readout.taps), shard, device)
+    taps = list(dict.fromkeys(tap for r in readouts for tap in r.taps))
+    dims = feature_dims(denoiser, taps, sorted({r.pool for r in readouts}), (channels, height, width))
+    reader = _Reader(denoiser, readouts, {r: sum(dims[(tap, r.pool)] for tap in r.taps) for r in readouts},
+                     shard, device)
 
     x_val, y_val = reader.whole(splits["val"], eval_batch_size), torch.from_numpy(splits["val"].labels)
-    linear = _linear(reader.dim, num_classes, seed)
-    optimizer = torch.optim.Adam(linear.parameters(), lr=lr)
-    history: list[dict[str, float]] = []
+    linears = {r: _linear(reader.dims[r], num_classes, seed) for r in readouts}
+    optimizers = {r: torch.optim.Adam(linears[r].parameters(), lr=lr) for r in readouts}
+    history: dict[Readout, list[dict[str, float]]] = {r: [] for r in readouts}
     batches = math.ceil(n_train / batch_size)
     bar = tqdm(total=epochs * batches, disable=not progress or shard.index != 0, desc="online probe",
                unit="batch", dynamic_ncols=True)
     try:
         for epoch in range(epochs):
             epoch_lr = lr * lr_factor(epoch, warmup_steps=0, total_steps=epochs)  # stepped per epoch
-            for group in optimizer.param_groups:
-                group["lr"] = epoch_lr
+            for optimizer in optimizers.values():
+                for group in optimizer.param_groups:
+                    group["lr"] = epoch_lr
             order = np.random.default_rng([seed, 3, epoch]).permutation(n_train)
-            loss_sum, hits = 0.0, 0
+            loss_sum, hits = dict.fromkeys(readouts, 0.0), dict.fromkeys(readouts, 0)
             for start in range(0, n_train, batch_size):
                 rows = order[start:start + batch_size]
-                x = reader(train_set, rows, copy=epoch + 1)  # (B, D), raw: epoch e reads augmented copy e + 1
+                features = reader(train_set, rows, copy=epoch + 1)  # (B, D) raw: epoch e reads augmented copy e + 1
                 y = torch.from_numpy(train_set.labels[rows])
-                with torch.enable_grad():
-                    logits = linear(x)
-                    loss = F.cross_entropy(logits, y)  # the mean over the whole (effective) batch
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                loss_sum += float(loss.detach()) * len(y)
-                hits += int((logits.detach().argmax(1) == y).sum())
+                for r in readouts:
+                    with torch.enable_grad():
+                        logits = linears[r](features[r])
+                        loss = F.cross_entropy(logits, y)  # the mean over the whole (effective) batch
+                        optimizers[r].zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizers[r].step()
+                    loss_sum[r] += float(loss.detach()) * len(y)
+                    hits[r] += int((logits.detach().argmax(1) == y).sum())
                 bar.update(1)
-            row = {"epoch": epoch + 1, "loss": loss_sum / n_train, "train_acc": hits / n_train,
-                   "val_acc": _accuracy(linear, x_val, y_val), "lr": epoch_lr}
-            history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row['val_acc']:.3f}")
-            logger.info("online probe epoch %d lr=%.2e loss=%.4f train_acc=%.4f val_acc=%.4f",
-                        epoch + 1, epoch_lr, row["loss"], row["train_acc"], row["val_acc"])
+            for r in readouts:
+                row = {"epoch": epoch + 1, "loss": loss_sum[r] / n_train, "train_acc": hits[r] / n_train,
+                       "val_acc": _accuracy(linears[r], x_val[r], y_val), "lr": epoch_lr}
+                history[r].append(row)
+                logger.info("online probe %s epoch %d lr=%.2e loss=%.4f train_acc=%.4f val_acc=%.4f",
+                            r.label, epoch + 1, epoch_lr, row["loss"], row["train_acc"], row["val_acc"])
+            if len(readouts) == 1:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row['val_acc']:.3f}")
     finally:
         bar.close()
 
     test_set = splits["test"]
-    x_test = reader.whole(test_set, eval_batch_size)
-    probe = LinearProbe(weight=linear.weight.detach().numpy().copy(), bias=linear.bias.detach().numpy().copy(),
-                        mean=np.zeros(reader.dim, np.float32), std=np.ones(reader.dim, np.float32))
-    return OnlineProbeResult(
-        val_acc=history[-1]["val_acc"], test_acc=_accuracy(linear, x_test, torch.from_numpy(test_set.labels)),
-        forward_passes=epochs * n_train + len(splits["val"].labels) + len(test_set.labels),
-        wall_s=time.perf_counter() - started, epochs=epochs, train_images=n_train,
-        val_images=len(splits["val"].labels), test_images=len(test_set.labels), batch_size=batch_size, lr=lr,
-        processes=shard.count, probe=probe, history=history,
-    )
+    x_test, y_test = reader.whole(test_set, eval_batch_size), torch.from_numpy(test_set.labels)
+    levels = len({r.level for r in readouts})
+    passes = levels * (epochs * n_train + len(splits["val"].labels) + len(test_set.labels))
+    wall = time.perf_counter() - started
+    results = {}
+    for r in readouts:
+        linear = linears[r]
+        probe = LinearProbe(weight=linear.weight.detach().numpy().copy(), bias=linear.bias.detach().numpy().copy(),
+                            mean=np.zeros(reader.dims[r], np.float32), std=np.ones(reader.dims[r], np.float32))
+        results[r] = OnlineProbeResult(
+            val_acc=history[r][-1]["val_acc"], test_acc=_accuracy(linear, x_test[r], y_test), forward_passes=passes,
+            wall_s=wall, epochs=epochs, train_images=n_train, val_images=len(splits["val"].labels),
+            test_images=len(test_set.labels), batch_size=batch_size, lr=lr, processes=shard.count, probe=probe,
+            history=history[r],
+        )
+    return results
 
 
-__all__ = ["BLACK", "ImageSet", "ImageSplit", "OnlineProbeResult", "online_probe"]
+__all__ = ["BLACK", "ImageSet", "ImageSplit", "OnlineProbeResult", "online_grid", "online_probe"]

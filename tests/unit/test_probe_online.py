@@ -16,7 +16,7 @@ import torch
 from ddae_core.config import DiffusionConfig
 from ddae_core.distributed import Shard
 from ddae_core.features import extract
-from ddae_core.heads.probe_online import BLACK, ImageSet, _subset, online_probe
+from ddae_core.heads.probe_online import BLACK, ImageSet, _subset, online_grid, online_probe
 from ddae_core.noise import augment, augment_params
 from ddae_core.readout import Readout
 
@@ -53,6 +53,22 @@ def test_counts_forward_passes_and_learns_brightness(denoiser, splits) -> None:
     assert result.probe.weight.shape == (3, 32 + 32) and result.wall_s > 0
     # raw features: the returned probe carries no standardisation
     assert not result.probe.mean.any() and (result.probe.std == 1).all()
+
+
+def test_a_grid_trains_each_readout_as_it_would_alone_from_one_run_per_level(denoiser, splits) -> None:
+    """The official --grid: one layer per (block, level), all on the same batches and network runs."""
+    grid = [Readout(("mid.res1",), 11.0, 1, 5), Readout(("dec.8x8.res0",), 11.0, 1, 5),
+            Readout(("dec.8x8.res0",), 21.0, 2, 5)]
+    kwargs = dict(num_classes=3, epochs=2, batch_size=16, lr=1e-2, progress=False)
+    results = online_grid(denoiser, *splits, readouts=grid, **kwargs)
+    assert list(results) == grid
+    for readout in grid:
+        alone = online_probe(denoiser, *splits, readout=readout, **kwargs)
+        np.testing.assert_allclose(results[readout].probe.weight, alone.probe.weight, rtol=1e-5, atol=1e-6)
+        assert (results[readout].val_acc, results[readout].test_acc) == (alone.val_acc, alone.test_acc)
+        assert results[readout].forward_passes == 2 * alone.forward_passes  # the grid ran two levels
+    with pytest.raises(ValueError, match="one seed and precision"):
+        online_grid(denoiser, *splits, readouts=[grid[0], Readout(("mid.res1",), 11.0, 1, 6)], **kwargs)
 
 
 def test_cosine_is_stepped_per_epoch_as_the_official_scheduler() -> None:
