@@ -428,7 +428,8 @@ def screen_and_select(
     ``default_rng(seed)``); phase 2 refits the ``finalists`` best candidates on the full train split,
     each starting again from ``l2_grid`` (the optimum moves with the train size), and selects among
     them on validation. ``screen_size`` 0 (or >= the train size) is plain ``select_probe``. Rows carry
-    ``phase`` ("screen" or "full"). Selection never looks at test.
+    ``phase`` ("screen" or "full"). Selection never looks at test. A train matrix may be any array-like
+    that takes row indexing and ``np.asarray`` (features joined on demand): screening reads its subset's rows.
     """
     path = {"num_classes": num_classes, "l2_grid": l2_grid, "max_iter": max_iter, "l2_extend": l2_extend,
             "l2_bounds": l2_bounds, "progress": progress, "device": device}
@@ -437,7 +438,7 @@ def screen_and_select(
         key, l2, probe, table = select_probe(candidates, y_train, y_val, **path)
         return key, l2, probe, [{**row, "phase": "full"} for row in table]
     subset = balanced_subset(y_train, screen_size, np.random.default_rng(seed))
-    screened = {key: (np.asarray(x_train)[subset], x_val) for key, (x_train, x_val) in candidates.items()}
+    screened = {key: (x_train[subset], x_val) for key, (x_train, x_val) in candidates.items()}  # those rows only
     _key, _l2, _probe, screen_table = _search(screened, y_train[subset], y_val, **path)
     best_val: dict[Hashable, float] = {}
     for row in screen_table:  # first-listed candidate wins ties, as in select_probe

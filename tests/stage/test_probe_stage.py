@@ -88,6 +88,13 @@ def test_candidates_resolve_aliases_and_concatenate_the_stored_blocks(store):
         np.testing.assert_array_equal(labels[split], np.arange(SIZES[split]) % len(CLASSES))
         x, _y = read_readout(paths.features, group.readout, split, index.network_hash)
         np.testing.assert_array_equal(x, expected)
+        # joined on demand: the rows asked for only, the whole matrix through np.asarray, nothing kept
+        lazy = group.features[split]
+        assert lazy.shape == expected.shape and len(lazy) == len(expected)
+        rows = np.array([2, 0])
+        np.testing.assert_array_equal(lazy[rows], expected[rows])
+        np.testing.assert_array_equal(lazy[1:3], expected[1:3])
+        assert np.asarray(lazy) is not np.asarray(lazy)
 
 
 def test_an_unextracted_concat_member_is_a_config_error_naming_it(store):

@@ -233,18 +233,46 @@ def load_selection(paths: Paths) -> Selection:
     return Selection.read(paths.probe)
 
 
+class ReadoutFeatures:
+    """A readout's (N, D) features on one split, over the stored blocks and joined only when read:
+    ``x[rows]`` concatenates just those rows (the probe's screening subset), ``np.asarray(x)`` the whole
+    matrix, each time (nothing is kept), so a grid of concatenations holds no copy of its blocks."""
+
+    def __init__(self, readout: Readout, blocks: Mapping[tuple, np.ndarray]) -> None:
+        self.readout = readout
+        self._blocks = {key: blocks[key] for key in readout.feature_keys}
+        rows = {len(block) for block in self._blocks.values()}
+        if len(rows) != 1:
+            raise StageError(f"{readout.label}: its blocks hold {sorted(rows)} rows, not one count")
+        self.shape = (rows.pop(), sum(block.shape[1] for block in self._blocks.values()))
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        """The features of ``rows`` (a slice or an index array) only, (len(rows), D)."""
+        return self.readout.concat({key: block[rows] for key, block in self._blocks.items()})
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        whole = self.readout.concat(self._blocks)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """A readout the probe compares, with its feature matrices per split (train: every copy stacked)."""
+    """A readout the probe compares, with its features per split (train: every copy stacked): arrays, or
+    ``ReadoutFeatures`` joined on demand."""
 
     readout: Readout
-    features: dict[str, np.ndarray]
+    features: dict[str, np.ndarray | ReadoutFeatures]
 
 
 def load_candidates(root: Path, index: FeatureIndex, concat: Sequence[Sequence[str]],
                     expected_hash: str) -> tuple[list[Candidate], dict[str, np.ndarray]]:
     """Every candidate (``readout.candidates``: singles, then ``concat`` groups, selectors expanded)
-    with its features, plus the labels per split; each stored readout is read once.
+    with its features, plus the labels per split; each stored readout is read once, and a concatenation's
+    features are joined from them only when read (``ReadoutFeatures``).
 
     Raises ConfigError naming a ``probe.concat`` member that was not extracted.
     """
@@ -262,4 +290,5 @@ def load_candidates(root: Path, index: FeatureIndex, concat: Sequence[Sequence[s
                 raise StageError(f"{root}: rows of {single.label} ({split}) are not aligned")
             ids[split], labels[split] = part.sample_ids, part.labels
             blocks[split][single.feature_keys[0]] = part.features
-    return [Candidate(r, {split: r.concat(blocks[split]) for split in SPLITS}) for r in chosen], labels
+    return [Candidate(r, {split: r.concat(blocks[split]) if len(r.taps) == 1 else ReadoutFeatures(r, blocks[split])
+                          for split in SPLITS}) for r in chosen], labels
