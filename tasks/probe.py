@@ -24,7 +24,7 @@ from ddae_core.data import load_prepared, normal_classes
 from ddae_core.devices import stage_device
 from ddae_core.heads.anomaly import OneClassResult, one_class, roc_curve
 from ddae_core.heads.metrics import balanced_accuracy, confusion_matrix, per_class
-from ddae_core.heads.novelty import METHOD, NoveltyModel, false_alarm_rate, fit_novelty
+from ddae_core.heads.novelty import METHOD, NoveltyModel, false_alarm_rate, fit_novelty, novelty_cells
 from ddae_core.heads.probe import LinearProbe, screen_and_select, select_probe
 from ddae_core.readout import SELECTION_FILE, Readout, Selection
 from tasks.services.outputs.feature_store import Candidate, FeatureIndex, load_candidates
@@ -114,10 +114,12 @@ def novelty_model(config: PipelineConfig, index: FeatureIndex, best: Candidate,
     """The chosen readout's novelty model (``ddae_core.heads.novelty``) and its metrics.
 
     Fitted on the train images (copy 0: not their augmented copies), the threshold calibrated on
-    validation to ``predict.novelty_false_alarm``; the false-alarm rate measured on val and on test.
+    validation to ``predict.novelty_false_alarm``; the false-alarm rate measured on val and on test. A
+    readout wider than ``heads.novelty.MAX_DIM`` is scored on its channel means (``cells``).
     """
     rows = index.splits["train"]  # the train features stack copy 0 first
-    model = fit_novelty(best.features["train"][:rows], labels["train"][:rows])
+    cells = novelty_cells(best.features["train"].shape[1], best.readout.pool)
+    model = fit_novelty(best.features["train"][:rows], labels["train"][:rows], cells)
     val_scores = model.score(best.features["val"])
     model = model.calibrated(val_scores, config.predict.novelty_false_alarm)
     return model, {
@@ -125,7 +127,7 @@ def novelty_model(config: PipelineConfig, index: FeatureIndex, best: Candidate,
         "val_false_alarm": false_alarm_rate(val_scores, model.threshold),
         "test_false_alarm": false_alarm_rate(model.score(best.features["test"]), model.threshold),
         "chosen_on": "val", "val_rows": int(len(val_scores)), "train_rows": int(rows), "dim": model.dim,
-        "shrinkage": model.shrinkage,
+        "cells": model.cells, "shrinkage": model.shrinkage,
     }
 
 

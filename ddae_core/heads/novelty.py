@@ -9,6 +9,11 @@ dimensions still give a usable precision. The model is K means and one D x D mat
 
 The threshold is calibrated on known-class images (validation): their ``1 - false_alarm`` quantile,
 so that share of them (to within one image) scores above it. Scores above it are novel.
+
+A readout pooled on a k x k grid holds k^2 cells per channel; when that makes it wider than a D x D
+precision should be (``novelty_cells``), the model reads each channel's mean over its cells instead:
+a fixed map of the same features (nothing to fit or store), so the precision stays small and its fit
+fast, and the score keeps every channel of every tap.
 """
 
 from __future__ import annotations
@@ -23,6 +28,24 @@ NOVELTY_FILE = "novelty.safetensors"  # beside probe.safetensors in a probe dire
 METHOD = "mahalanobis"  # class-conditional, shared Ledoit-Wolf covariance, L2-normalised features
 _CHUNK = 4096  # rows per block when accumulating or scoring, to bound temporary memory
 _EIG_FLOOR = 1e-12  # eigenvalues of the shrunk covariance below this times the largest are raised to it
+MAX_DIM = 2048  # wider readouts are scored on their channel means (a 2048 x 2048 precision: 16 MiB, seconds)
+
+
+def novelty_cells(dim: int, pool: int, max_dim: int = MAX_DIM) -> int:
+    """Grid cells per channel the novelty model averages over: 1 (the features as they are) when ``dim``
+    fits ``max_dim``, else all ``pool * pool`` of a readout pooled on that grid."""
+    return 1 if dim <= max_dim else pool * pool
+
+
+def channel_means(x: np.ndarray, cells: int) -> np.ndarray:
+    """(N, D) readout features -> (N, D / cells): each channel's mean over its ``cells`` grid cells
+    (``features.pool`` lays a channel's cells out together, taps one after another); 1: ``x`` itself."""
+    if cells == 1:
+        return x
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] % cells:
+        raise ValueError(f"features of shape {x.shape} do not split into {cells} cells per channel")
+    return x.reshape(len(x), -1, cells).mean(axis=2)
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -73,21 +96,24 @@ def spd_inverse(matrix: np.ndarray) -> np.ndarray:
 class NoveltyModel:
     """Class means and the shared precision of normalised train features, and the calibrated threshold."""
 
-    means: np.ndarray  # (K, D) float32: one row per class that had train rows
+    means: np.ndarray  # (K, D) float32: one row per class that had train rows (D: after channel_means)
     precision: np.ndarray  # (D, D) float32, symmetric positive definite
     threshold: float = math.nan  # a score above this is novel; nan until ``calibrated``
     shrinkage: float = math.nan  # the Ledoit-Wolf weight of the identity target (reported, not used)
+    cells: int = 1  # the readout's grid cells per channel it averages first (``channel_means``; 1: none)
 
     @property
     def dim(self) -> int:
+        """Dimensions it scores in: the readout's, divided by ``cells``."""
         return int(self.means.shape[1])
 
     def distances(self, features: np.ndarray) -> np.ndarray:
-        """Squared Mahalanobis distance (N, K) float64 of raw readout features (N, D) to each class mean,
-        in the normalised space."""
-        x = l2_normalise(features)
+        """Squared Mahalanobis distance (N, K) float64 of raw readout features (N, D * cells) to each class
+        mean, in the normalised space of their channel means."""
+        x = l2_normalise(channel_means(features, self.cells))
         if x.shape[1] != self.dim:
-            raise ValueError(f"features have {x.shape[1]} dimensions, the novelty model {self.dim}")
+            raise ValueError(f"features have {x.shape[1] * self.cells} dimensions, the novelty model "
+                             f"{self.dim * self.cells}")
         means, precision = self.means.astype(np.float64), self.precision.astype(np.float64)
         mean_terms = np.einsum("kd,kd->k", means @ precision, means)  # (K,)
         blocks = []
@@ -125,12 +151,15 @@ class NoveltyModel:
         return {"means": np.ascontiguousarray(self.means, dtype=np.float32),
                 "precision": np.ascontiguousarray(self.precision, dtype=np.float32),
                 "threshold": np.array([self.threshold], dtype=np.float64),
-                "shrinkage": np.array([self.shrinkage], dtype=np.float64)}
+                "shrinkage": np.array([self.shrinkage], dtype=np.float64),
+                "cells": np.array([self.cells], dtype=np.int64)}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, np.ndarray]) -> "NoveltyModel":
+        """Inverse of ``state_dict``; a file saved before ``cells`` existed scores the features as they are."""
         return cls(means=np.asarray(state["means"], np.float32), precision=np.asarray(state["precision"], np.float32),
-                   threshold=float(state["threshold"][0]), shrinkage=float(state["shrinkage"][0]))
+                   threshold=float(state["threshold"][0]), shrinkage=float(state["shrinkage"][0]),
+                   cells=int(state["cells"][0]) if "cells" in state else 1)
 
     def save(self, directory: Path) -> Path:
         """``directory/novelty.safetensors`` (tensors only, no pickle)."""
@@ -149,12 +178,13 @@ class NoveltyModel:
         return cls.from_state_dict(load_file(str(path))) if path.is_file() else None
 
 
-def fit_novelty(features: np.ndarray, labels: np.ndarray) -> NoveltyModel:
-    """The uncalibrated model of known-class features (N, D) with their labels (N,).
+def fit_novelty(features: np.ndarray, labels: np.ndarray, cells: int = 1) -> NoveltyModel:
+    """The uncalibrated model of known-class features (N, D) with their labels (N,), scoring each channel's
+    mean over ``cells`` grid cells (``novelty_cells``; 1: the features as they are).
 
     The means and precision are rounded to float32 here, so calibration scores with exactly what is saved.
     """
-    x = l2_normalise(features)
+    x = l2_normalise(channel_means(features, cells))
     labels = np.asarray(labels)
     if labels.shape != (len(x),):
         raise ValueError(f"labels shape {labels.shape} does not match {len(x)} rows")
@@ -166,7 +196,8 @@ def fit_novelty(features: np.ndarray, labels: np.ndarray) -> NoveltyModel:
     np.add.at(means, inverse, x)
     means /= counts[:, None]
     covariance, shrinkage = ledoit_wolf(x - means[inverse])
-    return NoveltyModel(means.astype(np.float32), spd_inverse(covariance).astype(np.float32), shrinkage=shrinkage)
+    return NoveltyModel(means.astype(np.float32), spd_inverse(covariance).astype(np.float32), shrinkage=shrinkage,
+                        cells=cells)
 
 
 def calibrate(scores: np.ndarray, false_alarm: float) -> float:

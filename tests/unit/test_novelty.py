@@ -13,10 +13,12 @@ from ddae_core.heads.novelty import (
     NOVELTY_FILE,
     NoveltyModel,
     calibrate,
+    channel_means,
     false_alarm_rate,
     fit_novelty,
     l2_normalise,
     ledoit_wolf,
+    novelty_cells,
 )
 
 
@@ -116,6 +118,29 @@ def test_it_saves_as_tensors_and_loads_back_exactly(tmp_path):
     assert loaded.threshold == model.threshold and loaded.shrinkage == model.shrinkage
     np.testing.assert_array_equal(loaded.means, model.means)
     np.testing.assert_array_equal(loaded.score(x), model.score(x))
+
+
+def test_a_wide_readout_is_scored_on_its_channel_means_and_saves_that_choice(tmp_path):
+    """Pooled on a 2x2 grid, 4 channels: the model reads each channel's mean over its 4 cells."""
+    assert (novelty_cells(2048, pool=4), novelty_cells(6144, pool=4), novelty_cells(6144, pool=1)) == (1, 16, 1)
+    rng = np.random.default_rng(6)
+    base, labels, *_ = clusters(rng, 40, dim=4)
+    cells = rng.normal(scale=0.1, size=(len(base), 4, 4))  # per channel, 4 cell values around its mean
+    x = (base[:, :, None] + cells - cells.mean(axis=2, keepdims=True)).reshape(len(base), 16)  # channel-major
+    np.testing.assert_allclose(channel_means(x, 4), base, atol=1e-12)
+    assert channel_means(x, 1) is x
+    with pytest.raises(ValueError, match="do not split into 3 cells"):
+        channel_means(x, 3)
+    model = fit_novelty(x, labels, cells=4)
+    on_means = fit_novelty(base, labels)
+    assert model.dim == 4 and model.cells == 4
+    np.testing.assert_allclose(model.score(x), on_means.score(base), rtol=1e-6)  # the same model, fitted on the means
+    model.calibrated(model.score(x), 0.1).save(tmp_path)
+    loaded = NoveltyModel.load(tmp_path)
+    assert loaded.cells == 4
+    np.testing.assert_array_equal(loaded.score(x), model.score(x))
+    old = {k: v for k, v in model.state_dict().items() if k != "cells"}  # a file saved before cells existed
+    assert NoveltyModel.from_state_dict(old).cells == 1
 
 
 def test_l2_normalise_keeps_zero_rows_and_refuses_other_ranks():

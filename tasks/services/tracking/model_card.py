@@ -114,7 +114,9 @@ def review_section(selective: Mapping | None) -> str:
 def novelty_section(novelty: Mapping | None) -> str:
     if not novelty:
         return "No novelty model: every image gets one of the known classes, however unlike them it is."
-    return (f"`novelty` is the {novelty.get('method', 'novelty')} score in the readout's feature space; above "
+    space = ("the readout's feature space" if novelty.get("cells", 1) == 1 else
+             f"the readout's channel means (each over its {novelty['cells']} grid cells: {novelty.get('dim')} values)")
+    return (f"`novelty` is the {novelty.get('method', 'novelty')} score in {space}; above "
             f"**{novelty['threshold']:.4g}** (calibrated on {novelty.get('val_rows', '?')} validation images of "
             f"known classes for a {percent(novelty.get('false_alarm'))} false-alarm rate: "
             f"{percent(novelty.get('val_false_alarm'))} there, {percent(novelty.get('test_false_alarm'))} on test) "
