@@ -128,6 +128,23 @@ def test_warm_start_reaches_the_same_solution() -> None:
 
 
 
+def test_only_the_paths_first_fit_starts_cold_the_warm_ones_run_half_the_iterations(monkeypatch) -> None:
+    import ddae_core.heads.probe as probe_module
+
+    calls = []
+    real = probe_module._fit_standardized
+
+    def spy(*args, max_iter, init=None, **kwargs):
+        calls.append((init is None, max_iter))
+        return real(*args, max_iter=max_iter, init=init, **kwargs)
+
+    monkeypatch.setattr(probe_module, "_fit_standardized", spy)
+    x, y = _blobs(200, 5, 3, spread=3.0, seed=2)
+    select_probe({"x": (x[:150], x[150:])}, y[:150], y[150:], num_classes=3, l2_grid=(1e-3, 1e-2, 1e-1),
+                 max_iter=60, progress=False)
+    assert calls == [(True, 60), (False, 30), (False, 30)]
+
+
 def test_screening_keeps_the_informative_candidate_and_refits_it_on_all_data():
     from ddae_core.heads.probe import screen_and_select
 
