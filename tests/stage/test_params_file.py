@@ -60,8 +60,7 @@ def test_a_new_key_joins_the_end_of_its_section_before_the_blank_line(params):
     after = params.read_text()
     removed, added = changed_lines(before, after)
     assert removed == [] and added == ["    hflip: true", "  sigma_indices: []"]
-    assert "  part_rows: 4096            # rows per resumable part: a killed extract redoes at most one part " \
-           "per process\n  sigma_indices: []\n\nprobe:\n" in after
+    assert "the served model reads alike\n  sigma_indices: []\n\nprobe:\n" in after  # after the last key's comment
     assert list(yaml.safe_load(after)["extract"])[-1] == "sigma_indices"
 
 

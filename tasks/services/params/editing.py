@@ -292,15 +292,27 @@ def _split(token: CommentToken | None) -> tuple[str, str]:
     return first, tail
 
 
+def _continued(first: str, tail: str) -> tuple[str, str]:
+    """The comment lines that go on with the end-of-line comment ``first`` (up to the first blank line),
+    and the rest of ``tail``: blank lines and what follows them."""
+    if not first:
+        return "", tail
+    lines = tail.split("\n")
+    count = next((i for i, line in enumerate(lines) if not line.strip().startswith("#")), len(lines))
+    return "".join(line + "\n" for line in lines[:count]), "\n".join(lines[count:])
+
+
 def _move_tail(source: Slot | None, target: Slot | None) -> None:
-    """Blank lines and comments that followed ``source``'s line now follow ``target``'s."""
+    """Blank lines and comments that followed ``source``'s line now follow ``target``'s; the lines that
+    continue ``source``'s own end-of-line comment stay with it."""
     if source is None or target is None or source[:2] == target[:2]:
         return
     token = _token(source)
     first, tail = _split(token)
+    kept, tail = _continued(first, tail)
     if not tail:
         return
-    token.value = first + "\n"
+    token.value = first + "\n" + kept
     if not first:
         _put_token(source, None)
     target_token = _token(target)
