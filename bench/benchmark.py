@@ -1,13 +1,16 @@
-"""The ddae benchmark: speed against diffusers, matmul peak, probe cost, and the accuracy table.
+"""The ddae benchmark: the default run against the one before it, the training step against diffusers, the
+machine's matmul peak, which kernels run, and the probe grid's cost against the official protocol.
 
-    python bench/benchmark.py --quick --out /tmp/bench.json     # ~2-3 min on 2 cores: checks the script
-    python bench/benchmark.py --default-run-wall-s 1500 --markdown docs/benchmarks.md   # after `dvc repro`
+    python bench/benchmark.py --quick --out /tmp/bench.json      # ~3 min on 2 cores: checks the script
+    python bench/benchmark.py --baseline a5b6e2b                   # ~1 h on 2 cores: the numbers of docs/
 
-Without ``--quick`` the probe parts run on the default run's outputs (``outputs/pretrain/network``,
-``data/prepared``, ``outputs/probe/selection.json``, ``outputs/checkpoints``) and the result goes to
-``docs/benchmarks.json``. With ``--quick`` everything runs on a tiny setup in a temporary folder and
-nothing is written unless ``--out`` / ``--markdown`` is given. Run it on a quiet machine: the speed
-numbers are only as good as the machine is idle.
+With ``--baseline REV`` the default run (``ddae run``, params.yaml as committed) runs twice, one after
+the other on this machine: once in a copy of revision REV, once in a copy of the working tree; each
+copy runs its own code in a fresh tracking store and DVC cache. Without it, ``--run-dir`` names a
+finished default run and ``--default-run-wall-s`` / ``--baseline-run-wall-s`` its and the baseline's
+wall times. The grid part reads the (new) run's network and prepared data. The result goes to
+``docs/benchmarks.json`` (``--out`` to change; nothing with ``--quick`` unless ``--out``); run it on a
+quiet machine: every speed figure is only as good as the machine is idle.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import logging
 import os
 import platform
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,30 +34,36 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no OpenMP s
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import probes  # noqa: E402
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(1, str(ROOT / "tests"))
+import e2e_helpers as project  # noqa: E402  (the one copy-a-project helper, shared with the end-to-end tests)
+import grid  # noqa: E402
 import speed  # noqa: E402
 
+from ddae_core.checkpoint import load_network  # noqa: E402
 from ddae_core.config import PipelineConfig  # noqa: E402
+from ddae_core.data import load_prepared  # noqa: E402
 from ddae_core.data.shape import declared_shape  # noqa: E402
 from ddae_core.precision import resolve_mixed_precision  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench")
 
-# the issue's acceptance lines (issue 4)
-ACCEPT = {"test_acc": 0.88, "over_pixels_pt": 3.0, "over_random_pt": 5.0, "speed_ratio": 1.0,
-          "forward_pass_ratio": 20.0, "acc_delta_pt": -0.5}
+# issue 18's bars (fractions in [0, 1], times in seconds)
+BARS = {"test_acc": 0.92, "label_1pct_test_acc": 0.85, "unet_vs_diffusers": 1.3, "fraction_of_peak": 0.25,
+        "grid_probe_wall_s": 120.0, "extract_over_forward": 1.2}
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, cores and threads, accelerator, library versions."""
-    model = "unknown"
+    """CPU model and flags that matter here, cores and threads, accelerator, library versions."""
+    model, flags = "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and model == "unknown":
                 model = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         model = platform.processor() or "unknown"
     try:
@@ -62,181 +73,99 @@ def machine() -> dict[str, Any]:
     except ImportError:
         diffusers_version = None
     return {
-        "cpu": model, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": model, "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers_version,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "platform": platform.platform(),
     }
 
 
-def default_run_wall(args: argparse.Namespace) -> tuple[float | None, str]:
-    """The default run's wall time: ``--default-run-wall-s``, else a recorded ``metrics/pipeline.json``."""
-    if args.default_run_wall_s is not None:
-        return args.default_run_wall_s, "--default-run-wall-s"
-    record = ROOT / "metrics" / "pipeline.json"
-    if record.is_file():
-        value = json.loads(record.read_text()).get("wall_s")
-        if isinstance(value, (int, float)):
-            return float(value), str(record.relative_to(ROOT))
-    return None, "not recorded: pass --default-run-wall-s"
+# ----------------------------------------------------------------------------- the default runs
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    config = PipelineConfig.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    result: dict[str, Any] = {
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "quick": args.quick,
-    }
+def checkout(revision: str, dest: Path) -> Path:
+    """The project files of ``revision`` in ``dest``, a new git repository (as ``copy_project`` makes)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    listed = subprocess.run(["git", "ls-tree", "--name-only", revision], cwd=ROOT, check=True, capture_output=True,
+                            text=True).stdout.split()
+    items = [item for item in project.PROJECT_ITEMS if item in listed]
+    archive = subprocess.run(["git", "archive", revision, *items], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    project.git(dest, "init", "-q")
+    project.git(dest, "add", "-A")
+    project.git(dest, "commit", "-q", "-m", f"benchmark copy of {revision}")
+    return dest
+
+
+def default_run(root: Path, label: str) -> dict[str, Any]:
+    """``ddae run`` in ``root`` (its own code first on the path), timed; its metrics."""
+    log.info("%s: ddae run in %s", label, root)
     started = time.perf_counter()
+    done = project.run([project.tool("ddae"), "run"], root, timeout=None)
+    wall = time.perf_counter() - started
+    (root / "ddae-run.log").write_text(done.stdout)
+    if done.returncode != 0:
+        raise SystemExit(f"{label}: ddae run failed ({done.returncode}); log in {root / 'ddae-run.log'}")
+    return {"root": str(root), "wall_s": wall, **run_metrics(root)}
 
-    # a. + b. training speed against diffusers, FLOPs, matmul peak
+
+def run_metrics(root: Path) -> dict[str, Any]:
+    """Test accuracy, the 1%-label probe accuracy and the pretraining summary of a finished run."""
+    probe = json.loads((root / "metrics" / "probe.json").read_text())
+    evaluate = json.loads((root / "metrics" / "evaluate.json").read_text())
+    pretrain = json.loads((root / "metrics" / "pretrain.json").read_text())
+    one_pct = evaluate.get("label_efficiency", {}).get("ddae_probe", {}).get("1%")  # None: the share was skipped
+    return {"test_acc": probe["test_acc"], "val_acc": probe["val_acc"], "readout": probe["best"]["name"],
+            "raw_pixels_test_acc": probe.get("raw_pixels_test_acc"), "label_1pct_test_acc": one_pct,
+            "pretrain": {k: pretrain.get(k) for k in ("steps", "images_per_s", "train_wall_s", "chosen_step",
+                                                      "monitor_wall_s", "parameters")}}
+
+
+# ----------------------------------------------------------------------------- the parts
+
+
+def training_speed(config: PipelineConfig, args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Our UNet against diffusers' twin (interleaved), FLOPs, the matmul peak, and the kernel reports."""
     channels, size = declared_shape(config.data) or (3, config.data.max_image_size)
     shape = (channels, size, size)
     batch = 32 if args.quick else config.pretrain.train.batch_size
     precision = resolve_mixed_precision(config.pretrain.train.mixed_precision, device)
-    log.info("a. training images/s: %s vs diffusers UNet2DModel, batch %d, %s", config.pretrain.network.name, batch, precision)
-    training = speed.compare_training(config.pretrain.network.name, shape, batch=batch, precision=precision,
+    network = config.pretrain.network.name
+    log.info("training images/s: %s vs diffusers UNet2DModel, batch %d, %s", network, batch, precision)
+    training = speed.compare_training(network, shape, batch=batch, precision=precision,
                                       rounds=2 if args.quick else args.rounds, steps=1 if args.quick else args.steps,
                                       device=device)
     peak = speed.matmul_peak(512 if args.quick else 2048, 5 if args.quick else 20, device=device)
     peak_key = "bf16_gflop_s" if precision == "bf16" else "fp32_gflop_s"
     achieved = training["ours_flops_per_step"] * training["ours_img_s"] / batch / 1e9
-    result["training"] = training
-    result["matmul_peak"] = peak
-    result["achieved"] = {"gflop_s": achieved, "peak_used": peak_key, "fraction_of_peak": achieved / peak[peak_key],
-                          "diffusers_gflop_s": training["diffusers_flops_per_step"] * training["diffusers_img_s"] / batch / 1e9}
-
-    # c. + d. probe cost and the accuracy table
-    with probes.tiny_workdir() as tmp:
-        setup = None if args.quick else probes.default_setup(ROOT, config)
-        if setup is None:
-            if not args.quick:
-                raise SystemExit("no default-run outputs (outputs/pretrain/network, data/prepared, "
-                                 "outputs/probe/selection.json): run `dvc repro` first, or pass --quick")
-            log.info("quick: building a tiny setup in %s", tmp)
-            setup = probes.quick_setup(Path(tmp), config)
-        online_setup, table_setup = setup, setup
-        if not args.quick:  # the full splits would take hours for the online protocol on two cores
-            online_setup = probes.subset_setup(setup, parse_sizes(args.online_subset))
-            table_setup = probes.subset_setup(setup, parse_sizes(args.table_subset))
-        result["setup"] = {"kind": setup.kind, "splits": setup.split_sizes(), "readout": {
-            "taps": setup.taps, "level": setup.level, "pool": setup.pool}, "train_copies": setup.train_copies,
-            "checkpoints": [step for step, _ in setup.checkpoints], "notes": setup.notes,
-            "online_splits": online_setup.split_sizes(), "table_splits": table_setup.split_sizes()}
-        log.info("c. probe cost: cached vs online on %s, splits %s", setup.taps, online_setup.split_sizes())
-        result["probe_cost"] = probes.probe_cost(online_setup, progress=not args.quiet)
-        log.info("d. accuracy table, splits %s", table_setup.split_sizes())
-        rows = probes.accuracy_table(table_setup)
-    result["accuracy_table"] = rows
-
-    ddae_rows = [r for r in rows if r["row"].startswith("DDAE")]
-    final = ddae_rows[-1]
-    probe_metrics = setup.default_metrics.get("probe", {})
-    wall, wall_source = default_run_wall(args)
-    summary = {
-        "default_run_wall_s": wall, "default_run_wall_source": wall_source,
-        "default_run_test_acc": probe_metrics.get("test_acc", final["test_acc"]),
-        "default_run_test_acc_source": "metrics/probe.json" if "test_acc" in probe_metrics else f"{setup.kind}: last DDAE row",
-        "pretrain_train_wall_s": setup.default_metrics.get("pretrain", {}).get("train_wall_s"),
-        "best_readout_test_acc": final["test_acc"],
-        # raw pixels on the full splits when the probe stage measured them (same probe code), else the table's
-        "raw_pixels_test_acc": probe_metrics.get(
-            "raw_pixels_test_acc", next(r["test_acc"] for r in rows if r["row"] == "raw pixels")),
-        "table_raw_pixels_test_acc": next(r["test_acc"] for r in rows if r["row"] == "raw pixels"),
-        "random_init_test_acc": next(r["test_acc"] for r in rows if r["row"].startswith("random init")),
-        "unet_vs_diffusers_img_s_ratio": training["ratio"],
-        "probe_forward_pass_ratio": result["probe_cost"]["forward_pass_ratio"],
-        "probe_acc_delta_pt": result["probe_cost"]["acc_delta_pt"],
-        "achieved_fraction_of_peak": result["achieved"]["fraction_of_peak"],
-    }
-    # Pass counts are arithmetic: online = epochs x train + val + test (the official linear.py: one pass per
-    # training image and epoch, one per test image), cached = train x copies + val + test, per noise level.
-    # A grid does not change the ratio: online, one pass per level serves every tap's classifier (as the
-    # official --grid does), as one cached extraction per level does. So it is below the epoch count.
-    full = setup.split_sizes()
-    evaluated = full["val"] + full["test"]
-    summary["probe_forward_pass_ratio_full_splits"] = (
-        (setup.online_epochs * full["train"] + evaluated) / (setup.train_copies * full["train"] + evaluated))
-    summary["probe_forward_pass_ratio_bound"] = float(setup.online_epochs)
-    summary["acceptance"] = acceptance(summary)
-    if args.quick:
-        summary["acceptance_note"] = "quick tiny setup: the acceptance lines are only meaningful on the default run"
-    result = {**summary, **result, "bench_wall_s": time.perf_counter() - started}
-    return result
+    out = {"training": training, "matmul_peak": peak,
+           "achieved": {"gflop_s": achieved, "peak_used": peak_key, "fraction_of_peak": achieved / peak[peak_key],
+                        "diffusers_gflop_s": training["diffusers_flops_per_step"] * training["diffusers_img_s"]
+                        / batch / 1e9}}
+    if device == "cpu":
+        out["kernels"] = {"ops": speed.op_report(network, shape, batch=batch, precision=precision),
+                          "onednn": speed.onednn_report(network, shape, batch=batch, precision=precision)}
+    return out
 
 
-def acceptance(summary: dict[str, Any]) -> dict[str, bool]:
-    """Issue 4's acceptance lines, each met or not."""
-    acc = summary["default_run_test_acc"]
-    over_pixels = 100 * (acc - summary["raw_pixels_test_acc"])
-    # random init is compared with the final DDAE row of the same table (same images, readout and probe)
-    over_random = 100 * (summary["best_readout_test_acc"] - summary["random_init_test_acc"])
-    return {
-        f"test_acc >= {ACCEPT['test_acc']}": acc >= ACCEPT["test_acc"],
-        f"test_acc - raw_pixels >= {ACCEPT['over_pixels_pt']} pt": over_pixels >= ACCEPT["over_pixels_pt"],
-        f"test_acc - random_init >= {ACCEPT['over_random_pt']} pt": over_random >= ACCEPT["over_random_pt"],
-        f"unet/diffusers img/s >= {ACCEPT['speed_ratio']}":
-            summary["unet_vs_diffusers_img_s_ratio"] >= ACCEPT["speed_ratio"],
-        f"online/cached forward passes >= {ACCEPT['forward_pass_ratio']}":
-            summary["probe_forward_pass_ratio"] >= ACCEPT["forward_pass_ratio"],
-        f"cached acc >= online acc - {-ACCEPT['acc_delta_pt']} pt":
-            -summary["probe_acc_delta_pt"] >= ACCEPT["acc_delta_pt"],
-    }
+def grid_part(run_root: Path, config: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The grid's cost on class-balanced subsets of the run's prepared splits, with the run's network."""
+    from ddae_core.sampling import balanced_subset
+    from ddae_core.heads.probe_online import ImageSet
+    import numpy as np
 
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}%"
-
-
-def markdown(r: dict[str, Any]) -> str:
-    """Tables for docs/benchmarks.md."""
-    t, p, a, c = r["training"], r["matmul_peak"], r["achieved"], r["probe_cost"]
-    m = r["machine"]
-    wall = "n/a" if r["default_run_wall_s"] is None else f"{r['default_run_wall_s']:.0f} s"
-    lines = [
-        f"Measured {r['date']} on {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['torch_threads']} torch threads"
-        + (f", {m['gpu']}" if m["gpu"] else "") + f"), torch {m['torch']}, diffusers {m['diffusers']}.",
-        f"Command: `{r['command']}`" + ("  (quick tiny setup: not the default run)" if r["quick"] else ""),
-        "",
-        "| summary | value |", "|---|---|",
-        f"| default run wall time | {wall} ({r['default_run_wall_source']}) |",
-        f"| default run test accuracy | {_pct(r['default_run_test_acc'])} |",
-        f"| raw pixels, same probe | {_pct(r['raw_pixels_test_acc'])} |",
-        f"| random-init network, same readout and probe | {_pct(r['random_init_test_acc'])} |",
-        f"| our UNet / diffusers UNet2DModel training img/s | {r['unet_vs_diffusers_img_s_ratio']:.2f}x |",
-        f"| online / cached probe forward passes | {r['probe_forward_pass_ratio']:.1f}x |",
-        f"| the same on the full splits (counted), and its bound (epochs) | "
-        f"{r['probe_forward_pass_ratio_full_splits']:.1f}x, < {r['probe_forward_pass_ratio_bound']:.0f}x |",
-        f"| online minus cached probe test accuracy | {r['probe_acc_delta_pt']:+.2f} pt |",
-        "",
-        f"Training speed ({t['network']}, input {'x'.join(map(str, t['input_shape']))}, batch {t['batch']}, "
-        f"{t['precision']}, {t['threads']} threads, {t['rounds']} interleaved rounds x {t['steps_per_round']} steps, medians):",
-        "",
-        "| network | parameters | images/s | GFLOP per step (fwd+bwd) |", "|---|---|---|---|",
-        f"| ours | {t['ours_parameters']:,} | {t['ours_img_s']:.1f} | {t['ours_flops_per_step'] / 1e9:.1f} |",
-        f"| diffusers UNet2DModel | {t['diffusers_parameters']:,} | {t['diffusers_img_s']:.1f} | {t['diffusers_flops_per_step'] / 1e9:.1f} |",
-        "",
-        f"Matmul peak ({p['size']}x{p['size']}): fp32 {p['fp32_gflop_s']:.0f} GFLOP/s, bf16 {p['bf16_gflop_s']:.0f} GFLOP/s; "
-        f"our training achieves {a['gflop_s']:.1f} GFLOP/s = {100 * a['fraction_of_peak']:.1f}% of the {a['peak_used'][:4]} peak.",
-        "",
-        f"Probe cost, readout {'+'.join(c['readout']['taps'])} at level {c['readout']['level']:g}, pool {c['readout']['pool']}:",
-        "",
-        "| protocol | forward passes | wall s | val acc | test acc |", "|---|---|---|---|---|",
-        f"| cached features (L-BFGS, L2 on val) | {c['cached']['forward_passes']:,} | {c['cached']['wall_s']:.1f} | "
-        f"{_pct(c['cached']['val_acc'])} | {_pct(c['cached']['test_acc'])} |",
-        f"| online ({c['online']['epochs']} epochs, Adam {c['online']['lr']:g}, cosine, batch {c['online']['batch_size']}) | "
-        f"{c['online']['forward_passes']:,} | {c['online']['wall_s']:.1f} | {_pct(c['online']['val_acc'])} | {_pct(c['online']['test_acc'])} |",
-        "",
-        "Accuracy (same readout and probe code; L2 selected on validation, test reported once per row):",
-        "",
-        "| row | val acc | test acc |", "|---|---|---|",
-    ]
-    lines += [f"| {row['row']} | {_pct(row['val_acc'])} | {_pct(row['test_acc'])} |" for row in r["accuracy_table"]]
-    lines += ["", "| acceptance (issue 4) | met |", "|---|---|"]
-    lines += [f"| {k} | {'yes' if v else 'no'} |" for k, v in r["acceptance"].items()]
-    return "\n".join(lines) + "\n"
+    manifest, splits = load_prepared(run_root / "data" / "prepared")
+    sizes = parse_sizes(args.grid_subset)
+    subsets = {}
+    for name, split in splits.items():
+        labels = np.asarray(split.labels)
+        rows = (balanced_subset(labels, sizes[name], np.random.default_rng(0)) if 0 < sizes[name] < len(labels)
+                else np.arange(len(labels)))
+        subsets[name] = ImageSet(np.asarray(split.images[rows]), labels[rows], np.asarray(split.sample_ids)[rows])
+    denoiser = load_network(run_root / "outputs" / "pretrain" / "network")
+    return grid.grid_cost(denoiser, subsets, config, len(manifest["class_names"]), official=not args.no_official,
+                          progress=not args.quiet)
 
 
 def parse_sizes(text: str) -> dict[str, int]:
@@ -245,41 +174,188 @@ def parse_sizes(text: str) -> dict[str, int]:
     return {"train": train, "val": val, "test": test}
 
 
+def quick_run(workdir: Path) -> Path:
+    """A tiny default-run stand-in for ``--quick``: ``dvc repro evaluate`` on a small, short copy."""
+    params = {"data.max_train": 600, "data.max_test": 300, "pretrain.network.name": "ddpm-tiny",
+              "pretrain.train.steps": 20, "pretrain.samples.count": 0, "pretrain.monitor.points": 0,
+              "extract.pools": [1, 2], "probe.raw_pixels": False}
+    root = project.copy_project(workdir / "quick", params)
+    done = project.run([project.tool("dvc"), "repro", "evaluate"], root, timeout=None)
+    if done.returncode != 0:
+        raise SystemExit(f"quick run failed ({done.returncode}):\n{done.stdout[-3000:]}")
+    return root
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    config = PipelineConfig.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result: dict[str, Any] = {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "quick": args.quick,
+    }
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ddae-bench-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        if args.quick:
+            new = {"root": str(quick_run(work)), "wall_s": None}
+            new.update(run_metrics(Path(new["root"])))
+            baseline = None
+        elif args.baseline:  # the one before, then this one: same machine, one after the other
+            baseline = default_run(checkout(args.baseline, work / "baseline"), f"baseline {args.baseline}")
+            new = default_run(project.copy_project(work / "new"), "working tree")
+            baseline["revision"] = args.baseline
+        else:
+            new = {"root": str(args.run_dir), "wall_s": args.default_run_wall_s, **run_metrics(Path(args.run_dir))}
+            baseline = None if args.baseline_run_wall_s is None else {"wall_s": args.baseline_run_wall_s}
+        result["default_run"], result["baseline_run"] = new, baseline
+        result.update(training_speed(config, args, device))
+        result["grid"] = grid_part(Path(new["root"]), config, args)
+    result["bench_wall_s"] = time.perf_counter() - started
+    return {**summary(result), **result}
+
+
+def summary(r: dict[str, Any]) -> dict[str, Any]:
+    """The headline keys of docs/benchmarks.json and each bar, met or not."""
+    new, base, g = r["default_run"], r["baseline_run"] or {}, r["grid"]
+    keys = {
+        "default_run_test_acc": new["test_acc"], "default_run_wall_s": new["wall_s"],
+        "baseline_run_wall_s": base.get("wall_s"), "baseline_run_test_acc": base.get("test_acc"),
+        "label_1pct_test_acc": new["label_1pct_test_acc"],
+        "baseline_label_1pct_test_acc": base.get("label_1pct_test_acc"),
+        "unet_vs_diffusers_img_s_ratio": r["training"]["ratio"],
+        "achieved_fraction_of_peak": r["achieved"]["fraction_of_peak"],
+        "grid_probe_wall_s": g["cached"]["probe_wall_s"], "grid_extract_over_forward": g["extract_over_forward"],
+    }
+    walls = (keys["default_run_wall_s"], keys["baseline_run_wall_s"])
+    keys["bars"] = {
+        f"test_acc >= {BARS['test_acc']}": keys["default_run_test_acc"] >= BARS["test_acc"],
+        "wall <= baseline wall": None if None in walls else walls[0] <= walls[1],
+        f"1% labels >= {BARS['label_1pct_test_acc']}": (keys["label_1pct_test_acc"] or 0) >= BARS["label_1pct_test_acc"],
+        f"unet/diffusers >= {BARS['unet_vs_diffusers']}": keys["unet_vs_diffusers_img_s_ratio"] >= BARS["unet_vs_diffusers"],
+        f"fraction of peak >= {BARS['fraction_of_peak']}": keys["achieved_fraction_of_peak"] >= BARS["fraction_of_peak"],
+        f"grid probe <= {BARS['grid_probe_wall_s']:.0f} s": keys["grid_probe_wall_s"] <= BARS["grid_probe_wall_s"],
+        f"grid extraction <= {BARS['extract_over_forward']}x forward":
+            keys["grid_extract_over_forward"] <= BARS["extract_over_forward"],
+    }
+    return keys
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _s(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f} s"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """Tables for docs/benchmarks.md."""
+    m, t, p, a, g = r["machine"], r["training"], r["matmul_peak"], r["achieved"], r["grid"]
+    new, base = r["default_run"], r["baseline_run"] or {}
+    lines = [
+        f"Measured {r['date']} on {m['cpu']} ({', '.join(m['cpu_flags'])}; {m['logical_cpus']} logical CPUs, "
+        f"{m['torch_threads']} torch threads" + (f", {m['gpu']}" if m["gpu"] else "")
+        + f"), torch {m['torch']}, diffusers {m['diffusers']}.",
+        f"Command: `{r['command']}`" + ("  (quick tiny setup: not the default run)" if r["quick"] else ""),
+        "",
+        "| | baseline" + (f" (`{base['revision']}`)" if base.get("revision") else "") + " | this version |",
+        "|---|---|---|",
+        f"| default run wall time | {_s(base.get('wall_s'))} | {_s(new['wall_s'])} |",
+        f"| test accuracy | {_pct(base.get('test_acc'))} | {_pct(new['test_acc'])} |",
+        f"| 1% of the labels | {_pct(base.get('label_1pct_test_acc'))} | {_pct(new['label_1pct_test_acc'])} |",
+        f"| raw pixels, same probe | {_pct(base.get('raw_pixels_test_acc'))} | {_pct(new['raw_pixels_test_acc'])} |",
+        f"| readout | {base.get('readout', 'n/a')} | {new['readout']} |",
+        f"| pretraining steps, images/s | {(base.get('pretrain') or {}).get('steps', 'n/a')}, "
+        f"{(base.get('pretrain') or {}).get('images_per_s') or 0:.0f} | {new['pretrain']['steps']}, "
+        f"{new['pretrain']['images_per_s'] or 0:.0f} |",
+        "",
+        f"Training step ({t['network']}, input {'x'.join(map(str, t['input_shape']))}, batch {t['batch']}, "
+        f"{t['precision']}, {t['threads']} threads, {t['rounds']} interleaved rounds x {t['steps_per_round']} "
+        "steps, medians):",
+        "",
+        "| network | parameters | images/s | GFLOP per step (fwd+bwd) | GFLOP/s |", "|---|---|---|---|---|",
+        f"| ours | {t['ours_parameters']:,} | {t['ours_img_s']:.1f} | {t['ours_flops_per_step'] / 1e9:.1f} | "
+        f"{a['gflop_s']:.0f} |",
+        f"| diffusers UNet2DModel | {t['diffusers_parameters']:,} | {t['diffusers_img_s']:.1f} | "
+        f"{t['diffusers_flops_per_step'] / 1e9:.1f} | {a['diffusers_gflop_s']:.0f} |",
+        "",
+        f"Ours / diffusers: {t['ratio']:.2f}x. Matmul peak ({p['size']}x{p['size']}): fp32 {p['fp32_gflop_s']:.0f}, "
+        f"bf16 {p['bf16_gflop_s']:.0f} GFLOP/s; our step achieves {100 * a['fraction_of_peak']:.1f}% of the "
+        f"{a['peak_used'][:4]} peak.",
+    ]
+    if "kernels" in r:
+        lines += ["", "Where our step spends its time (profiler, own CPU time per step):", "",
+                  "| operator | calls | ms | share |", "|---|---|---|---|"]
+        lines += [f"| `{k['op']}` | {k['calls_per_step']:.0f} | {k['ms_per_step']:.1f} | {100 * k['share']:.1f}% |"
+                  for k in r["kernels"]["ops"][:10]]
+        lines += ["", "oneDNN implementations (`ONEDNN_VERBOSE=1`, one step):", "",
+                  "| primitive | implementation | calls | ms |", "|---|---|---|---|"]
+        lines += [f"| {k['primitive']} | `{k['implementation']}` | {k['calls']} | {k['ms']:.1f} |"
+                  for k in r["kernels"]["onednn"][:10]]
+    c = g["cached"]
+    lines += [
+        "", f"Probe grid on {g['splits']} images, levels {', '.join(f'{v:g}' for v in c['levels'])}, "
+        f"features in {g['precision']}:", "",
+        "| | network runs | wall | chosen | val | test |", "|---|---|---|---|---|---|",
+        f"| bare forward passes (the floor) | {g['forward_passes']:,} | {g['forward_wall_s']:.1f} s | | | |",
+        f"| ours: extraction ({len(c['taps'])} blocks x {len(c['levels'])} levels x pools {c['pools']}) | "
+        f"{g['forward_passes']:,} | {c['extract_wall_s']:.1f} s ({g['extract_over_forward']:.2f}x) | | | |",
+        f"| ours: selection ({c['candidates']} candidates, {c['fits']} fits) | 0 | {c['probe_wall_s']:.1f} s | "
+        f"`{c['chosen']}` | {_pct(c['val_acc'])} | {_pct(c['test_acc'])} |",
+    ]
+    if "official" in g:
+        o = g["official"]
+        lines.append(f"| official `linear.py --grid` ({o['layers']} layers, {o['epochs']} epochs, batch "
+                     f"{o['batch_size']}, lr {o['lr']:g}) | {o['forward_passes']:,} | {o['wall_s']:.1f} s | "
+                     f"`{o['chosen_on_val']}` (on val; best on test: `{o['best_test']}` {_pct(o['best_test_acc'])}) "
+                     f"| | {_pct(o['chosen_on_val_test_acc'])} |")
+    lines += ["", "| bar (issue 18) | value | met |", "|---|---|---|"]
+    values = {"test_acc": _pct(r["default_run_test_acc"]), "wall": f"{_s(r['default_run_wall_s'])} vs "
+              f"{_s(r['baseline_run_wall_s'])}", "1%": _pct(r["label_1pct_test_acc"]),
+              "unet": f"{r['unet_vs_diffusers_img_s_ratio']:.2f}x", "fraction": f"{100 * r['achieved_fraction_of_peak']:.1f}%",
+              "grid probe": _s(r["grid_probe_wall_s"]), "grid extraction": f"{r['grid_extract_over_forward']:.2f}x"}
+    for bar, met in r["bars"].items():
+        value = next(v for k, v in values.items() if bar.lower().startswith(k))
+        lines.append(f"| {bar} | {value} | {'n/a' if met is None else 'yes' if met else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny setup, few rounds (~2-3 min): checks the script")
+    parser.add_argument("--quick", action="store_true", help="tiny copy of the project, few rounds: checks the script")
+    parser.add_argument("--baseline", metavar="REV", help="run the default run at REV, then the working tree's")
+    parser.add_argument("--run-dir", type=Path, default=ROOT, help="a finished default run (without --baseline)")
+    parser.add_argument("--default-run-wall-s", type=float, default=None, help="its wall time (without --baseline)")
+    parser.add_argument("--baseline-run-wall-s", type=float, default=None,
+                        help="the baseline's wall time on this machine (without --baseline)")
+    parser.add_argument("--work", default=None, help="where the runs' copies go (default: a temporary folder)")
+    parser.add_argument("--grid-subset", default="5400,600,1000",
+                        help="train,val,test images for the grid comparison (0 = whole split)")
+    parser.add_argument("--no-official", action="store_true", help="skip the official grid (the slow part)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved A/B rounds of the training step")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per network per round")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default docs/benchmarks.json; none with --quick)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the markdown tables here")
-    parser.add_argument("--default-run-wall-s", type=float, default=None,
-                        help="wall time of the default `dvc repro` (prepare to register), if not recorded")
-    parser.add_argument("--online-subset", default="5400,600,1000",
-                        help="train,val,test images for the cached-vs-online comparison (0 = whole split); "
-                             "the default keeps the full splits' 54:6:10, so the pass ratio is theirs")
-    parser.add_argument("--table-subset", default="10000,3000,5000",
-                        help="train,val,test images for the accuracy table rows (0 = whole split)")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved A/B rounds (full run)")
-    parser.add_argument("--steps", type=int, default=5, help="training steps per network per round (full run)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("ddae_core", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.grid_subset, args.no_official = "200,60,100", args.no_official
     result = run(args)
     out = args.out if args.out is not None else (None if args.quick else ROOT / "docs" / "benchmarks.json")
     text = markdown(result)
     print(text)
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {out}")
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text("# Benchmarks\n\n" + text)
+        args.markdown.write_text(text)
         print(f"wrote {args.markdown}")
     return 0
 

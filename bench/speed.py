@@ -173,3 +173,69 @@ def matmul_peak(size: int, repeats: int, device: str | torch.device = "cpu") -> 
         out[f"{name}_gflop_s"] = 2 * size**3 / best / 1e9
     out["size"] = size
     return out
+
+
+def op_report(network: str, shape: tuple[int, int, int], *, batch: int, precision: str, steps: int = 3,
+              top: int = 15) -> list[dict[str, Any]]:
+    """Where one training step of our UNet spends its time: the profiler's top ``top`` operators by own
+    CPU time over ``steps`` steps (after one warm-up), with their share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    net = build_unet(network, in_channels=shape[0], resolution=shape[1]).train()
+    trainer = _Trainer("ours", net, lambda x, t: net(x, t.float()), torch.optim.Adam(net.parameters(), lr=1e-4))
+    x, t, target = _batch(shape, batch, torch.device("cpu"))
+    dtype = _AUTOCAST[precision]
+    trainer.step(x, t, target, dtype)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            trainer.step(x, t, target, dtype)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "share": e.self_cpu_time_total / total} for e in events[:top]]
+
+
+_ONEDNN_STEPS = """
+import sys, torch
+sys.path.insert(0, {bench!r})
+import speed
+torch.manual_seed(0)
+net = speed.build_unet({network!r}, in_channels={channels}, resolution={size}).train()
+trainer = speed._Trainer("ours", net, lambda x, t: net(x, t.float()), torch.optim.Adam(net.parameters(), lr=1e-4))
+x, t, target = speed._batch(({channels}, {size}, {size}), {batch}, torch.device("cpu"))
+for _ in range(2):
+    trainer.step(x, t, target, speed._AUTOCAST[{precision!r}])
+print("ddae-kernel-report-start", flush=True)
+trainer.step(x, t, target, speed._AUTOCAST[{precision!r}])
+"""
+
+
+def onednn_report(network: str, shape: tuple[int, int, int], *, batch: int, precision: str) -> list[dict[str, Any]]:
+    """Which oneDNN implementations one training step runs (``ONEDNN_VERBOSE=1`` in a child process):
+    per (primitive, implementation) the calls and milliseconds of the step after two warm-ups, slowest first."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _ONEDNN_STEPS.format(bench=str(Path(__file__).resolve().parent), network=network, channels=shape[0],
+                                size=shape[1], batch=batch, precision=precision)
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for line in out.split("ddae-kernel-report-start", 1)[-1].splitlines():
+        fields = line.split(",")
+        if len(fields) < 8 or fields[0] != "onednn_verbose" or "exec" not in fields[:4]:
+            continue
+        at = fields.index("exec")
+        kind, impl = fields[at + 2], fields[at + 3]
+        try:
+            ms = float(fields[-1])
+        except ValueError:
+            continue
+        row = rows.setdefault((kind, impl), {"primitive": kind, "implementation": impl, "calls": 0, "ms": 0.0})
+        row["calls"] += 1
+        row["ms"] += ms
+    return sorted(rows.values(), key=lambda r: -r["ms"])
