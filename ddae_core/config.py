@@ -197,7 +197,7 @@ class TrainConfig:
     steps: int = 0  # optimizer steps in total; 0 = planned from epochs (``planned_steps``)
     epochs: float = 2.0  # passes over the train split, kept within [min_images, max_images] images seen
     min_images: int = 25600  # a small dataset still trains this many images (many epochs)
-    max_images: int = 102400  # a large one stops here (the CPU budget; profiles set steps instead)
+    max_images: int = 112640  # a large one stops here (the CPU budget; profiles set steps instead)
     batch_size: int = 128  # global batch (split over processes)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-4
@@ -304,7 +304,7 @@ class ExtractConfig:
     taps: tuple[str, ...] = ("mid", "decoder")  # selectors (nn.tap_selectors: mid, decoder, dec1, out_6) or blocks
     levels: tuple[float, ...] = (11.0,)  # DDPM: t in 1..T; EDM: sigma (see sigma_indices)
     sigma_indices: tuple[int, ...] = ()  # EDM only: the paper's step indices, converted to sigma
-    pools: tuple[int, ...] = (1, 2)  # 1 = global average pooling (paper); k = k x k average pooling
+    pools: tuple[int, ...] = (1, 4)  # 1 = global average pooling (paper); k = k x k average pooling
     augment_copies: int = 0  # extra flipped/cropped copies of the train split
     batch_size: int = 256
     seed: int = 0

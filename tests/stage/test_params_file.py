@@ -40,11 +40,11 @@ def test_an_override_changes_its_own_line_only_and_keeps_the_comment(params):
     removed, added = changed_lines(before, params.read_text())
     assert removed == [
         "    steps: 0                 # 0 = planned: epochs x train images, kept within [min_images, max_images] images seen",
-        "  pools: [1, 2]              # 1 = global average pooling (paper); 2 = 2x2 average pooling",
+        "  pools: [1, 4]              # 1 = global average pooling (paper); k = k x k average pooling (4: a 4x4 grid keeps",
     ]
     assert added == [
         "    steps: 20                # 0 = planned: epochs x train images, kept within [min_images, max_images] images seen",
-        "  pools: [1]                 # 1 = global average pooling (paper); 2 = 2x2 average pooling",  # inline stays
+        "  pools: [1]                 # 1 = global average pooling (paper); k = k x k average pooling (4: a 4x4 grid keeps",
     ]
     config = load_params(params)
     assert config.pretrain.train.steps == 20 and config.extract.pools == (1,)
