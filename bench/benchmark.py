@@ -208,6 +208,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             new = {"root": str(args.run_dir), "wall_s": args.default_run_wall_s, **run_metrics(Path(args.run_dir))}
             baseline = None if args.baseline_run_wall_s is None else {"wall_s": args.baseline_run_wall_s}
+            if baseline is not None and args.baseline_run_dir is not None:  # its accuracy beside its time
+                baseline.update(root=str(args.baseline_run_dir), **run_metrics(args.baseline_run_dir))
         result["default_run"], result["baseline_run"] = new, baseline
         result.update(training_speed(config, args, device))
         result["grid"] = grid_part(Path(new["root"]), config, args)
@@ -329,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-run-wall-s", type=float, default=None, help="its wall time (without --baseline)")
     parser.add_argument("--baseline-run-wall-s", type=float, default=None,
                         help="the baseline's wall time on this machine (without --baseline)")
+    parser.add_argument("--baseline-run-dir", type=Path, default=None,
+                        help="the finished baseline run, for its accuracy (with --baseline-run-wall-s)")
     parser.add_argument("--work", default=None, help="where the runs' copies go (default: a temporary folder)")
     parser.add_argument("--grid-subset", default="5400,600,1000",
                         help="train,val,test images for the grid comparison (0 = whole split)")
