@@ -44,7 +44,7 @@ def test_an_override_changes_its_own_line_only_and_keeps_the_comment(params):
     ]
     assert added == [
         "    steps: 20                # 0 = planned: epochs x train images, kept within [min_images, max_images] images seen",
-        "  pools: [1]                 # 1 = global average pooling (paper); k = k x k average pooling (4: a 4x4 grid keeps",
+        "  pools: [1]                 # 1 = global average pooling (paper); k = k x k average pooling (4: a 4x4 grid keeps",  # inline stays
     ]
     config = load_params(params)
     assert config.pretrain.train.steps == 20 and config.extract.pools == (1,)
