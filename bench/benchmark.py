@@ -8,7 +8,7 @@ With ``--baseline REV`` the default run (``ddae run``, params.yaml as committed)
 the other on this machine: once in a copy of revision REV, once in a copy of the working tree; each
 copy runs its own code in a fresh tracking store and DVC cache. Without it, ``--run-dir`` names a
 finished default run and ``--default-run-wall-s`` / ``--baseline-run-wall-s`` its and the baseline's
-wall times. The grid part reads the (new) run's network and prepared data. The result goes to
+wall times (``--baseline-run-dir`` the finished baseline run, for its accuracy). The grid part reads the (new) run's network and prepared data. The result goes to
 ``docs/benchmarks.json`` (``--out`` to change; nothing with ``--quick`` unless ``--out``); run it on a
 quiet machine: every speed figure is only as good as the machine is idle.
 """

@@ -37,8 +37,8 @@ def resolve_mixed_precision(requested: str, device: torch.device | str | None = 
 
 def resolve_feature_precision(requested: str, device: torch.device | str) -> FeaturePrecision:
     """``extract.precision`` as given, except ``auto``: bf16 where ``device`` computes it natively, else fp32."""
-    if requested != "auto" and requested not in FEATURE_PRECISIONS:
+    if requested == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if requested not in FEATURE_PRECISIONS:
         raise ValueError(f"precision: expected auto or one of {', '.join(FEATURE_PRECISIONS)}, got {requested!r}")
-    if requested != "auto":
-        return requested  # type: ignore[return-value]
-    return "bf16" if native_bf16(device) else "fp32"
+    return requested  # type: ignore[return-value]
