@@ -29,10 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no OpenMP spin-waiting on busy cores
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

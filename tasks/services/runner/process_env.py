@@ -1,5 +1,5 @@
-"""The process settings every ddae entry point applies: no telemetry, no spin-waiting, freed memory kept,
-and the log level (``ddae -v`` / ``-q``, handed to the stages it starts)."""
+"""The process settings every ddae entry point applies: no telemetry, freed memory kept, and the log
+level (``ddae -v`` / ``-q``, handed to the stages it starts)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ OFFLINE_SAFE_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
-    # Tiny torch ops on busy cores spin-wait for ages without this.
-    "OMP_WAIT_POLICY": "PASSIVE",
 }
 
 
