@@ -197,7 +197,7 @@ class TrainConfig:
     steps: int = 0  # optimizer steps in total; 0 = planned from epochs (``planned_steps``)
     epochs: float = 2.0  # passes over the train split, kept within [min_images, max_images] images seen
     min_images: int = 25600  # a small dataset still trains this many images (many epochs)
-    max_images: int = 76800  # a large one stops here (the CPU budget; profiles set steps instead)
+    max_images: int = 115200  # a large one stops here (the CPU budget; profiles set steps instead)
     batch_size: int = 128  # global batch (split over processes)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-4

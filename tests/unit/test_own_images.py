@@ -171,7 +171,8 @@ def test_tiny_data_runs_with_warnings_about_selection(tmp_path):
 
 def test_planned_steps_mean_epochs_within_a_floor_and_a_cap():
     train = TrainConfig()
-    assert planned_steps(train, 54_000) == 600  # Fashion-MNIST: 2 epochs > the cap
+    assert planned_steps(train, 54_000) == 844  # Fashion-MNIST: 2 epochs, rounded up to whole batches
+    assert planned_steps(train, 80_000) == 900  # 2 epochs > the cap
     assert planned_steps(train, 320) == 200  # a few hundred photos: the floor, ~80 epochs
     assert planned_steps(train, 30_000) == 469  # in between: 2 epochs, rounded up to whole batches
     assert planned_steps(dataclasses.replace(train, steps=7), 54_000) == 7  # explicit steps win
