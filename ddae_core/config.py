@@ -9,6 +9,7 @@ a params mapping means what the default run uses.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import types
 import typing
@@ -178,6 +179,7 @@ class DiffusionConfig:
     p_mean: float = -1.2  # EDM: ln(sigma) ~ N(p_mean, p_std^2) in training
     p_std: float = 1.2
     noise_label: Literal["scaled", "fraction"] = "scaled"  # DDPM: the network reads 1000 t / T, or t / T (official)
+    t_power: float = 2.0  # DDPM training t = ceil(T u^t_power): 1 = uniform (the paper's), >1 = small t
 
     def __post_init__(self) -> None:
         _require(self.noise_label == "scaled" or self.framework == "ddpm", "noise_label",
@@ -187,6 +189,8 @@ class DiffusionConfig:
         _require(0 < self.beta_start < self.beta_end < 1, "beta_end", "need 0 < beta_start < beta_end < 1")
         _require(self.sigma_data > 0, "sigma_data", f"must be > 0, got {self.sigma_data}")
         _require(self.p_std > 0, "p_std", f"must be > 0, got {self.p_std}")
+        _require(math.isfinite(self.t_power) and self.t_power > 0, "t_power",
+                 f"must be a finite number > 0, got {self.t_power}")
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def build_denoiser(config: DiffusionConfig, unet: nn.Module, noise_label: NoiseL
 def build_loss(config: DiffusionConfig) -> DDPMLoss | EDMLoss:
     """The framework's training loss, ``loss(net, x0, generator) -> (N,)``."""
     if config.framework == "ddpm":
-        return DDPMLoss(config.timesteps, config.beta_start, config.beta_end)
+        return DDPMLoss(config.timesteps, config.beta_start, config.beta_end, config.t_power)
     if config.framework == "edm":
         return EDMLoss(config.p_mean, config.p_std, config.sigma_data)
     raise ValueError(f"framework: unknown {config.framework!r} (expected 'ddpm' or 'edm')")

@@ -7,6 +7,7 @@ clean image and is only used inside the samplers (``alpha_bar_0 = 1``).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 import torch
@@ -172,21 +173,38 @@ class DDPMDenoiser(PixelDenoiser):
         return self.unet(x_t, self.noise_label(t))
 
 
+def draw_timesteps(n: int, timesteps: int, power: float, generator: torch.Generator | None,
+                   device: torch.device) -> torch.Tensor:
+    """(n,) training steps in 1..T: uniform for ``power`` 1 (the paper's), else ``ceil(T u**power)``, u ~ U(0, 1).
+
+    A power above 1 draws the small t that the features are read at more often (P(t <= s) = (s/T)**(1/power)),
+    while every t keeps a non-zero chance; it is a sampling form of weighting the loss toward them.
+    """
+    if power == 1:
+        return torch.randint(1, timesteps + 1, (n,), generator=generator, device=device)
+    u = torch.rand((n,), generator=generator, device=device, dtype=torch.float64)
+    return (u.pow(power) * timesteps).ceil().clamp(1, timesteps).long()
+
+
 class DDPMLoss:
-    """Simple DDPM loss: ``|| eps - net(x_t, t) ||^2`` per example, t ~ U{1..T}, eps ~ N(0, 1).
+    """Simple DDPM loss: ``|| eps - net(x_t, t) ||^2`` per example, t ~ ``draw_timesteps``, eps ~ N(0, 1).
 
     Holds its own schedule, so ``net`` only needs to be callable (a DDP/Accelerate wrapper is fine).
     Draw order from ``generator``: t first, then eps.
     """
 
-    def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+    def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 t_power: float = 1.0) -> None:
+        if not (t_power > 0 and math.isfinite(t_power)):
+            raise ValueError(f"t_power: must be a finite number > 0, got {t_power}")
         self.schedule = DDPMSchedule(timesteps, beta_start, beta_end)
+        self.t_power = t_power
 
     def __call__(self, net: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N,) per-example MSE (mean over C, H, W) for clean x0 (N, C, H, W) in [-1, 1]."""
         device = draw_device(generator, x0)
         n = x0.shape[0]
-        t = torch.randint(1, self.schedule.timesteps + 1, (n,), generator=generator, device=device)
+        t = draw_timesteps(n, self.schedule.timesteps, self.t_power, generator, device)
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
         x_t = self.schedule.add_noise(x0, t, noise)
         eps_hat = net(x_t, t.to(x0.device))

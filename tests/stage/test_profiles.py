@@ -60,6 +60,8 @@ def test_each_profile_validates_and_holds_the_papers_settings(tmp_path, name):
     assert any(abs(v - level) < 1e-3 for v in levels)
     # the official networks: t/T into the DDPM network (EDM's reads ln(sigma)/4), GroupNorm(8) in the head
     assert config.pretrain.diffusion.noise_label == ("fraction" if framework == "ddpm" else "scaled")
+    if framework == "ddpm":  # the official code trains on t uniform over 1..T (the default run skews it)
+        assert config.pretrain.diffusion.t_power == 1.0
     assert unet.head_norm_groups == 8 and unet.freq_shift == 1.0
     # the grid samples as the paper reports (DDIM for DDPM, Heun for EDM); large variance is the ancestral sampler's
     assert (config.pretrain.samples.sampler, config.pretrain.samples.variance) == ("auto", "small")

@@ -32,7 +32,7 @@ from ddae_core.diffusion import (
     level_kind,
     sigma_from_index,
 )
-from ddae_core.diffusion.ddpm import ddim_timesteps
+from ddae_core.diffusion.ddpm import ddim_timesteps, draw_timesteps
 
 SHAPE = (2, 3, 8, 8)  # (N, C, H, W)
 
@@ -197,6 +197,32 @@ def test_ddpm_loss_seeded_and_recomputable() -> None:
     expected = (den(den.add_noise(x0, t, eps), t) - eps).square().mean(dim=(1, 2, 3))
     assert torch.allclose(loss, expected, rtol=1e-5)
     assert not torch.equal(loss, DDPMLoss()(den, x0, generator=seeded(4)))
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 3.0])
+def test_training_steps_follow_the_power_law_over_all_of_1_to_T(power) -> None:
+    t = draw_timesteps(400_000, 1000, power, seeded(0), torch.device("cpu"))
+    assert t.dtype == torch.int64 and int(t.min()) == 1 and int(t.max()) == 1000
+    for s in (1, 11, 100, 500, 999):  # P(t <= s) = P(u <= (s/T) ** (1/power)): the CDF, to sampling error
+        assert float((t <= s).double().mean()) == pytest.approx((s / 1000) ** (1 / power), abs=0.004)
+
+
+def test_a_skewed_ddpm_loss_draws_its_steps_first_then_the_noise() -> None:
+    torch.manual_seed(0)
+    den = DDPMDenoiser(TinyNet())
+    x0 = clean_images()
+    loss = DDPMLoss(t_power=2.0)(den, x0, generator=seeded(3))
+    gen = seeded(3)
+    t = draw_timesteps(SHAPE[0], 1000, 2.0, gen, torch.device("cpu"))
+    eps = torch.randn(SHAPE, generator=gen)
+    expected = (den(den.add_noise(x0, t, eps), t) - eps).square().mean(dim=(1, 2, 3))
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert not torch.allclose(loss, DDPMLoss(t_power=1.0)(den, x0, generator=seeded(3)))
+    assert build_loss(DiffusionConfig(t_power=3.0)).t_power == 3.0
+    with pytest.raises(ConfigError, match=r"t_power: must be a finite number > 0, got 0.0"):
+        DiffusionConfig(t_power=0.0)
+    with pytest.raises(ConfigError, match=r"t_power: must be a finite number > 0, got nan"):
+        DiffusionConfig(t_power=float("nan"))
 
 
 # --- EDM preconditioning and loss -----------------------------------------------------------------
