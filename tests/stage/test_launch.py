@@ -47,6 +47,14 @@ def test_every_entry_points_environment_leaves_openmp_waiting_to_openmp():
     assert "OMP_WAIT_POLICY" not in env  # a passive wait made one process's fits a third slower
 
 
+def test_the_temporary_prefect_server_gets_time_to_start_unless_the_user_says_otherwise():
+    from tasks.services.runner.process_env import apply_offline_env
+
+    assert apply_offline_env({})["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"  # Prefect's: 20
+    theirs = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "30"}
+    assert apply_offline_env(dict(theirs)) == {**apply_offline_env({}), **theirs}
+
+
 @pytest.mark.parametrize("section, key", [({"processes": 0}, "launch.processes"),
                                           ({"args": "--main_process_ip '10.0"}, "launch.args")])
 def test_a_bad_launch_setting_is_named(section, key):

@@ -1,5 +1,5 @@
-"""The process settings every ddae entry point applies: no telemetry, freed memory kept, and the log
-level (``ddae -v`` / ``-q``, handed to the stages it starts)."""
+"""The process settings every ddae entry point applies: no telemetry, a patient Prefect start, freed
+memory kept, and the log level (``ddae -v`` / ``-q``, handed to the stages it starts)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,18 @@ OFFLINE_SAFE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
 }
+PATIENT_START_ENV = {
+    # `ddae run` without a Prefect server starts a temporary one and gives up after Prefect's 20 s; its
+    # first start on a new machine creates the database, and on two busy cores it timed out.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
 
 
 def apply_offline_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Set the telemetry-off defaults (without overriding the user's choices) and return the env."""
+    """Set the telemetry-off and patient-start defaults (without overriding the user's choices) and
+    return the env."""
     target = os.environ if env is None else env
-    for key, value in OFFLINE_SAFE_ENV.items():
+    for key, value in {**OFFLINE_SAFE_ENV, **PATIENT_START_ENV}.items():
         target.setdefault(key, value)
     return target  # type: ignore[return-value]
 
