@@ -127,6 +127,47 @@ def test_warm_start_reaches_the_same_solution() -> None:
     np.testing.assert_allclose(warm.weight, cold.weight, rtol=1e-3, atol=1e-3)
 
 
+def _textbook(xs, y, weight, bias, l2):
+    """The probe's objective as written: mean cross-entropy of xs W^T + b, plus l2/2 ||W||^2."""
+    return torch.nn.functional.cross_entropy(xs @ weight.T + bias, y) + 0.5 * l2 * weight.square().sum()
+
+
+def test_the_closed_form_gradient_is_autograds_on_the_textbook_objective() -> None:
+    from ddae_core.heads.probe import _objective
+
+    gen = torch.Generator().manual_seed(0)
+    xs, y = torch.randn(300, 40, generator=gen), torch.randint(0, 5, (300,), generator=gen)
+    weight = torch.randn(5, 40, generator=gen).requires_grad_(True)
+    bias = torch.randn(5, generator=gen).requires_grad_(True)
+    expected = _textbook(xs, y, weight, bias, 0.3)
+    expected.backward()
+    with torch.no_grad():
+        loss, grad_w, grad_b = _objective(xs, torch.nn.functional.one_hot(y, 5).float(), weight, bias, 0.3)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_w, weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_b, bias.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_fit_ends_at_the_textbook_optimum_and_gives_torch_its_threads_back() -> None:
+    x, y = _blobs(400, 12, 4, spread=4.0, seed=9)
+    threads = torch.get_num_threads()
+    probe = fit_logistic(x, y, num_classes=4, l2=1e-2, max_iter=200)
+    assert torch.get_num_threads() == threads
+    xs = (torch.from_numpy(x) - torch.from_numpy(probe.mean)) / torch.from_numpy(probe.std)
+    weight = torch.from_numpy(probe.weight).requires_grad_(True)
+    bias = torch.from_numpy(probe.bias).requires_grad_(True)
+    _textbook(xs, torch.from_numpy(y), weight, bias, 1e-2).backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4  # stationary: the optimum
+
+
+def test_the_fits_products_through_numpy_equal_torchs_on_transposed_views() -> None:
+    from ddae_core.heads.probe import _matmul
+
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(50, 30, generator=gen), torch.randn(7, 30, generator=gen)
+    torch.testing.assert_close(_matmul(a, b.T), a @ b.T)
+    torch.testing.assert_close(_matmul(a.T, a[:, :7]), a.T @ a[:, :7])
+
 
 def test_only_the_paths_first_fit_starts_cold_the_warm_ones_run_half_the_iterations(monkeypatch) -> None:
     import ddae_core.heads.probe as probe_module
