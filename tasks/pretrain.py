@@ -45,6 +45,16 @@ from tasks.services.tracking.imports import init_folder
 from tasks.services.tracking.runs import stage_run
 
 
+def precision_words(precision: str, requested: str, device: torch.device) -> str:
+    """How pretraining computes, for its log line; says why when ``auto`` fell back to fp32 on a CPU."""
+    if precision != "no":
+        return f"{precision} autocast"
+    if requested == "auto" and device.type == "cpu":
+        return ("fp32: this CPU has no native bf16 (AVX512-BF16 or AMX), so training takes several times longer "
+                "than on one that has (README: how long the default run takes)")
+    return "fp32"
+
+
 def run_fingerprint(config: PipelineConfig, data_checksum: str, init_checksum: str = "") -> str:
     """Checkpoints are only resumed by a run with the same data, starting weights, network, framework and loop."""
     key = {"data": data_checksum, "pretrain": as_dict(config.pretrain)}
@@ -79,10 +89,12 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     steps = planned_steps(config.pretrain.train, len(images))
     cfg = dataclasses.replace(config.pretrain, train=dataclasses.replace(config.pretrain.train, steps=steps))
     loss_fn = build_loss(cfg.diffusion)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-                              cpu=stage_device("pretrain", log).type == "cpu")
+    device = stage_device("pretrain", log)
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     if init.mode == "import":  # nothing to train: the main process writes the outputs, the others are done
         return publish_import(imported, config, manifest, paths) if accelerator.is_main_process else {}
+    log.info("pretrain: %d steps, %s", steps, precision_words(precision, cfg.train.mixed_precision, device))
 
     # independent of the process count
     fingerprint = run_fingerprint(config, manifest["checksum"], imported.checksum if imported else "")

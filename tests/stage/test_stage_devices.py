@@ -234,3 +234,11 @@ def test_predict_and_embed_run_the_model_on_the_picked_device(job, project, spy,
         device, count = summary["device"], summary["images"]
     assert len(spy) == 1 and device == str(spy[0]) and count == 5
     assert len(device_lines(caplog, "model")) == 1
+
+
+def test_pretraining_says_why_it_runs_in_fp32_when_auto_found_no_native_bf16_on_the_cpu():
+    words = pretrain_stage.precision_words
+    assert words("bf16", "auto", torch.device("cpu")) == "bf16 autocast"
+    assert "no native bf16" in words("no", "auto", torch.device("cpu"))
+    assert words("no", "no", torch.device("cpu")) == "fp32"  # asked for: nothing to explain
+    assert words("no", "auto", torch.device("cuda")) == "fp32"
