@@ -66,7 +66,7 @@ def imagefolder_params(source: Path, **extra) -> dict[str, Any]:
 
 @dataclass
 class Project:
-    """The session's tiny project after its first ``dvc repro`` (the ``pipeline`` fixture, conftest.py)."""
+    """The tiny project after its first ``dvc repro`` (the ``pipeline`` fixture of test_pipeline_e2e.py)."""
 
     root: Path
     dataset: str
