@@ -53,6 +53,13 @@ def _pyfunc(root: Path, monkeypatch):
     return mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
 
 
+def test_the_folder_run_learns_its_patterns_and_registers_a_champion(project):
+    """Every stage on an image folder: three distinct patterns (chance is 1/3), the first version promoted."""
+    probe = json.loads((project / "metrics/probe.json").read_text())
+    assert probe["test_acc"] > 0.6, probe
+    assert json.loads((project / "metrics/register.json").read_text())["promoted"] is True
+
+
 def test_snapshot_and_selective_report(project):
     snapshot = json.loads((project / "data/snapshot.json").read_text())
     assert snapshot["dataset"] == "imagefolder" and snapshot["files"] == 120

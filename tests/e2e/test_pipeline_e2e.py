@@ -880,13 +880,14 @@ def test_imagefolder_corrupt_file_fails_prepare(form, image_tree, tmp_path):
     assert leftovers == [], f"half-written prepare output left behind: {leftovers}"
 
 
-def test_imagefolder_zip_pipeline_skips_corrupt_file(image_tree, tmp_path):
-    """The whole pipeline on a generated archive (no Fashion-MNIST needed), one corrupt file skipped."""
+def test_imagefolder_zip_prepare_skips_corrupt_file(image_tree, tmp_path):
+    """A generated archive through prepare, one corrupt file skipped (the stages after prepare read the
+    prepared arrays, not the archive: test_operations_e2e.py runs them all on an image folder)."""
     root = h.copy_project(tmp_path / "project", imagefolder_params(image_tree["broken_zip"],
                                                                    **{"data.on_corrupt": "skip"}))
-    result = h.dvc(root, "repro", timeout=600)
+    result = h.dvc(root, "repro", "prepare", timeout=600)
     assert result.returncode == 0, result.stdout[-6000:]
-    assert h.ran_stages(result.stdout) == set(h.STAGES)
+    assert h.ran_stages(result.stdout) == {"prepare"}
     manifest = json.loads((root / "data/prepared/manifest.json").read_text())
     assert manifest["dataset"] == "imagefolder"
     assert manifest["class_names"] == list(h.CLASSES)
@@ -894,9 +895,6 @@ def test_imagefolder_zip_pipeline_skips_corrupt_file(image_tree, tmp_path):
     assert manifest["skipped"][0]["error"]
     assert sum(manifest["splits"].values()) == 3 * 40
     assert manifest["shape"] == [32, 32, 3]
-    probe = json.loads((root / "metrics/probe.json").read_text())
-    assert probe["test_acc"] > 0.6, probe  # three distinct patterns; chance is 1/3
-    assert json.loads((root / "metrics/register.json").read_text())["promoted"] is True
 
 
 # ---------------------------------------------------------------------------------------------
