@@ -25,6 +25,13 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+def emulated_bf16(precision: str, device: torch.device | str) -> bool:
+    """Whether ``precision`` asks a CPU without native bf16 for bf16: oneDNN then emulates it, many times
+    slower than fp32 (``auto`` never does; an explicit ``bf16`` does, on such a CPU)."""
+    device = torch.device(device)
+    return precision == "bf16" and device.type == "cpu" and not native_bf16(device)
+
+
 def resolve_mixed_precision(requested: str, device: torch.device | str | None = None) -> Precision:
     """``requested`` as given, except ``auto``: bf16 where native, else fp16 on CUDA, else no autocast."""
     if requested != "auto":

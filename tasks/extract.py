@@ -29,7 +29,7 @@ from ddae_core.data import load_prepared
 from ddae_core.devices import stage_device
 from ddae_core.diffusion import feature_levels, level_kind
 from ddae_core.features import extract
-from ddae_core.precision import resolve_feature_precision
+from ddae_core.precision import emulated_bf16, resolve_feature_precision
 from ddae_core.readout import Readout, resolve_taps
 from tasks.services.outputs.feature_store import (
     INDEX_FILE,
@@ -175,6 +175,9 @@ def build_features(config: PipelineConfig, paths: Paths, *, process_index: int =
     mine = plan.units[process_index::num_processes]
     pending = [u for u in mine if unit_rows(plan.work / u.file_name) != u.stop - u.start]
     log.info("features in %s (extract.precision: %s)", plan.metadata["precision"], config.extract.precision)
+    if emulated_bf16(plan.metadata["precision"], device):
+        log.warning("extract: this CPU has no native bf16 (AVX512-BF16 or AMX) and emulates it, many times slower "
+                    "than fp32 (extract.precision: auto extracts in fp32 here)")
     log.info("process %d/%d: %d of its %d units already finished, %d to extract (%s)", process_index,
              num_processes, len(mine) - len(pending), len(mine), len(pending), plan.work)
     extract_units(denoiser, plan, splits, pending, config, device, f"process {process_index}")

@@ -23,7 +23,7 @@ from ddae_core.data import load_prepared, normal_classes, save_image_grid, to_ui
 from ddae_core.devices import stage_device
 from ddae_core.diffusion import build_denoiser, build_loss, feature_levels, grid_sampler
 from ddae_core.nn import build_unet, count_parameters
-from ddae_core.precision import resolve_feature_precision, resolve_mixed_precision
+from ddae_core.precision import emulated_bf16, resolve_feature_precision, resolve_mixed_precision
 from ddae_core.pretrained.importer import ImportedNetwork, import_network
 from ddae_core.readout import resolve_taps
 from ddae_core.sampling import capped_subset
@@ -46,7 +46,11 @@ from tasks.services.tracking.runs import stage_run
 
 
 def precision_words(precision: str, requested: str, device: torch.device) -> str:
-    """How pretraining computes, for its log line; says why when ``auto`` fell back to fp32 on a CPU."""
+    """How pretraining computes, for its log line; says why when ``auto`` fell back to fp32 on a CPU, and
+    what to do when bf16 was asked of a CPU that only emulates it."""
+    if emulated_bf16(precision, device):
+        return ("bf16 autocast, emulated: this CPU has no native bf16 (AVX512-BF16 or AMX), so each step takes "
+                "many times longer than in fp32 (pretrain.train.mixed_precision: auto trains in fp32 here)")
     if precision != "no":
         return f"{precision} autocast"
     if requested == "auto" and device.type == "cpu":
@@ -94,7 +98,8 @@ def run(config: PipelineConfig, paths: Paths) -> dict:
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     if init.mode == "import":  # nothing to train: the main process writes the outputs, the others are done
         return publish_import(imported, config, manifest, paths) if accelerator.is_main_process else {}
-    log.info("pretrain: %d steps, %s", steps, precision_words(precision, cfg.train.mixed_precision, device))
+    report = log.warning if emulated_bf16(precision, device) else log.info
+    report("pretrain: %d steps, %s", steps, precision_words(precision, cfg.train.mixed_precision, device))
 
     # independent of the process count
     fingerprint = run_fingerprint(config, manifest["checksum"], imported.checksum if imported else "")

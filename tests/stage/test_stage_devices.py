@@ -236,9 +236,24 @@ def test_predict_and_embed_run_the_model_on_the_picked_device(job, project, spy,
     assert len(device_lines(caplog, "model")) == 1
 
 
-def test_pretraining_says_why_it_runs_in_fp32_when_auto_found_no_native_bf16_on_the_cpu():
+def cpu_bf16(monkeypatch, native: bool) -> None:
+    """Pretend this CPU has (or lacks) AVX512-BF16; no AMX either way."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+
+def test_pretraining_says_why_it_runs_in_fp32_when_auto_found_no_native_bf16_on_the_cpu(monkeypatch):
     words = pretrain_stage.precision_words
+    cpu_bf16(monkeypatch, native=True)
     assert words("bf16", "auto", torch.device("cpu")) == "bf16 autocast"
+    assert words("bf16", "bf16", torch.device("cpu")) == "bf16 autocast"
+    cpu_bf16(monkeypatch, native=False)
     assert "no native bf16" in words("no", "auto", torch.device("cpu"))
     assert words("no", "no", torch.device("cpu")) == "fp32"  # asked for: nothing to explain
     assert words("no", "auto", torch.device("cuda")) == "fp32"
+
+
+def test_bf16_asked_of_a_cpu_that_emulates_it_says_so_and_how_to_avoid_it(monkeypatch):
+    cpu_bf16(monkeypatch, native=False)
+    words = pretrain_stage.precision_words("bf16", "bf16", torch.device("cpu"))
+    assert "emulated" in words and "mixed_precision: auto" in words

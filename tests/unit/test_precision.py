@@ -1,10 +1,11 @@
-"""`mixed_precision: auto` picks bf16 only where the hardware has it; explicit choices pass through."""
+"""`mixed_precision: auto` picks bf16 only where the hardware has it; explicit choices pass through, and
+bf16 asked of a CPU that only emulates it is recognised."""
 
 import pytest
 import torch
 
 from ddae_core.config import ConfigError, ExtractConfig, TrainConfig, section_from_dict
-from ddae_core.precision import native_bf16, resolve_feature_precision, resolve_mixed_precision
+from ddae_core.precision import emulated_bf16, native_bf16, resolve_feature_precision, resolve_mixed_precision
 
 
 @pytest.mark.parametrize("requested", ["no", "bf16", "fp16"])
@@ -20,6 +21,16 @@ def test_auto_on_cpu_follows_native_bf16(monkeypatch, avx512_bf16, amx, expected
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert native_bf16("cpu") is (expected == "bf16")
     assert resolve_mixed_precision("auto", "cpu") == expected
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_is_emulated_only_when_asked_of_a_cpu_without_it(monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert emulated_bf16("bf16", "cpu") is (not native)
+    assert not emulated_bf16(resolve_mixed_precision("auto", "cpu"), "cpu")  # auto never asks for it
+    assert not emulated_bf16("no", "cpu") and not emulated_bf16("fp32", "cpu")
+    assert not emulated_bf16("bf16", "cuda")
 
 
 @pytest.mark.parametrize(("bf16_card", "expected"), [(True, "bf16"), (False, "fp16")])
