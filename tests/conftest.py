@@ -14,6 +14,11 @@ for key, value in {
 # Every subprocess writes __pycache__/ next to the code, as a user's Python does: caching tests must
 # see it (this process already imported with the setting it was started with).
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+# A pytest-xdist worker, and every process it starts, computes on its share of the cores: two workers on
+# two cores each with two OpenMP threads would fight over them (this process has not imported torch yet).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 
 MAX_AUTO_WORKERS = 4  # beyond this the end-to-end files leave workers idle, and each worker takes ~1 GiB
 
