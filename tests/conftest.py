@@ -1,5 +1,5 @@
 """Test-wide settings: quiet, offline, bytecode on, and no OpenMP spin-waiting on a busy 2-core machine;
-and how many pytest-xdist workers."""
+how many pytest-xdist workers, and each one's share of the cores."""
 
 import os
 
