@@ -160,6 +160,76 @@ def test_a_fit_ends_at_the_textbook_optimum_and_gives_torch_its_threads_back() -
     assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4  # stationary: the optimum
 
 
+def test_the_closed_form_gradient_with_a_shrink_map_is_autograds() -> None:
+    from ddae_core.heads.probe import _objective
+
+    gen = torch.Generator().manual_seed(3)
+    xs, y = torch.randn(200, 12, generator=gen), torch.randint(0, 4, (200,), generator=gen)
+    root = torch.randn(12, 12, generator=gen)
+    metric = root @ root.T + torch.eye(12)  # symmetric positive: the penalty l2/2 <W, W M>
+    weight = torch.randn(4, 12, generator=gen).requires_grad_(True)
+    bias = torch.randn(4, generator=gen).requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(xs @ weight.T + bias, y) + 0.15 * (weight * (weight @ metric)).sum()
+    expected.backward()
+    with torch.no_grad():
+        loss, grad_w, grad_b = _objective(xs, torch.nn.functional.one_hot(y, 4).float(), weight, bias, 0.3,
+                                          lambda w: w @ metric)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_w, weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_b, bias.grad, rtol=1e-4, atol=1e-6)
+
+
+def _correlated(rows: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardised features driven by 3 shared factors (a few large covariance directions) and labels."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = torch.randn(rows, 3, generator=gen)
+    x = factors @ torch.randn(3, dim, generator=gen) * 3 + torch.randn(rows, dim, generator=gen)
+    x = (x - x.mean(0)) / x.std(0)
+    return x, (factors[:, 0] > 0).long() + (factors[:, 1] > 0).long()
+
+
+@pytest.mark.parametrize("rank", [64, 4])  # exact (D <= rank + 16) and randomised leading directions
+def test_the_spectrum_leads_with_the_covariances_top_directions_and_its_map_inverts(rank) -> None:
+    from ddae_core.heads.probe import _Spectrum
+
+    xs, _y = _correlated(400, 40, seed=4)
+    spectrum = _Spectrum.of(xs, rank=rank)
+    top = torch.linalg.eigvalsh(xs.T @ xs / len(xs)).flip(0)
+    k = min(rank, 40)
+    torch.testing.assert_close(spectrum.values.flip(0), top[:k], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(spectrum.vectors.T @ spectrum.vectors, torch.eye(k), rtol=0, atol=1e-4)
+    torch.testing.assert_close(spectrum.projected, xs @ spectrum.vectors, rtol=1e-4, atol=1e-4)
+    assert spectrum.tail == pytest.approx(float(top[k:].mean()) if k < 40 else 0.0, rel=1e-3, abs=1e-6)
+    rows = torch.randn(5, 40, generator=torch.Generator().manual_seed(5))
+    there = spectrum.apply(rows, spectrum.scales(1e-2, power=0.5))
+    torch.testing.assert_close(spectrum.apply(there, spectrum.scales(1e-2)), rows, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [64, 4])
+def test_a_preconditioned_fit_ends_at_the_textbook_optimum_in_the_features_units(rank) -> None:
+    from ddae_core.heads.probe import _fit_standardized, _Spectrum
+
+    xs, y = _correlated(400, 40, seed=6)
+    plain = _textbook(xs, y, *_fit_standardized(xs, y, num_classes=3, l2=1e-2, max_iter=500), 1e-2)
+    weight, bias = _fit_standardized(xs, y, num_classes=3, l2=1e-2, max_iter=200, spectrum=_Spectrum.of(xs, rank=rank))
+    weight, bias = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    loss = _textbook(xs, y, weight, bias, 1e-2)
+    loss.backward()
+    assert float(loss) == pytest.approx(float(plain), rel=1e-5)  # float32 resolves the loss to about 1e-7
+    assert weight.grad.abs().max() < 5e-4 and bias.grad.abs().max() < 5e-4  # stationary: the optimum
+
+
+def test_preconditioning_reaches_the_plain_fits_objective_in_fewer_iterations() -> None:
+    from ddae_core.heads.probe import _fit_standardized, _Spectrum
+
+    xs, y = _correlated(600, 60, seed=7)
+    optimum = _fit_standardized(xs, y, num_classes=3, l2=1e-3, max_iter=500)
+    plain = _fit_standardized(xs, y, num_classes=3, l2=1e-3, max_iter=15)
+    preconditioned = _fit_standardized(xs, y, num_classes=3, l2=1e-3, max_iter=15, spectrum=_Spectrum.of(xs, rank=8))
+    gap = [float(_textbook(xs, y, *fit, 1e-3) - _textbook(xs, y, *optimum, 1e-3)) for fit in (plain, preconditioned)]
+    assert gap[1] < gap[0] / 2, gap
+
+
 def test_the_fits_products_through_numpy_equal_torchs_on_transposed_views() -> None:
     from ddae_core.heads.probe import _matmul
 
