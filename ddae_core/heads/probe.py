@@ -15,7 +15,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Any, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -161,18 +161,15 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
 
 
-def _objective(xs: torch.Tensor, onehot: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, l2: float,
-               shrink: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy + l2/2 <W, shrink(W)> of ``logits = xs W^T + b`` and its gradient, in closed form:
-    (loss, dW (K, D), db (K,)); one pass for the logits, one for dW = ((softmax - onehot) / N)^T xs + l2 shrink(W).
-    ``shrink`` is a symmetric positive map (None: the identity, the plain l2/2 ||W||^2)."""
+def _objective(xs: torch.Tensor, onehot: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               l2: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy + l2/2 ||W||^2 of ``logits = xs W^T + b`` and its gradient, in closed form:
+    (loss, dW (K, D), db (K,)); one pass for the logits, one for dW = ((softmax - onehot) / N)^T xs + l2 W."""
     logits = _matmul(xs, weight.T).add_(bias)  # (N, K)
     log_norm = torch.logsumexp(logits, 1, keepdim=True)
-    shrunk = weight if shrink is None else shrink(weight)
-    loss = (log_norm - (logits * onehot).sum(1, keepdim=True)).mean() + 0.5 * l2 * (weight * shrunk).sum()
+    loss = (log_norm - (logits * onehot).sum(1, keepdim=True)).mean() + 0.5 * l2 * weight.square().sum()
     residual = logits.sub_(log_norm).exp_().sub_(onehot).div_(max(len(xs), 1))  # d loss / d logits
-    return loss, _matmul(residual.T, xs).add_(shrunk, alpha=l2), residual.sum(0)
+    return loss, _matmul(residual.T, xs).add_(weight, alpha=l2), residual.sum(0)
 
 
 SPECTRUM_RANK = 128  # leading covariance directions a fit preconditions one by one (5000 x 1024 and 5000 x 6144
@@ -185,16 +182,16 @@ class _Spectrum:
     """The leading eigenvectors of standardised train features' covariance, to precondition a fit.
 
     Correlated features pile their variance into a few directions, and there the objective's curvature is
-    hundreds of times that of the rest: L-BFGS crawls. A fit with this spectrum runs on ``xs P`` with
-    ``P = V diag(s) V^T + t (I - V V^T)``, ``s = (eigenvalue + l2)^-1/2`` on the leading directions and
-    ``t = (mean remaining eigenvalue + l2)^-1/2`` on the rest, for ``U = W P^-1``: the same problem and
-    optimum, with the curvature evened out: half the iterations reach the plain fit's objective (docs/benchmarks.md).
+    hundreds of times that of the rest: L-BFGS crawls. A fit with this spectrum iterates on ``U`` with
+    ``W = U P``, ``P = V diag(s) V^T + t (I - V V^T)``, ``s = (eigenvalue + l2)^-1/2`` on the leading
+    directions and ``t = (mean remaining eigenvalue + l2)^-1/2`` on the rest: the same problem and optimum,
+    the curvature evened out, and only (K, D) products added per evaluation. Half the iterations reach the
+    plain fit's objective (docs/benchmarks.md).
     """
 
     vectors: torch.Tensor  # (D, k), orthonormal columns
     values: torch.Tensor  # (k,) their eigenvalues, >= 0
     tail: float  # mean eigenvalue over the other D - k directions (0 when k = D)
-    projected: torch.Tensor  # (N, k) xs @ vectors
 
     @classmethod
     def of(cls, xs: torch.Tensor, rank: int = SPECTRUM_RANK, seed: int = 0) -> "_Spectrum":
@@ -218,19 +215,17 @@ class _Spectrum:
         trace = sum(float(xs[s : s + _CHUNK].square().sum()) for s in range(0, rows, _CHUNK)) / max(rows, 1)
         rest = dim - len(values)
         tail = max(trace - float(values.sum()), 0.0) / rest if rest else 0.0
-        return cls(vectors=vectors, values=values, tail=tail, projected=_matmul(xs, vectors))
+        return cls(vectors=vectors, values=values, tail=tail)
 
-    def scales(self, l2: float, power: float = -0.5) -> tuple[torch.Tensor, float]:
-        """(eigenvalue + l2)^power on the leading directions, and the same for the tail's mean."""
-        return (self.values + l2).clamp(min=_MIN_CURVATURE).pow(power), max(self.tail + l2, _MIN_CURVATURE) ** power
+    def precondition(self, l2: float) -> tuple[torch.Tensor, float]:
+        """``P``'s factors at ``l2``: (eigenvalue + l2)^-1/2 on the leading directions, and on the rest."""
+        return (self.values + l2).clamp(min=_MIN_CURVATURE).rsqrt(), max(self.tail + l2, _MIN_CURVATURE) ** -0.5
 
-    def apply(self, rows: torch.Tensor, scales: tuple[torch.Tensor, float],
-              projected: torch.Tensor | None = None) -> torch.Tensor:
-        """``rows`` (M, D) times the symmetric map that multiplies the leading directions by ``scales[0]`` and
-        the rest by ``scales[1]``; ``projected`` is ``rows @ vectors`` where the caller already holds it."""
-        lead, tail = scales
-        along = _matmul(rows, self.vectors) if projected is None else projected
-        return _matmul(along * (lead - tail), self.vectors.T).add_(rows, alpha=tail)
+    def apply(self, rows: torch.Tensor, factors: tuple[torch.Tensor, float]) -> torch.Tensor:
+        """``rows`` (M, D) times the symmetric map that multiplies the leading directions by ``factors[0]``
+        and the rest by ``factors[1]``; ``(1 / lead, 1 / rest)`` inverts it."""
+        lead, rest = factors
+        return _matmul(_matmul(rows, self.vectors).mul_(lead - rest), self.vectors.T).add_(rows, alpha=rest)
 
 
 @contextmanager
@@ -261,22 +256,16 @@ def _fit_standardized(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L-BFGS on mean CE + l2/2 ||W||^2 for standardised ``xs`` (N, D) (``_objective``: its gradient in
     closed form); returns (W (K, D), b (K,)) on ``xs``'s device. With ``spectrum`` (``_Spectrum.of(xs)``)
-    the iterations run in its scaled eigenbasis and the weights come back in ``xs``'s units."""
+    L-BFGS iterates on the preconditioned weights; the objective and the weights returned are the same."""
     if init is None:
         weight = torch.zeros((num_classes, xs.shape[1]), dtype=torch.float32, device=xs.device)
         bias = torch.zeros(num_classes, dtype=torch.float32, device=xs.device)
     else:
         weight, bias = init[0].detach().to(xs.device).clone(), init[1].detach().to(xs.device).clone()
-    features, shrink, scales = xs, None, None
-    if spectrum is not None:  # W = U P: logits = (xs P) U^T, ||W||^2 = <U, U P^2>
-        scales = spectrum.scales(l2)
-        features = spectrum.apply(xs, scales, spectrum.projected)
-        squared = spectrum.scales(l2, power=-1.0)
-
-        def shrink(u: torch.Tensor) -> torch.Tensor:
-            return spectrum.apply(u, squared)
-
-        weight = spectrum.apply(weight, spectrum.scales(l2, power=0.5))
+    factors = None
+    if spectrum is not None:  # iterate on U = W P^-1; W = U P, dU = dW P (P symmetric)
+        factors = spectrum.precondition(l2)
+        weight = spectrum.apply(weight, (1 / factors[0], 1 / factors[1]))
     onehot = F.one_hot(y, num_classes).float()
     optimizer = torch.optim.LBFGS(
         [weight, bias],
@@ -289,14 +278,18 @@ def _fit_standardized(
     )
 
     def closure() -> torch.Tensor:
-        loss, weight.grad, bias.grad = _objective(features, onehot, weight, bias, l2, shrink)
+        if factors is None:
+            loss, weight.grad, bias.grad = _objective(xs, onehot, weight, bias, l2)
+        else:
+            loss, grad, bias.grad = _objective(xs, onehot, spectrum.apply(weight, factors), bias, l2)
+            weight.grad = spectrum.apply(grad, factors)
         return loss
 
     with torch.no_grad(), _blas_owns_the_cores(xs.device):
         optimizer.step(closure)
     weight.grad = bias.grad = None
-    if spectrum is not None:
-        weight = spectrum.apply(weight, scales)
+    if factors is not None:
+        weight = spectrum.apply(weight, factors)
     return weight, bias
 
 
