@@ -1,7 +1,9 @@
-"""One probe fit, as the probe stage runs it against the textbook form, on the same features and machine.
+"""One probe fit's objective, in the probe stage's closed form against the textbook form, on the same features.
 
 The textbook form is the L-BFGS fit on ``F.cross_entropy`` through autograd, with torch's BLAS and threads
-(what ``ddae_core.heads.probe`` ran before its gradient went closed form through numpy's BLAS). Both run
+(what ``ddae_core.heads.probe`` ran before its gradient went closed form through numpy's BLAS). The stage
+also preconditions each fit (``_Spectrum``): half the iterations, and two (K, D) products more per
+evaluation; both forms here run unpreconditioned, so their objectives can be compared. Both run
 the same L-BFGS settings for the same iterations on the same standardised features, alternating A/B
 round by round after one untimed round; the script prints milliseconds per objective evaluation
 (medians) and both final objectives, which should agree to a few digits.
